@@ -1,0 +1,557 @@
+//! Open files: open, read, write, flush, fsync, release, and attribute changes.
+//!
+//! An inode that is open (or has data not yet uploaded) has one [`OpenFile`], shared by all
+//! its handles. A file that was only read is served by ranged GETs pinned to the ETag seen at
+//! open; the first write creates a staging file, and from then on the staging file is the
+//! file's contents until the last handle is closed. `flush` (every `close`) and `fsync` upload
+//! dirty contents and return only once the object is in the bucket; a failed upload is their
+//! error, and the staged data stays for a retry.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tracing::{instrument, warn};
+
+use super::read::{ObjectVersion, ReadTuning, Reader};
+use super::{Attr, Fs, FsError, FsResult, Handle, write};
+use crate::cache::staging::{Original, Staging};
+use crate::meta::{Inode, Kind, ROOT_INO, Timestamp, now_ns};
+
+/// The shared state of an open inode.
+#[derive(Debug)]
+pub struct OpenFile {
+    ino: u64,
+    attrs: Mutex<Inode>,
+    pub(super) state: tokio::sync::Mutex<FileState>,
+}
+
+/// Contents and bookkeeping of an open inode, behind its content lock.
+#[derive(Debug, Default)]
+pub(super) struct FileState {
+    /// Local copy of the contents, once written (or read while dirty).
+    pub staging: Option<Staging>,
+    /// Contents or headers changed and not yet uploaded.
+    pub dirty: bool,
+    /// Handles (and internal users) holding the file.
+    pub opens: usize,
+    /// Unlinked while open: never uploaded, dropped on the last close.
+    pub unlinked: bool,
+    /// Removed from the open-file table; a new open makes a new `OpenFile`.
+    pub closed: bool,
+    /// Object version holding the contents in the bucket, `None` before the first upload.
+    pub remote: Option<Original>,
+    /// Next background upload attempt of a file nobody has open.
+    pub retry_at: Option<Instant>,
+    /// Backoff before the attempt after that.
+    pub retry_delay: Duration,
+}
+
+impl OpenFile {
+    pub(super) fn new(inode: Inode, state: FileState) -> Self {
+        OpenFile {
+            ino: inode.ino,
+            attrs: Mutex::new(inode),
+            state: tokio::sync::Mutex::new(state),
+        }
+    }
+
+    /// The live attributes.
+    pub fn attrs(&self) -> Inode {
+        self.attrs.lock().unwrap().clone()
+    }
+
+    pub(super) fn set_attrs(&self, inode: Inode) {
+        *self.attrs.lock().unwrap() = inode;
+    }
+
+    pub(super) fn ino(&self) -> u64 {
+        self.ino
+    }
+}
+
+/// One open handle of a file.
+#[derive(Debug)]
+pub(super) struct FileHandle {
+    pub file: Arc<OpenFile>,
+    reader: tokio::sync::Mutex<Reader>,
+    writable: bool,
+}
+
+/// A time given to setattr.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TimeSet {
+    /// The current time.
+    Now,
+    /// This time.
+    At(Timestamp),
+}
+
+/// Attribute changes of one setattr call; `None` leaves an attribute alone.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SetAttr {
+    /// New permissions (type bits ignored).
+    pub mode: Option<u32>,
+    /// New owner.
+    pub uid: Option<u32>,
+    /// New group.
+    pub gid: Option<u32>,
+    /// New size (truncate or extend).
+    pub size: Option<u64>,
+    /// New access time.
+    pub atime: Option<TimeSet>,
+    /// New modification time.
+    pub mtime: Option<TimeSet>,
+}
+
+impl SetAttr {
+    fn changes_headers(&self) -> bool {
+        self.mode.is_some()
+            || self.uid.is_some()
+            || self.gid.is_some()
+            || self.atime.is_some()
+            || self.mtime.is_some()
+    }
+}
+
+impl Fs {
+    fn file_handle(&self, fh: u64) -> FsResult<Arc<FileHandle>> {
+        match self.handles.lock().unwrap().get(&fh) {
+            Some(Handle::File(h)) => Ok(h.clone()),
+            _ => Err(FsError::BadHandle),
+        }
+    }
+
+    fn read_tuning(&self) -> ReadTuning {
+        ReadTuning {
+            max_window: self.cfg.read_ahead_max,
+            part_size: self.cfg.read_part_size,
+        }
+    }
+
+    /// Takes a reference to the open state of `ino`, creating it (after re-validating a
+    /// stale entry) if the inode is not open yet. Pair with [`Self::close_file`].
+    pub(super) async fn acquire_file(&self, ino: u64) -> FsResult<Arc<OpenFile>> {
+        loop {
+            let file = match self.open_file_of(ino) {
+                Some(f) => f,
+                None => {
+                    let mut inode = self.meta.get(ino)?.ok_or(FsError::NotFound)?;
+                    if !inode.dirty && !self.fresh(inode.validated_at) {
+                        inode = self.revalidate(inode).await?;
+                    }
+                    let inode = self.ensure_headers(inode).await?;
+                    let remote = self.original_of(&inode)?;
+                    let fresh = Arc::new(OpenFile::new(
+                        inode,
+                        FileState {
+                            remote,
+                            ..Default::default()
+                        },
+                    ));
+                    self.open_files
+                        .lock()
+                        .unwrap()
+                        .entry(ino)
+                        .or_insert(fresh)
+                        .clone()
+                }
+            };
+            let mut st = file.state.lock().await;
+            if st.closed {
+                continue;
+            }
+            st.opens += 1;
+            drop(st);
+            return Ok(file);
+        }
+    }
+
+    /// Drops a reference taken by [`Self::acquire_file`]. On the last one, a clean file's
+    /// staging is deleted; a dirty one is uploaded now or left to the background retry.
+    pub(super) async fn close_file(&self, file: &Arc<OpenFile>) {
+        let mut st = file.state.lock().await;
+        st.opens = st.opens.saturating_sub(1);
+        if st.opens > 0 {
+            return;
+        }
+        if st.dirty && !st.unlinked {
+            drop(st);
+            if let Err(e) = self.sync_file(file).await {
+                warn!(ino = file.ino, "upload at close failed; retrying in the background: {e}");
+            }
+            st = file.state.lock().await;
+            if st.opens > 0 || st.closed {
+                return;
+            }
+        }
+        if st.dirty && !st.unlinked {
+            st.retry_at = Some(Instant::now() + Duration::from_secs(1));
+            st.retry_delay = Duration::from_secs(2);
+            return;
+        }
+        self.retire(file, &mut st);
+    }
+
+    /// Removes a file nobody holds from the open-file table and deletes its staging.
+    pub(super) fn retire(&self, file: &Arc<OpenFile>, st: &mut FileState) {
+        st.closed = true;
+        if let Some(staging) = st.staging.take()
+            && let Err(e) = staging.remove()
+        {
+            warn!(ino = file.ino, "could not delete a staging file: {e}");
+        }
+        if let Err(e) = self.meta.delete_staging(file.ino) {
+            warn!(ino = file.ino, "could not drop staging bookkeeping: {e}");
+        }
+        self.open_files.lock().unwrap().remove(&file.ino);
+        let unlinked = file.attrs().parent.is_none() && file.ino != ROOT_INO;
+        if unlinked && !self.lookups.lock().unwrap().contains_key(&file.ino) {
+            let _ = self.meta.forget(file.ino);
+        }
+    }
+
+    /// Opens `ino` with `flags` (`O_ACCMODE`, `O_TRUNC`); returns the handle.
+    #[instrument(level = "debug", skip(self))]
+    pub async fn open(&self, ino: u64, flags: i32) -> FsResult<u64> {
+        let inode = self.inode(ino)?;
+        match inode.kind {
+            Kind::File => {}
+            Kind::Dir => return Err(FsError::IsDir),
+            _ => return Err(FsError::NotSupported("opening a special file")),
+        }
+        let writable = flags & libc::O_ACCMODE != libc::O_RDONLY;
+        if writable || flags & libc::O_TRUNC != 0 {
+            self.check_writable()?;
+        }
+        let file = self.acquire_file(ino).await?;
+        if flags & libc::O_TRUNC != 0 && writable {
+            if let Err(e) = self.truncate_locked(&file, 0).await {
+                self.close_file(&file).await;
+                return Err(e);
+            }
+        }
+        Ok(self.new_file_handle(file, writable))
+    }
+
+    pub(super) fn new_file_handle(&self, file: Arc<OpenFile>, writable: bool) -> u64 {
+        let fh = self
+            .next_handle
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let handle = FileHandle {
+            file,
+            reader: tokio::sync::Mutex::new(Reader::default()),
+            writable,
+        };
+        self.handles
+            .lock()
+            .unwrap()
+            .insert(fh, Handle::File(Arc::new(handle)));
+        fh
+    }
+
+    /// Reads up to `size` bytes at `offset`.
+    #[instrument(level = "debug", skip(self))]
+    pub async fn read(&self, fh: u64, offset: u64, size: u32) -> FsResult<Bytes> {
+        let h = self.file_handle(fh)?;
+        let version = {
+            let mut st = h.file.state.lock().await;
+            if let Some(staging) = st.staging.as_mut() {
+                let missing = staging.missing_for_read(offset..offset + size as u64);
+                write::fetch_blocks(&self.store, staging, missing).await?;
+                return Ok(Bytes::from(staging.read(offset, size as usize)?));
+            }
+            match &st.remote {
+                Some(o) => ObjectVersion {
+                    key: o.key.clone(),
+                    etag: o.etag.clone(),
+                    size: h.file.attrs().size,
+                },
+                None => return Ok(Bytes::new()),
+            }
+        };
+        let mut reader = h.reader.lock().await;
+        Ok(reader
+            .read(&self.store, &version, offset, size as usize, self.read_tuning())
+            .await?)
+    }
+
+    /// Writes `data` at `offset`; returns the bytes written.
+    #[instrument(level = "debug", skip(self, data), fields(len = data.len()))]
+    pub async fn write(&self, fh: u64, offset: u64, data: &[u8]) -> FsResult<u32> {
+        self.check_writable()?;
+        let h = self.file_handle(fh)?;
+        if !h.writable {
+            return Err(FsError::BadHandle);
+        }
+        let end = offset
+            .checked_add(data.len() as u64)
+            .filter(|&e| e <= crate::store::MAX_PART_SIZE * crate::store::MAX_PARTS)
+            .ok_or(FsError::Invalid("write past the largest object S3 can hold"))?;
+        let file = &h.file;
+        let mut st = file.state.lock().await;
+        let staging = self.staging_of(file, &mut st)?;
+        let missing = staging.missing_for_write(offset..end);
+        write::fetch_blocks(&self.store, staging, missing).await?;
+        staging.write(offset, data)?;
+        let size = staging.size();
+        self.mark_dirty(file, &mut st, |a| {
+            a.size = size;
+            let now = Timestamp::now();
+            a.mtime = now;
+            a.ctime = now;
+        })?;
+        Ok(data.len() as u32)
+    }
+
+    /// The staging file of an open file, created (empty, nothing fetched) on first use.
+    fn staging_of<'a>(
+        &self,
+        file: &OpenFile,
+        st: &'a mut FileState,
+    ) -> FsResult<&'a mut Staging> {
+        if st.staging.is_none() {
+            let size = file.attrs().size;
+            st.staging = Some(Staging::create(
+                &self.staging_dir,
+                file.ino,
+                st.remote.clone(),
+                size,
+            )?);
+        }
+        Ok(st.staging.as_mut().expect("created above"))
+    }
+
+    /// Applies `change` to the live attributes and marks the file dirty; the first time, the
+    /// row is saved so a listing cannot overwrite the pending change.
+    fn mark_dirty(
+        &self,
+        file: &OpenFile,
+        st: &mut FileState,
+        change: impl FnOnce(&mut Inode),
+    ) -> FsResult<()> {
+        let mut attrs = file.attrs.lock().unwrap();
+        change(&mut attrs);
+        attrs.dirty = true;
+        if !st.dirty {
+            st.dirty = true;
+            self.meta.save(&attrs)?;
+        }
+        Ok(())
+    }
+
+    async fn truncate_locked(&self, file: &Arc<OpenFile>, size: u64) -> FsResult<()> {
+        let mut st = file.state.lock().await;
+        if size == 0 && st.staging.is_none() {
+            // Nothing of the old contents is needed.
+            st.staging = Some(Staging::create(&self.staging_dir, file.ino, None, 0)?);
+        }
+        let staging = self.staging_of(file, &mut st)?;
+        staging.truncate(size)?;
+        self.mark_dirty(file, &mut st, |a| {
+            a.size = size;
+            let now = Timestamp::now();
+            a.mtime = now;
+            a.ctime = now;
+        })
+    }
+
+    /// Uploads the file if it has pending changes (close and fsync).
+    #[instrument(level = "debug", skip(self))]
+    pub async fn flush(&self, fh: u64) -> FsResult<()> {
+        let h = self.file_handle(fh)?;
+        self.sync_file(&h.file).await
+    }
+
+    /// fsync: uploads pending changes and returns once they are in the bucket.
+    pub async fn fsync(&self, fh: u64) -> FsResult<()> {
+        self.flush(fh).await
+    }
+
+    /// Uploads pending changes of `file` and waits for them to be in the bucket.
+    pub(super) async fn sync_file(&self, file: &OpenFile) -> FsResult<()> {
+        let _tree = self.tree.read().await;
+        let mut st = file.state.lock().await;
+        if !st.dirty || st.unlinked {
+            return Ok(());
+        }
+        self.upload_locked(file, &mut st).await
+    }
+
+    async fn upload_locked(&self, file: &OpenFile, st: &mut FileState) -> FsResult<()> {
+        let inode = file.attrs();
+        let key = match self.key_of(&inode) {
+            Ok(k) => k,
+            // Unlinked meanwhile: nothing to upload.
+            Err(FsError::NotFound) => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        let headers = self.headers_of(&inode);
+        let tuning = self.upload_tuning();
+        let staging = self.staging_of(file, st)?;
+        match write::upload(&self.store, staging, &key, &headers, tuning).await {
+            Ok(etag) => {
+                let uploaded = Original { key, etag };
+                let size = staging.size();
+                staging.mark_uploaded(uploaded.clone(), size);
+                st.remote = Some(uploaded.clone());
+                st.dirty = false;
+                let mut attrs = file.attrs();
+                attrs.etag = Some(uploaded.etag);
+                attrs.dirty = false;
+                attrs.headers_known = true;
+                attrs.validated_at = now_ns();
+                self.save(&attrs)?;
+                self.meta.delete_staging(file.ino)?;
+                Ok(())
+            }
+            Err(e) => {
+                warn!(
+                    key,
+                    "upload failed; the data stays staged in the cache directory: {e}"
+                );
+                staging.sync()?;
+                self.meta.save_staging(file.ino, &staging.record())?;
+                self.meta.save(&file.attrs())?;
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Closes a handle (the kernel's release): the last close of a file drops its staging.
+    #[instrument(level = "debug", skip(self))]
+    pub async fn release(&self, fh: u64) {
+        let handle = self.handles.lock().unwrap().remove(&fh);
+        if let Some(Handle::File(h)) = handle {
+            self.close_file(&h.file).await;
+        }
+    }
+
+    /// Changes attributes; `fh` is the handle of an ftruncate/futimens, `None` for path calls.
+    #[instrument(level = "debug", skip(self))]
+    pub async fn setattr(&self, ino: u64, fh: Option<u64>, set: SetAttr) -> FsResult<Attr> {
+        self.check_writable()?;
+        let inode = self.inode(ino)?;
+        let inode = self.ensure_headers(inode).await?;
+        if let Some(size) = set.size {
+            match inode.kind {
+                Kind::File => {}
+                Kind::Dir => return Err(FsError::IsDir),
+                _ => return Err(FsError::Invalid("truncate of a special file")),
+            }
+            let file = self.acquire_file(ino).await?;
+            let mut result = self.truncate_locked(&file, size).await;
+            if result.is_ok() && fh.is_none() {
+                // truncate(2) on a path: done when the object is.
+                result = self.sync_file(&file).await;
+            }
+            self.close_file(&file).await;
+            result?;
+        }
+        let mut inode = self.inode(ino)?;
+        if set.changes_headers() {
+            let now = Timestamp::now();
+            if let Some(mode) = set.mode {
+                inode.perm = mode & 0o7777;
+            }
+            if let Some(uid) = set.uid {
+                inode.uid = uid;
+            }
+            if let Some(gid) = set.gid {
+                inode.gid = gid;
+            }
+            let resolve = |t: TimeSet| match t {
+                TimeSet::Now => now,
+                TimeSet::At(t) => t,
+            };
+            if let Some(t) = set.atime {
+                inode.atime = resolve(t);
+            }
+            if let Some(t) = set.mtime {
+                inode.mtime = resolve(t);
+            }
+            inode.ctime = now;
+            self.persist_headers(&mut inode).await?;
+        }
+        self.attr(&inode)
+    }
+
+    /// Saves changed attributes of `inode` to the table and the bucket. A file with pending
+    /// data carries them with its upload; otherwise the object is rewritten in place
+    /// (CopyObject onto itself, or a new directory marker).
+    pub(super) async fn persist_headers(&self, inode: &mut Inode) -> FsResult<()> {
+        if let Some(file) = self.open_file_of(inode.ino) {
+            let mut st = file.state.lock().await;
+            if st.dirty || st.unlinked {
+                file.set_attrs(inode.clone());
+                self.meta.save(inode)?;
+                return Ok(());
+            }
+            self.rewrite_headers(inode).await?;
+            if let (Some(etag), Ok(key)) = (&inode.etag, self.key_of(inode)) {
+                let uploaded = Original {
+                    key,
+                    etag: etag.clone(),
+                };
+                if let Some(staging) = st.staging.as_mut() {
+                    staging.mark_uploaded(uploaded.clone(), inode.size);
+                }
+                st.remote = Some(uploaded);
+            }
+            return self.save(inode);
+        }
+        if !inode.dirty {
+            self.rewrite_headers(inode).await?;
+        }
+        self.save(inode)
+    }
+
+    /// Fails with E2BIG when the headers of `inode` exceed the 2 KiB of user metadata S3
+    /// accepts (counted as S3 does: names with their `x-amz-meta-` prefix, and values).
+    pub(super) fn check_header_size(&self, inode: &Inode) -> FsResult<()> {
+        const S3_USER_METADATA_MAX: usize = 2048;
+        let size: usize = self
+            .headers_of(inode)
+            .metadata
+            .iter()
+            .map(|(k, v)| "x-amz-meta-".len() + k.len() + v.len())
+            .sum();
+        if size > S3_USER_METADATA_MAX {
+            return Err(FsError::TooBig);
+        }
+        Ok(())
+    }
+
+    /// Writes the headers of a clean entry to the bucket.
+    async fn rewrite_headers(&self, inode: &mut Inode) -> FsResult<()> {
+        self.check_header_size(inode)?;
+        let headers = self.headers_of(inode);
+        if inode.ino == ROOT_INO {
+            // The root's attributes come from the mount options; kept locally.
+            return Ok(());
+        }
+        let key = self.key_of(inode)?;
+        let etag = match inode.kind {
+            Kind::Dir => self.store.put(&key, Bytes::new(), &headers).await?,
+            _ => match inode.etag.clone() {
+                Some(etag) => {
+                    write::copy_object(
+                        &self.store,
+                        &key,
+                        &key,
+                        inode.size,
+                        Some(&etag),
+                        Some(&headers),
+                        self.upload_tuning(),
+                    )
+                    .await?
+                }
+                None => return Ok(()),
+            },
+        };
+        inode.etag = Some(etag);
+        inode.headers_known = true;
+        inode.validated_at = now_ns();
+        Ok(())
+    }
+}

@@ -1,0 +1,893 @@
+//! Filesystem semantics on top of an object store, independent of FUSE.
+//!
+//! [`Fs`] answers the questions the kernel asks (lookup, getattr, readdir, read, write,
+//! rename, ...) in terms of the inode table ([`crate::meta`]), staging files
+//! ([`crate::cache::staging`]) and an [`ObjectStore`]. It never blocks on S3 while holding a
+//! lock that unrelated requests need, and every operation is `async` so the FUSE adapter can
+//! run many at once. It is tested against [`crate::store::mem::MemStore`] without a mount.
+//!
+//! Locking, from outermost to innermost (never the other way round):
+//! 1. directory locks ([`locks::LockMap`]) held by operations that change a directory's
+//!    entries — at most two, taken in inode order, only by rename;
+//! 2. the tree lock: uploads share it, directory renames take it exclusively so that no
+//!    upload computes a key in the middle of a subtree move;
+//! 3. the content lock of one open file ([`OpenFile::state`]);
+//! 4. short synchronous locks (the inode table, the handle table), never held across `.await`.
+
+mod files;
+mod locks;
+mod namespace;
+pub mod read;
+mod sync;
+pub mod write;
+mod xattr;
+
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::fs::File;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use tracing::{debug, instrument};
+
+use crate::cache::staging::Original;
+use crate::config::Config;
+use crate::meta::headers::{self, DIR_CONTENT_TYPE, PosixHeaders};
+use crate::meta::names::{self, HiddenKeyLog, Listed, NameError};
+use crate::meta::{
+    EntryDefaults, Inode, InodeTable, Kind, ListedFile, Listing, MetaError, ROOT_INO, Timestamp,
+    now_ns,
+};
+use crate::store::{ObjectInfo, ObjectStore, StoreError, WriteHeaders};
+
+pub use files::{OpenFile, SetAttr, TimeSet};
+use locks::LockMap;
+
+/// Errors of filesystem operations, each with the errno the caller sees.
+#[derive(Debug, thiserror::Error)]
+pub enum FsError {
+    /// ENOENT.
+    #[error("no such file or directory")]
+    NotFound,
+    /// EEXIST.
+    #[error("file exists")]
+    Exists,
+    /// ENOTDIR.
+    #[error("not a directory")]
+    NotDir,
+    /// EISDIR.
+    #[error("is a directory")]
+    IsDir,
+    /// ENOTEMPTY.
+    #[error("directory not empty")]
+    NotEmpty,
+    /// EROFS.
+    #[error("the mount is read-only")]
+    ReadOnly,
+    /// A name that cannot be an S3 key or a POSIX name.
+    #[error(transparent)]
+    Name(#[from] NameError),
+    /// EINVAL.
+    #[error("invalid argument: {0}")]
+    Invalid(&'static str),
+    /// EOPNOTSUPP.
+    #[error("not supported: {0}")]
+    NotSupported(&'static str),
+    /// EPERM.
+    #[error("operation not permitted: {0}")]
+    NotPermitted(&'static str),
+    /// ENODATA: no such extended attribute.
+    #[error("no such attribute")]
+    NoAttr,
+    /// E2BIG: metadata would exceed S3's 2 KiB of user metadata.
+    #[error("attributes exceed the 2 KiB S3 allows for user metadata")]
+    TooBig,
+    /// EACCES.
+    #[error("permission denied")]
+    Access,
+    /// EBADF.
+    #[error("bad file handle")]
+    BadHandle,
+    /// The object store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The inode table failed.
+    #[error(transparent)]
+    Meta(#[from] MetaError),
+    /// Local I/O (staging files) failed.
+    #[error("local I/O error in the cache directory: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl FsError {
+    /// The errno for the caller.
+    pub fn errno(&self) -> i32 {
+        match self {
+            FsError::NotFound => libc::ENOENT,
+            FsError::Exists => libc::EEXIST,
+            FsError::NotDir => libc::ENOTDIR,
+            FsError::IsDir => libc::EISDIR,
+            FsError::NotEmpty => libc::ENOTEMPTY,
+            FsError::ReadOnly => libc::EROFS,
+            FsError::Name(e) => e.errno(),
+            FsError::Invalid(_) => libc::EINVAL,
+            FsError::NotSupported(_) => libc::EOPNOTSUPP,
+            FsError::NotPermitted(_) => libc::EPERM,
+            FsError::NoAttr => libc::ENODATA,
+            FsError::TooBig => libc::E2BIG,
+            FsError::Access => libc::EACCES,
+            FsError::BadHandle => libc::EBADF,
+            FsError::Store(e) => e.errno(),
+            FsError::Meta(e) => e.errno(),
+            FsError::Io(e) => e.raw_os_error().unwrap_or(libc::EIO),
+        }
+    }
+}
+
+/// Result of filesystem operations.
+pub type FsResult<T> = Result<T, FsError>;
+
+/// Attributes of an entry, as `stat` shows them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Attr {
+    /// Inode number.
+    pub ino: u64,
+    /// File type.
+    pub kind: Kind,
+    /// Permission bits.
+    pub perm: u32,
+    /// Link count.
+    pub nlink: u32,
+    /// Owner.
+    pub uid: u32,
+    /// Group.
+    pub gid: u32,
+    /// Size in bytes.
+    pub size: u64,
+    /// 512-byte blocks.
+    pub blocks: u64,
+    /// Device number of a device node.
+    pub rdev: u32,
+    /// Access time.
+    pub atime: SystemTime,
+    /// Modification time.
+    pub mtime: SystemTime,
+    /// Status-change time.
+    pub ctime: SystemTime,
+}
+
+/// Preferred I/O size reported in `st_blksize`: large enough for tools that size their
+/// buffers by it (cp, stdio) to make few FUSE round trips, small enough for per-file buffers.
+pub const BLKSIZE: u32 = 128 * 1024;
+
+/// One directory entry as readdir returns it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DirEntry {
+    /// Inode number.
+    pub ino: u64,
+    /// Offset of the next entry (what the kernel passes to continue).
+    pub next_offset: u64,
+    /// File type.
+    pub kind: Kind,
+    /// Name.
+    pub name: String,
+}
+
+/// Filesystem-wide numbers for statfs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StatFs {
+    /// Total blocks of `bsize`.
+    pub blocks: u64,
+    /// Free blocks.
+    pub bfree: u64,
+    /// Blocks available to unprivileged users.
+    pub bavail: u64,
+    /// Total inodes.
+    pub files: u64,
+    /// Free inodes.
+    pub ffree: u64,
+    /// Block size.
+    pub bsize: u32,
+    /// Longest name.
+    pub namelen: u32,
+}
+
+/// Who is asking, for ownership of new entries and for access checks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Caller {
+    /// User id.
+    pub uid: u32,
+    /// Group id.
+    pub gid: u32,
+}
+
+enum Handle {
+    File(Arc<files::FileHandle>),
+    Dir(Arc<tokio::sync::Mutex<Option<Vec<DirEntry>>>>),
+}
+
+/// Entries a negative lookup may remember before the memo is cleared.
+const NEGATIVE_CACHE_MAX: usize = 100_000;
+/// Directory entries returned per readdir call (the kernel takes what fits in its buffer).
+const READDIR_BATCH: usize = 1024;
+
+/// The filesystem.
+pub struct Fs {
+    cfg: Config,
+    store: Arc<dyn ObjectStore>,
+    meta: InodeTable,
+    staging_dir: PathBuf,
+    defaults: EntryDefaults,
+    hidden: HiddenKeyLog,
+    handles: Mutex<HashMap<u64, Handle>>,
+    next_handle: AtomicU64,
+    open_files: Mutex<HashMap<u64, Arc<OpenFile>>>,
+    dir_locks: LockMap,
+    tree: tokio::sync::RwLock<()>,
+    lookups: Mutex<HashMap<u64, u64>>,
+    negative: Mutex<HashMap<(u64, String), i64>>,
+    _cache_lock: File,
+}
+
+impl std::fmt::Debug for Fs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Fs")
+            .field("bucket", &self.cfg.bucket)
+            .field("prefix", &self.cfg.prefix)
+            .finish()
+    }
+}
+
+impl Fs {
+    /// Opens the cache directory (creating it 0700) and its inode table. Fails if another
+    /// s3bridge process uses the same cache directory.
+    pub fn new(cfg: Config, store: Arc<dyn ObjectStore>) -> FsResult<Self> {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&cfg.cache_dir)?;
+        let staging_dir = cfg.cache_dir.join("staging");
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&staging_dir)?;
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(0o600)
+            .open(cfg.cache_dir.join("lock"))?;
+        // SAFETY: flock on an fd we own.
+        if unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&lock), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            return Err(FsError::Io(std::io::Error::new(
+                std::io::ErrorKind::WouldBlock,
+                format!(
+                    "cache directory {} is in use by another s3bridge mount; give this mount \
+                     its own --cache-dir",
+                    cfg.cache_dir.display()
+                ),
+            )));
+        }
+        let now = Timestamp::now();
+        let root = Inode {
+            ino: ROOT_INO,
+            parent: None,
+            name: String::new(),
+            kind: Kind::Dir,
+            perm: cfg.dir_mode & 0o7777,
+            uid: cfg.uid,
+            gid: cfg.gid,
+            size: 0,
+            rdev: 0,
+            atime: now,
+            mtime: now,
+            ctime: now,
+            etag: None,
+            headers_known: true,
+            symlink_target: None,
+            xattrs: Default::default(),
+            dirty: false,
+            validated_at: 0,
+            listed_at: None,
+        };
+        let db = cfg.cache_dir.join("meta.db");
+        let meta = InodeTable::open(&db, &root)?;
+        restrict_permissions(&db);
+        let defaults = EntryDefaults {
+            uid: cfg.uid,
+            gid: cfg.gid,
+            file_perm: cfg.file_mode & 0o7777,
+            dir_perm: cfg.dir_mode & 0o7777,
+        };
+        Ok(Fs {
+            cfg,
+            store,
+            meta,
+            staging_dir,
+            defaults,
+            hidden: HiddenKeyLog::default(),
+            handles: Mutex::new(HashMap::new()),
+            next_handle: AtomicU64::new(1),
+            open_files: Mutex::new(HashMap::new()),
+            dir_locks: LockMap::default(),
+            tree: tokio::sync::RwLock::new(()),
+            lookups: Mutex::new(HashMap::new()),
+            negative: Mutex::new(HashMap::new()),
+            _cache_lock: lock,
+        })
+    }
+
+    /// The mount's configuration.
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    fn fresh(&self, at: i64) -> bool {
+        self.cfg.metadata_ttl.is_fresh(at, now_ns())
+    }
+
+    fn check_writable(&self) -> FsResult<()> {
+        if self.cfg.read_only {
+            Err(FsError::ReadOnly)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// The current attributes of `ino`: an open file's live state, else the table's row.
+    fn inode(&self, ino: u64) -> FsResult<Inode> {
+        if let Some(f) = self.open_file_of(ino) {
+            return Ok(f.attrs());
+        }
+        self.meta.get(ino)?.ok_or(FsError::NotFound)
+    }
+
+    /// Saves `inode` to the table and to the live state of an open file.
+    fn save(&self, inode: &Inode) -> FsResult<()> {
+        self.meta.save(inode)?;
+        if let Some(f) = self.open_file_of(inode.ino) {
+            f.set_attrs(inode.clone());
+        }
+        Ok(())
+    }
+
+    fn open_file_of(&self, ino: u64) -> Option<Arc<OpenFile>> {
+        self.open_files.lock().unwrap().get(&ino).cloned()
+    }
+
+    fn dir(&self, ino: u64) -> FsResult<Inode> {
+        let dir = self.inode(ino)?;
+        if dir.kind != Kind::Dir {
+            return Err(FsError::NotDir);
+        }
+        Ok(dir)
+    }
+
+    /// Key of an entry; directories get their trailing `/` (the root: the prefix itself).
+    fn key_of(&self, inode: &Inode) -> FsResult<String> {
+        let path = self.meta.path(inode.ino)?.ok_or(FsError::NotFound)?;
+        Ok(names::key_of(
+            &self.cfg.prefix,
+            &path,
+            inode.kind == Kind::Dir,
+        )?)
+    }
+
+    /// Key of `name` in directory `dir`, as a file (`dir_marker` false) or directory marker.
+    fn child_key(&self, dir: &Inode, name: &str, dir_marker: bool) -> FsResult<String> {
+        let mut path = self.meta.path(dir.ino)?.ok_or(FsError::NotFound)?;
+        path.push(name.to_string());
+        Ok(names::key_of(&self.cfg.prefix, &path, dir_marker)?)
+    }
+
+    /// The attributes `stat` shows for `inode`.
+    fn attr(&self, inode: &Inode) -> FsResult<Attr> {
+        let nlink = match (inode.kind, inode.parent) {
+            (_, None) if inode.ino != ROOT_INO => 0,
+            (Kind::Dir, _) => 2 + self.meta.subdir_count(inode.ino)? as u32,
+            _ => 1,
+        };
+        Ok(Attr {
+            ino: inode.ino,
+            kind: inode.kind,
+            perm: inode.perm,
+            nlink,
+            uid: inode.uid,
+            gid: inode.gid,
+            size: inode.size,
+            blocks: inode.size.div_ceil(512),
+            rdev: inode.rdev,
+            atime: inode.atime.to_system_time(),
+            mtime: inode.mtime.to_system_time(),
+            ctime: inode.ctime.to_system_time(),
+        })
+    }
+
+    /// Records that the kernel holds one more reference to `ino`.
+    fn remember(&self, ino: u64) {
+        *self.lookups.lock().unwrap().entry(ino).or_default() += 1;
+    }
+
+    /// The kernel dropped `n` references to `ino`.
+    pub fn forget(&self, ino: u64, n: u64) {
+        let gone = {
+            let mut lookups = self.lookups.lock().unwrap();
+            match lookups.get_mut(&ino) {
+                Some(count) if *count > n => {
+                    *count -= n;
+                    false
+                }
+                _ => {
+                    lookups.remove(&ino);
+                    true
+                }
+            }
+        };
+        if gone && self.open_file_of(ino).is_none() {
+            // Only unlinked rows are deleted: the table keeps inode numbers of live entries.
+            if let Err(e) = self.meta.forget(ino) {
+                debug!(ino, "forget: {e}");
+            }
+        }
+    }
+
+    fn is_referenced(&self, ino: u64) -> bool {
+        self.lookups.lock().unwrap().contains_key(&ino) || self.open_file_of(ino).is_some()
+    }
+
+    fn remember_absent(&self, parent: u64, name: &str) {
+        let mut neg = self.negative.lock().unwrap();
+        if neg.len() >= NEGATIVE_CACHE_MAX {
+            neg.clear();
+        }
+        neg.insert((parent, name.to_string()), now_ns());
+    }
+
+    fn forget_absent(&self, parent: u64, name: &str) {
+        self.negative
+            .lock()
+            .unwrap()
+            .remove(&(parent, name.to_string()));
+    }
+
+    fn known_absent(&self, parent: u64, name: &str) -> bool {
+        let neg = self.negative.lock().unwrap();
+        neg.get(&(parent, name.to_string()))
+            .is_some_and(|&at| self.cfg.metadata_ttl.is_fresh(at, now_ns()))
+    }
+
+    /// Looks up `name` in `parent`.
+    #[instrument(level = "debug", skip(self))]
+    pub async fn lookup(&self, parent: u64, name: &OsStr) -> FsResult<Attr> {
+        let name = names::check_name(name)?;
+        let dir = self.dir(parent)?;
+        let inode = self.find_child(&dir, name).await?.ok_or(FsError::NotFound)?;
+        let inode = self.ensure_headers(inode).await?;
+        let attr = self.attr(&inode)?;
+        self.remember(inode.ino);
+        Ok(attr)
+    }
+
+    /// Attributes of `ino`, re-validated against the bucket when stale.
+    #[instrument(level = "debug", skip(self))]
+    pub async fn getattr(&self, ino: u64) -> FsResult<Attr> {
+        let inode = self.inode(ino)?;
+        let inode = if inode.ino != ROOT_INO
+            && !inode.dirty
+            && inode.parent.is_some()
+            && !self.fresh(inode.validated_at)
+            && self.open_file_of(ino).is_none()
+        {
+            self.revalidate(inode).await?
+        } else {
+            inode
+        };
+        let inode = self.ensure_headers(inode).await?;
+        self.attr(&inode)
+    }
+
+    /// The child `name` of `dir`: from the table while fresh, else asked of the bucket.
+    async fn find_child(&self, dir: &Inode, name: &str) -> FsResult<Option<Inode>> {
+        let row = self.meta.child(dir.ino, name)?;
+        if let Some(row) = &row
+            && (row.dirty || self.open_file_of(row.ino).is_some() || self.fresh(row.validated_at))
+        {
+            return Ok(Some(row.clone()));
+        }
+        if dir.listed_at.is_some_and(|t| self.fresh(t))
+            || (row.is_none() && self.known_absent(dir.ino, name))
+        {
+            return Ok(row);
+        }
+        self.probe_child(dir, name).await
+    }
+
+    /// Asks the bucket whether `name` exists in `dir`: a HEAD of the file key and a one-key
+    /// LIST of the directory prefix, concurrently. A directory wins over a file.
+    async fn probe_child(&self, dir: &Inode, name: &str) -> FsResult<Option<Inode>> {
+        let started = now_ns();
+        let file_key = self.child_key(dir, name, false)?;
+        let dir_prefix = format!("{file_key}/");
+        let (head, list) = tokio::join!(
+            self.store.head(&file_key),
+            self.store.list(&dir_prefix, None, None, Some(1))
+        );
+        let head = match head {
+            Ok(info) => Some(info),
+            Err(StoreError::NotFound(_)) => None,
+            Err(e) => return Err(e.into()),
+        };
+        let list = list?;
+        // Someone (this mount) changed the entry while we asked: theirs is newer.
+        let row = self.meta.child(dir.ino, name)?;
+        if let Some(r) = &row
+            && (r.dirty || r.validated_at > started)
+        {
+            return Ok(row);
+        }
+        let is_dir = !list.objects.is_empty() || !list.prefixes.is_empty();
+        if is_dir {
+            let marker = list
+                .objects
+                .first()
+                .filter(|o| o.key == dir_prefix)
+                .map(|o| o.etag.clone());
+            let mut inode = match row {
+                Some(r) if r.kind == Kind::Dir => r,
+                other => {
+                    if let Some(old) = other {
+                        self.meta.unlink(old.ino)?;
+                    }
+                    let mut fresh = self.new_inode(dir.ino, name, Kind::Dir, started);
+                    fresh.perm = self.defaults.dir_perm;
+                    self.meta.insert(&mut fresh)?;
+                    fresh
+                }
+            };
+            if inode.etag != marker {
+                inode.etag = marker;
+                inode.headers_known = inode.etag.is_none();
+            }
+            inode.validated_at = started;
+            self.meta.save(&inode)?;
+            return Ok(Some(inode));
+        }
+        match head {
+            Some(info) if names::is_valid_component(name) => {
+                let mut inode = match row {
+                    Some(r) if r.kind != Kind::Dir => r,
+                    other => {
+                        if let Some(old) = other {
+                            self.meta.unlink(old.ino)?;
+                        }
+                        let mut fresh = self.new_inode(dir.ino, name, Kind::File, started);
+                        self.meta.insert(&mut fresh)?;
+                        fresh
+                    }
+                };
+                self.apply_head(&mut inode, &info);
+                inode.validated_at = started;
+                self.meta.save(&inode)?;
+                Ok(Some(inode))
+            }
+            _ => {
+                if let Some(old) = row {
+                    self.meta.unlink(old.ino)?;
+                }
+                self.remember_absent(dir.ino, name);
+                Ok(None)
+            }
+        }
+    }
+
+    /// Re-reads an entry whose row is stale: HEAD for objects, a probe for directories.
+    async fn revalidate(&self, inode: Inode) -> FsResult<Inode> {
+        let parent = inode.parent.ok_or(FsError::NotFound)?;
+        let dir = self.dir(parent)?;
+        match self.probe_child(&dir, &inode.name).await? {
+            Some(found) if found.ino == inode.ino => Ok(found),
+            // Replaced by an entry of another type, or gone.
+            _ => Err(FsError::NotFound),
+        }
+    }
+
+    /// A new row with the mount's defaults, to be filled in.
+    fn new_inode(&self, parent: u64, name: &str, kind: Kind, validated_at: i64) -> Inode {
+        let now = Timestamp::now();
+        Inode {
+            ino: 0,
+            parent: Some(parent),
+            name: name.to_string(),
+            kind,
+            perm: self.defaults.file_perm,
+            uid: self.defaults.uid,
+            gid: self.defaults.gid,
+            size: 0,
+            rdev: 0,
+            atime: now,
+            mtime: now,
+            ctime: now,
+            etag: None,
+            headers_known: false,
+            symlink_target: None,
+            xattrs: Default::default(),
+            dirty: false,
+            validated_at,
+            listed_at: None,
+        }
+    }
+
+    /// Takes size, ETag and POSIX headers from a HEAD answer (headers absent: defaults).
+    fn apply_head(&self, inode: &mut Inode, info: &ObjectInfo) {
+        let h = headers::decode(&info.metadata);
+        let is_dir = inode.kind == Kind::Dir;
+        if !is_dir {
+            inode.kind = h
+                .mode
+                .and_then(Kind::from_mode)
+                .filter(|k| *k != Kind::Dir)
+                .unwrap_or(Kind::File);
+            if inode.etag.as_deref() != Some(info.etag.as_str()) {
+                inode.symlink_target = None;
+            }
+            inode.size = info.size;
+        }
+        let default_perm = if is_dir {
+            self.defaults.dir_perm
+        } else {
+            self.defaults.file_perm
+        };
+        let last_modified = Timestamp::from(info.last_modified);
+        inode.perm = h.mode.map(|m| m & 0o7777).unwrap_or(default_perm);
+        inode.uid = h.uid.unwrap_or(self.defaults.uid);
+        inode.gid = h.gid.unwrap_or(self.defaults.gid);
+        inode.mtime = h.mtime.unwrap_or(last_modified);
+        inode.ctime = h.ctime.unwrap_or(inode.mtime);
+        inode.atime = h.atime.unwrap_or(inode.mtime);
+        inode.rdev = h.rdev.unwrap_or(0);
+        inode.xattrs = h.xattrs;
+        inode.etag = Some(info.etag.clone());
+        inode.headers_known = true;
+    }
+
+    /// The POSIX headers describing `inode`.
+    fn headers_of(&self, inode: &Inode) -> WriteHeaders {
+        let h = PosixHeaders {
+            mode: Some(inode.mode()),
+            uid: Some(inode.uid),
+            gid: Some(inode.gid),
+            mtime: Some(inode.mtime),
+            ctime: Some(inode.ctime),
+            atime: Some(inode.atime),
+            rdev: Some(inode.rdev),
+            xattrs: inode.xattrs.clone(),
+        };
+        WriteHeaders {
+            content_type: (inode.kind == Kind::Dir).then(|| DIR_CONTENT_TYPE.to_string()),
+            metadata: headers::encode(&h),
+        }
+    }
+
+    /// Makes sure the POSIX headers of `inode` were read (one HEAD, remembered per ETag).
+    async fn ensure_headers(&self, mut inode: Inode) -> FsResult<Inode> {
+        if inode.headers_known || inode.dirty || inode.ino == ROOT_INO || inode.parent.is_none() {
+            return Ok(inode);
+        }
+        let key = self.key_of(&inode)?;
+        match self.store.head(&key).await {
+            Ok(info) => self.apply_head(&mut inode, &info),
+            Err(StoreError::NotFound(_)) if inode.kind == Kind::Dir => {
+                // An implicit directory: no marker, the defaults apply.
+                inode.etag = None;
+                inode.headers_known = true;
+            }
+            Err(StoreError::NotFound(_)) => {
+                self.meta.unlink(inode.ino)?;
+                return Err(FsError::NotFound);
+            }
+            Err(e) => return Err(e.into()),
+        }
+        self.save(&inode)?;
+        Ok(inode)
+    }
+
+    /// Lists `dir` from the bucket unless its listing is fresh. Concurrent callers share one
+    /// listing.
+    async fn refresh_dir(&self, dir_ino: u64) -> FsResult<()> {
+        let dir = self.dir(dir_ino)?;
+        if dir.listed_at.is_some_and(|t| self.fresh(t)) {
+            return Ok(());
+        }
+        let _listing = self.dir_locks.lock_listing(dir_ino).await;
+        let dir = self.dir(dir_ino)?;
+        if dir.listed_at.is_some_and(|t| self.fresh(t)) {
+            return Ok(());
+        }
+        let prefix = self.key_of(&dir)?;
+        let mut listing = Listing {
+            started_at: now_ns(),
+            ..Default::default()
+        };
+        let mut token: Option<String> = None;
+        loop {
+            let page = self
+                .store
+                .list(&prefix, Some("/"), token.as_deref(), None)
+                .await?;
+            for obj in page.objects {
+                match names::classify_object(&prefix, &obj.key) {
+                    Listed::Marker => listing.marker_etag = Some(obj.etag),
+                    Listed::File(name) => listing.files.push(ListedFile {
+                        name: name.to_string(),
+                        size: obj.size,
+                        etag: obj.etag,
+                        last_modified: obj.last_modified.into(),
+                    }),
+                    _ => self.hidden.hide(&obj.key),
+                }
+            }
+            for p in page.prefixes {
+                match names::classify_prefix(&prefix, &p) {
+                    Listed::Dir(name) => listing.dirs.push(name.to_string()),
+                    _ => self.hidden.hide(&p),
+                }
+            }
+            match page.next_token {
+                Some(t) => token = Some(t),
+                None => break,
+            }
+        }
+        self.meta.apply_listing(dir_ino, &listing, &self.defaults)?;
+        if let Some(f) = self.open_file_of(dir_ino) {
+            f.set_attrs(self.meta.get(dir_ino)?.ok_or(FsError::NotFound)?);
+        }
+        Ok(())
+    }
+
+    /// Opens a directory handle.
+    pub async fn opendir(&self, ino: u64) -> FsResult<u64> {
+        self.dir(ino)?;
+        let fh = self.next_handle.fetch_add(1, Ordering::Relaxed);
+        self.handles
+            .lock()
+            .unwrap()
+            .insert(fh, Handle::Dir(Arc::new(tokio::sync::Mutex::new(None))));
+        Ok(fh)
+    }
+
+    /// Entries of directory `ino` from `offset` on (a batch; call again to continue). The
+    /// listing is taken when the handle reads from offset 0, and served from that snapshot.
+    #[instrument(level = "debug", skip(self))]
+    pub async fn readdir(&self, ino: u64, fh: u64, offset: u64) -> FsResult<Vec<DirEntry>> {
+        let snapshot = match self.handles.lock().unwrap().get(&fh) {
+            Some(Handle::Dir(s)) => s.clone(),
+            _ => return Err(FsError::BadHandle),
+        };
+        let mut snapshot = snapshot.lock().await;
+        if offset == 0 || snapshot.is_none() {
+            self.refresh_dir(ino).await?;
+            let dir = self.dir(ino)?;
+            let mut entries = vec![
+                DirEntry {
+                    ino,
+                    next_offset: 1,
+                    kind: Kind::Dir,
+                    name: ".".into(),
+                },
+                DirEntry {
+                    ino: dir.parent.unwrap_or(ROOT_INO),
+                    next_offset: 2,
+                    kind: Kind::Dir,
+                    name: "..".into(),
+                },
+            ];
+            for child in self.meta.children(ino)? {
+                entries.push(DirEntry {
+                    ino: child.ino,
+                    next_offset: entries.len() as u64 + 1,
+                    kind: child.kind,
+                    name: child.name,
+                });
+            }
+            *snapshot = Some(entries);
+        }
+        let entries = snapshot.as_ref().expect("filled above");
+        let start = (offset as usize).min(entries.len());
+        let end = (start + READDIR_BATCH).min(entries.len());
+        Ok(entries[start..end].to_vec())
+    }
+
+    /// Closes a directory handle.
+    pub fn releasedir(&self, fh: u64) {
+        self.handles.lock().unwrap().remove(&fh);
+    }
+
+    /// Filesystem statistics. S3 has no capacity limit: report a large, constant size so
+    /// programs that check free space (Nextcloud, installers) proceed.
+    pub fn statfs(&self) -> StatFs {
+        const PIB: u64 = 1 << 50;
+        let bsize = 4096u32;
+        StatFs {
+            blocks: PIB / bsize as u64,
+            bfree: PIB / bsize as u64,
+            bavail: PIB / bsize as u64,
+            files: 1 << 40,
+            ffree: 1 << 40,
+            bsize,
+            namelen: names::NAME_MAX as u32,
+        }
+    }
+
+    /// Checks `mask` (R_OK, W_OK, X_OK bits) for `caller` against the mode bits of `ino`.
+    pub fn access(&self, ino: u64, mask: i32, caller: Caller) -> FsResult<()> {
+        let inode = self.inode(ino)?;
+        if mask & libc::W_OK != 0 && self.cfg.read_only {
+            return Err(FsError::ReadOnly);
+        }
+        if caller.uid == 0 {
+            // Root may do anything but execute a file nobody can execute.
+            if mask & libc::X_OK != 0 && inode.kind != Kind::Dir && inode.perm & 0o111 == 0 {
+                return Err(FsError::Access);
+            }
+            return Ok(());
+        }
+        let granted = if caller.uid == inode.uid {
+            (inode.perm >> 6) & 7
+        } else if caller.gid == inode.gid {
+            (inode.perm >> 3) & 7
+        } else {
+            inode.perm & 7
+        };
+        let wanted = (mask & 7) as u32;
+        if granted & wanted == wanted {
+            Ok(())
+        } else {
+            Err(FsError::Access)
+        }
+    }
+
+    /// Updates a directory's mtime and ctime after its entries changed (kept locally).
+    fn touch_dir(&self, ino: u64) -> FsResult<()> {
+        let mut dir = self.inode(ino)?;
+        let now = Timestamp::now();
+        dir.mtime = now;
+        dir.ctime = now;
+        self.save(&dir)
+    }
+
+    /// The original object of a file, for reads and partial fetches.
+    fn original_of(&self, inode: &Inode) -> FsResult<Option<Original>> {
+        match &inode.etag {
+            Some(etag) if inode.kind == Kind::File => Ok(Some(Original {
+                key: self.key_of(inode)?,
+                etag: etag.clone(),
+            })),
+            _ => Ok(None),
+        }
+    }
+
+    fn upload_tuning(&self) -> write::UploadTuning {
+        write::UploadTuning {
+            multipart_threshold: self.cfg.multipart_threshold,
+            part_size: self.cfg.part_size,
+            concurrency: self.cfg.upload_concurrency,
+        }
+    }
+}
+
+fn restrict_permissions(path: &std::path::Path) {
+    use std::os::unix::fs::PermissionsExt;
+    for p in [
+        path.to_path_buf(),
+        PathBuf::from(format!("{}-wal", path.display())),
+        PathBuf::from(format!("{}-shm", path.display())),
+    ] {
+        let _ = std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600));
+    }
+}
+
+#[cfg(test)]
+mod tests;

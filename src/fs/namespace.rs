@@ -1,0 +1,621 @@
+//! Operations on names: create, mkdir, mknod, symlink, readlink, unlink, rmdir, rename, link.
+//!
+//! Each holds the lock of the directory (or, for rename, both directories) it changes. A
+//! directory that exists only implicitly (keys under its prefix, no marker) gets a marker
+//! before it can lose its last entry, so empty directories persist as POSIX expects. Renames
+//! copy before they delete: at no point is an object gone before its copy exists.
+
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures::stream::{self, StreamExt, TryStreamExt};
+use tracing::{info, instrument, warn};
+
+use super::files::{FileState, OpenFile};
+use super::{Attr, Caller, Fs, FsError, FsResult, write};
+use crate::cache::staging::{Original, Staging};
+use crate::meta::names::{self, NameError};
+use crate::meta::{Inode, Kind, ROOT_INO, Timestamp, now_ns};
+use crate::store::{ListedObject, StoreError};
+
+/// Copies in flight during a directory rename.
+const RENAME_CONCURRENCY: usize = 16;
+/// Longest symlink target (PATH_MAX less the NUL).
+const SYMLINK_MAX: usize = 4095;
+
+impl Fs {
+    /// A row for a new entry created by `caller` in `dir`. In a set-group-ID directory the
+    /// group is the directory's, and subdirectories inherit the bit (as on ext4).
+    fn new_entry(&self, dir: &Inode, name: &str, kind: Kind, perm: u32, caller: Caller) -> Inode {
+        let mut inode = self.new_inode(dir.ino, name, kind, now_ns());
+        inode.perm = perm & 0o7777;
+        inode.uid = caller.uid;
+        inode.gid = caller.gid;
+        if dir.perm & libc::S_ISGID != 0 {
+            inode.gid = dir.gid;
+            if kind == Kind::Dir {
+                inode.perm |= libc::S_ISGID;
+            }
+        }
+        inode.headers_known = true;
+        inode
+    }
+
+    /// Checks that `name` is free in `dir` (asking the bucket if the table is stale).
+    async fn check_free(&self, dir: &Inode, name: &str) -> FsResult<()> {
+        if self.find_child(dir, name).await?.is_some() {
+            return Err(FsError::Exists);
+        }
+        Ok(())
+    }
+
+    /// Records a new entry: table, parent times, lookup count.
+    fn add_entry(&self, dir: &Inode, inode: &mut Inode) -> FsResult<Attr> {
+        self.meta.insert(inode)?;
+        self.touch_dir(dir.ino)?;
+        self.forget_absent(dir.ino, &inode.name);
+        let attr = self.attr(inode)?;
+        self.remember(inode.ino);
+        Ok(attr)
+    }
+
+    /// Creates a directory: a marker object `dir/name/`.
+    #[instrument(level = "debug", skip(self))]
+    pub async fn mkdir(
+        &self,
+        parent: u64,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        caller: Caller,
+    ) -> FsResult<Attr> {
+        self.check_writable()?;
+        let name = names::check_name(name)?;
+        let _g = self.dir_locks.lock(parent).await;
+        let dir = self.dir(parent)?;
+        self.check_free(&dir, name).await?;
+        let key = self.child_key(&dir, name, true)?;
+        let mut inode = self.new_entry(&dir, name, Kind::Dir, mode & !umask, caller);
+        let etag = self
+            .store
+            .put(&key, Bytes::new(), &self.headers_of(&inode))
+            .await?;
+        inode.etag = Some(etag);
+        inode.validated_at = now_ns();
+        // A new directory is empty: its listing is known.
+        inode.listed_at = Some(inode.validated_at);
+        self.add_entry(&dir, &mut inode)
+    }
+
+    /// Creates and opens a regular file. Its object is written on the first flush.
+    #[instrument(level = "debug", skip(self))]
+    pub async fn create(
+        &self,
+        parent: u64,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        flags: i32,
+        caller: Caller,
+    ) -> FsResult<(Attr, u64)> {
+        self.check_writable()?;
+        let name = names::check_name(name)?;
+        let _g = self.dir_locks.lock(parent).await;
+        let dir = self.dir(parent)?;
+        if let Some(existing) = self.find_child(&dir, name).await? {
+            // Lost a race with another creator: open what is there, as open(2) would.
+            if flags & libc::O_EXCL != 0 {
+                return Err(FsError::Exists);
+            }
+            drop(_g);
+            let existing = self.ensure_headers(existing).await?;
+            let fh = self.open(existing.ino, flags).await?;
+            let attr = self.attr(&self.inode(existing.ino)?)?;
+            self.remember(existing.ino);
+            return Ok((attr, fh));
+        }
+        self.child_key(&dir, name, false)?;
+        let mut inode = self.new_entry(&dir, name, Kind::File, mode & !umask, caller);
+        inode.dirty = true;
+        let attr = self.add_entry(&dir, &mut inode)?;
+        let staging = Staging::create(&self.staging_dir, inode.ino, None, 0)?;
+        let file = Arc::new(OpenFile::new(
+            inode,
+            FileState {
+                staging: Some(staging),
+                dirty: true,
+                opens: 1,
+                ..Default::default()
+            },
+        ));
+        self.open_files
+            .lock()
+            .unwrap()
+            .insert(attr.ino, file.clone());
+        let writable = flags & libc::O_ACCMODE != libc::O_RDONLY;
+        Ok((attr, self.new_file_handle(file, writable)))
+    }
+
+    /// Creates a file of any type: regular files become empty objects, the other types
+    /// zero-byte objects whose mode carries the type (as s3fs stores them).
+    #[instrument(level = "debug", skip(self))]
+    pub async fn mknod(
+        &self,
+        parent: u64,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        rdev: u32,
+        caller: Caller,
+    ) -> FsResult<Attr> {
+        self.check_writable()?;
+        let kind = match mode & libc::S_IFMT {
+            0 => Kind::File,
+            bits => Kind::from_mode(bits).ok_or(FsError::Invalid("unknown file type"))?,
+        };
+        if kind == Kind::Dir {
+            return Err(FsError::Invalid("mknod of a directory"));
+        }
+        let name = names::check_name(name)?;
+        let _g = self.dir_locks.lock(parent).await;
+        let dir = self.dir(parent)?;
+        self.check_free(&dir, name).await?;
+        let key = self.child_key(&dir, name, false)?;
+        let mut inode = self.new_entry(&dir, name, kind, mode & !umask, caller);
+        if matches!(kind, Kind::CharDev | Kind::BlockDev) {
+            inode.rdev = rdev;
+        }
+        let etag = self
+            .store
+            .put(&key, Bytes::new(), &self.headers_of(&inode))
+            .await?;
+        inode.etag = Some(etag);
+        inode.validated_at = now_ns();
+        self.add_entry(&dir, &mut inode)
+    }
+
+    /// Creates a symlink: an object whose body is the target.
+    #[instrument(level = "debug", skip(self))]
+    pub async fn symlink(
+        &self,
+        parent: u64,
+        name: &OsStr,
+        target: &OsStr,
+        caller: Caller,
+    ) -> FsResult<Attr> {
+        self.check_writable()?;
+        let name = names::check_name(name)?;
+        if target.len() > SYMLINK_MAX {
+            return Err(NameError::TooLong.into());
+        }
+        let target = std::str::from_utf8(target.as_bytes()).map_err(|_| NameError::NotUtf8)?;
+        let _g = self.dir_locks.lock(parent).await;
+        let dir = self.dir(parent)?;
+        self.check_free(&dir, name).await?;
+        let key = self.child_key(&dir, name, false)?;
+        let mut inode = self.new_entry(&dir, name, Kind::Symlink, 0o777, caller);
+        inode.size = target.len() as u64;
+        inode.symlink_target = Some(target.to_string());
+        let etag = self
+            .store
+            .put(
+                &key,
+                Bytes::copy_from_slice(target.as_bytes()),
+                &self.headers_of(&inode),
+            )
+            .await?;
+        inode.etag = Some(etag);
+        inode.validated_at = now_ns();
+        self.add_entry(&dir, &mut inode)
+    }
+
+    /// The target of a symlink (read from the object once, then remembered).
+    pub async fn readlink(&self, ino: u64) -> FsResult<Vec<u8>> {
+        let inode = self.inode(ino)?;
+        if inode.kind != Kind::Symlink {
+            return Err(FsError::Invalid("not a symlink"));
+        }
+        if let Some(t) = &inode.symlink_target {
+            return Ok(t.as_bytes().to_vec());
+        }
+        let key = self.key_of(&inode)?;
+        let body = self
+            .store
+            .get_range(&key, 0..inode.size, inode.etag.as_deref())
+            .await?;
+        let target = String::from_utf8(body.to_vec()).map_err(|_| NameError::NotUtf8)?;
+        let mut inode = inode;
+        inode.symlink_target = Some(target.clone());
+        self.save(&inode)?;
+        Ok(target.into_bytes())
+    }
+
+    /// Hard links cannot exist in S3: one object, one key.
+    pub fn link(&self) -> FsResult<Attr> {
+        info!("link refused: S3 objects have exactly one key, so hard links cannot exist");
+        Err(FsError::NotPermitted("hard links cannot exist on S3"))
+    }
+
+    /// Gives an implicit directory a marker, so it survives losing its last entry.
+    async fn keep_dir_alive(&self, dir: &Inode) -> FsResult<()> {
+        if dir.ino == ROOT_INO {
+            return Ok(());
+        }
+        let mut dir = self.ensure_headers(dir.clone()).await?;
+        if dir.etag.is_some() {
+            return Ok(());
+        }
+        let key = self.key_of(&dir)?;
+        dir.etag = Some(
+            self.store
+                .put(&key, Bytes::new(), &self.headers_of(&dir))
+                .await?,
+        );
+        self.save(&dir)
+    }
+
+    /// Keeps the contents of an open file locally: its object is about to go away.
+    async fn materialize(&self, file: &OpenFile, st: &mut FileState) -> FsResult<()> {
+        let size = file.attrs().size;
+        if st.staging.is_none() {
+            st.staging = Some(Staging::create(
+                &self.staging_dir,
+                file.ino(),
+                st.remote.clone(),
+                size,
+            )?);
+        }
+        let staging = st.staging.as_mut().expect("created above");
+        let missing = staging.missing_for_read(0..size);
+        write::fetch_blocks(&self.store, staging, missing).await?;
+        Ok(())
+    }
+
+    /// Detaches a non-directory entry from the namespace. An open file stays readable and
+    /// writable through its handles (its contents kept locally) and is never uploaded.
+    async fn detach_file(&self, inode: &Inode) -> FsResult<()> {
+        if let Some(file) = self.open_file_of(inode.ino) {
+            let mut st = file.state.lock().await;
+            if st.opens > 0 {
+                self.materialize(&file, &mut st).await?;
+            }
+            st.unlinked = true;
+            st.dirty = false;
+            let mut attrs = file.attrs();
+            attrs.parent = None;
+            attrs.ctime = Timestamp::now();
+            file.set_attrs(attrs);
+            self.meta.unlink(inode.ino)?;
+            if st.opens == 0 {
+                self.retire(&file, &mut st);
+            }
+            return Ok(());
+        }
+        self.meta.unlink(inode.ino)?;
+        if !self.is_referenced(inode.ino) {
+            self.meta.forget(inode.ino)?;
+        }
+        Ok(())
+    }
+
+    /// Removes a file, symlink or special file.
+    #[instrument(level = "debug", skip(self))]
+    pub async fn unlink(&self, parent: u64, name: &OsStr) -> FsResult<()> {
+        self.check_writable()?;
+        let name = names::check_name(name)?;
+        let _g = self.dir_locks.lock(parent).await;
+        let dir = self.dir(parent)?;
+        let child = self
+            .find_child(&dir, name)
+            .await?
+            .ok_or(FsError::NotFound)?;
+        if child.kind == Kind::Dir {
+            return Err(FsError::IsDir);
+        }
+        self.keep_dir_alive(&dir).await?;
+        let key = self.key_of(&child)?;
+        if child.etag.is_some() {
+            self.store.delete(&key).await?;
+        }
+        self.detach_file(&child).await?;
+        self.touch_dir(parent)?;
+        self.remember_absent(parent, name);
+        Ok(())
+    }
+
+    /// Fails with ENOTEMPTY unless `dir` has no entry, locally or in the bucket.
+    async fn check_empty(&self, dir: &Inode) -> FsResult<()> {
+        if self.meta.has_children(dir.ino)? {
+            self.refresh_dir(dir.ino).await?;
+            if self.meta.has_children(dir.ino)? {
+                return Err(FsError::NotEmpty);
+            }
+        }
+        // Keys the listing hides (odd names) still make the directory non-empty.
+        let prefix = self.key_of(dir)?;
+        let page = self.store.list(&prefix, None, None, Some(2)).await?;
+        if page.objects.iter().any(|o| o.key != prefix) || !page.prefixes.is_empty() {
+            return Err(FsError::NotEmpty);
+        }
+        Ok(())
+    }
+
+    /// Removes an empty directory (and its marker).
+    #[instrument(level = "debug", skip(self))]
+    pub async fn rmdir(&self, parent: u64, name: &OsStr) -> FsResult<()> {
+        self.check_writable()?;
+        let name = names::check_name(name)?;
+        let _g = self.dir_locks.lock(parent).await;
+        let dir = self.dir(parent)?;
+        let child = self
+            .find_child(&dir, name)
+            .await?
+            .ok_or(FsError::NotFound)?;
+        if child.kind != Kind::Dir {
+            return Err(FsError::NotDir);
+        }
+        self.check_empty(&child).await?;
+        self.keep_dir_alive(&dir).await?;
+        self.store.delete(&self.key_of(&child)?).await?;
+        self.meta.unlink(child.ino)?;
+        if !self.is_referenced(child.ino) {
+            self.meta.forget(child.ino)?;
+        }
+        self.touch_dir(parent)?;
+        self.remember_absent(parent, name);
+        Ok(())
+    }
+
+    /// Renames `parent/name` to `newparent/newname`. `flags` may hold RENAME_NOREPLACE;
+    /// RENAME_EXCHANGE cannot be done atomically on S3 and is refused.
+    #[instrument(level = "debug", skip(self))]
+    pub async fn rename(
+        &self,
+        parent: u64,
+        name: &OsStr,
+        newparent: u64,
+        newname: &OsStr,
+        flags: u32,
+    ) -> FsResult<()> {
+        self.check_writable()?;
+        if flags & libc::RENAME_EXCHANGE != 0 {
+            return Err(FsError::Invalid("RENAME_EXCHANGE is not supported on S3"));
+        }
+        if flags & !libc::RENAME_NOREPLACE != 0 {
+            return Err(FsError::Invalid("unknown rename flags"));
+        }
+        let name = names::check_name(name)?;
+        let newname = names::check_name(newname)?;
+        let _g = self.dir_locks.lock_two(parent, newparent).await;
+        let src_dir = self.dir(parent)?;
+        let dst_dir = self.dir(newparent)?;
+        let src = self
+            .find_child(&src_dir, name)
+            .await?
+            .ok_or(FsError::NotFound)?;
+        let src = self.ensure_headers(src).await?;
+        // An open file's live attributes are newer than its row.
+        let src = self.inode(src.ino)?;
+        let dst = self.find_child(&dst_dir, newname).await?;
+        if let Some(d) = &dst {
+            if d.ino == src.ino {
+                return Ok(());
+            }
+            if flags & libc::RENAME_NOREPLACE != 0 {
+                return Err(FsError::Exists);
+            }
+            match (src.kind == Kind::Dir, d.kind == Kind::Dir) {
+                (true, false) => return Err(FsError::NotDir),
+                (false, true) => return Err(FsError::IsDir),
+                (true, true) => self.check_empty(d).await?,
+                _ => {}
+            }
+        }
+        if src.kind == Kind::Dir && self.is_ancestor(src.ino, newparent)? {
+            return Err(FsError::Invalid("cannot move a directory into itself"));
+        }
+        let new_key = self.child_key(&dst_dir, newname, src.kind == Kind::Dir)?;
+        if parent != newparent {
+            self.keep_dir_alive(&src_dir).await?;
+        }
+        if src.kind == Kind::Dir {
+            self.rename_dir(&src, dst.as_ref(), &new_key).await?;
+        } else {
+            self.rename_file(&src, dst.as_ref(), &new_key).await?;
+        }
+        if let Some(d) = &dst {
+            if d.kind == Kind::Dir {
+                self.meta.unlink(d.ino)?;
+                if !self.is_referenced(d.ino) {
+                    self.meta.forget(d.ino)?;
+                }
+            } else {
+                self.detach_file(d).await?;
+            }
+        }
+        self.meta.rename(src.ino, newparent, newname)?;
+        let mut moved = self.meta.get(src.ino)?.ok_or(FsError::NotFound)?;
+        moved.ctime = Timestamp::now();
+        if let Some(f) = self.open_file_of(src.ino) {
+            let mut live = f.attrs();
+            live.parent = moved.parent;
+            live.name = moved.name.clone();
+            live.ctime = moved.ctime;
+            live.etag = moved.etag.clone();
+            moved = live;
+        }
+        self.save(&moved)?;
+        self.touch_dir(parent)?;
+        if newparent != parent {
+            self.touch_dir(newparent)?;
+        }
+        self.forget_absent(newparent, newname);
+        self.remember_absent(parent, name);
+        Ok(())
+    }
+
+    fn is_ancestor(&self, ancestor: u64, mut ino: u64) -> FsResult<bool> {
+        loop {
+            if ino == ancestor {
+                return Ok(true);
+            }
+            match self.meta.get(ino)?.and_then(|i| i.parent) {
+                Some(p) => ino = p,
+                None => return Ok(false),
+            }
+        }
+    }
+
+    /// Moves a file's object: server-side copy to the new key, then delete of the old one.
+    async fn rename_file(&self, src: &Inode, dst: Option<&Inode>, new_key: &str) -> FsResult<()> {
+        let old_key = self.key_of(src)?;
+        let file = self.open_file_of(src.ino);
+        let mut st = match &file {
+            Some(f) => Some(f.state.lock().await),
+            None => None,
+        };
+        let mut moved = src.clone();
+        moved.ctime = Timestamp::now();
+        match &src.etag {
+            Some(etag) => {
+                let new_etag = write::copy_object(
+                    &self.store,
+                    &old_key,
+                    new_key,
+                    src.size,
+                    Some(etag),
+                    Some(&self.headers_of(&moved)),
+                    self.upload_tuning(),
+                )
+                .await?;
+                self.store.delete(&old_key).await?;
+                let now_at = Original {
+                    key: new_key.to_string(),
+                    etag: new_etag.clone(),
+                };
+                if let Some(st) = st.as_mut() {
+                    if let Some(staging) = st.staging.as_mut()
+                        && staging.original().is_some()
+                    {
+                        staging.set_original(now_at.clone());
+                    }
+                    if st.remote.is_some() {
+                        st.remote = Some(now_at);
+                    }
+                }
+                moved.etag = Some(new_etag);
+            }
+            None => {
+                // Not uploaded yet: the upload will write the new key. What the name held
+                // before must not linger in the bucket meanwhile.
+                if dst.is_some_and(|d| d.etag.is_some()) {
+                    self.store.delete(new_key).await?;
+                }
+            }
+        }
+        self.meta.save(&moved)?;
+        Ok(())
+    }
+
+    /// Moves a directory: copies every object under its prefix, then deletes the old ones.
+    async fn rename_dir(&self, src: &Inode, dst: Option<&Inode>, new_prefix: &str) -> FsResult<()> {
+        let _tree = self.tree.write().await;
+        let old_prefix = self.key_of(src)?;
+        if dst.is_some() {
+            self.store.delete(new_prefix).await?;
+        }
+        let objects = self.list_all(&old_prefix).await?;
+        let old_prefix = old_prefix.as_str();
+        let moved: Vec<(String, String)> = stream::iter(objects.iter().cloned())
+            .map(|obj: ListedObject| async move {
+                let new_key = format!("{new_prefix}{}", &obj.key[old_prefix.len()..]);
+                let etag = write::copy_object(
+                    &self.store,
+                    &obj.key,
+                    &new_key,
+                    obj.size,
+                    Some(&obj.etag),
+                    None,
+                    self.upload_tuning(),
+                )
+                .await?;
+                Ok::<_, StoreError>((obj.key, etag))
+            })
+            .buffer_unordered(RENAME_CONCURRENCY)
+            .try_collect()
+            .await
+            .inspect_err(|_| {
+                warn!(old_prefix, new_prefix, "directory rename failed while copying; the source is intact");
+            })?;
+        let old_keys: Vec<String> = objects.iter().map(|o| o.key.clone()).collect();
+        for chunk in old_keys.chunks(1000) {
+            self.store.delete_many(chunk).await?;
+        }
+        let new_etags: HashMap<String, String> = moved.into_iter().collect();
+        self.retarget_subtree(src.ino, &old_prefix, new_prefix, &new_etags)
+            .await
+    }
+
+    /// After a directory move: entries below it name their objects by the new keys' ETags,
+    /// and open files read from the new keys.
+    async fn retarget_subtree(
+        &self,
+        dir: u64,
+        old_prefix: &str,
+        new_prefix: &str,
+        new_etags: &HashMap<String, String>,
+    ) -> FsResult<()> {
+        let mut pending = vec![(dir, old_prefix.to_string())];
+        while let Some((ino, prefix)) = pending.pop() {
+            for mut child in self.meta.children(ino)? {
+                let is_dir = child.kind == Kind::Dir;
+                let old_key = format!("{prefix}{}{}", child.name, if is_dir { "/" } else { "" });
+                if is_dir {
+                    pending.push((child.ino, old_key.clone()));
+                }
+                let Some(etag) = new_etags.get(&old_key) else {
+                    continue;
+                };
+                child.etag = Some(etag.clone());
+                self.meta.save(&child)?;
+                if let Some(f) = self.open_file_of(child.ino) {
+                    let new_key = format!("{new_prefix}{}", &old_key[old_prefix.len()..]);
+                    let now_at = Original {
+                        key: new_key,
+                        etag: etag.clone(),
+                    };
+                    let mut st = f.state.lock().await;
+                    if let Some(staging) = st.staging.as_mut()
+                        && staging.original().is_some()
+                    {
+                        staging.set_original(now_at.clone());
+                    }
+                    if st.remote.is_some() {
+                        st.remote = Some(now_at);
+                    }
+                    let mut live = f.attrs();
+                    live.etag = Some(etag.clone());
+                    f.set_attrs(live);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Every object under `prefix` (no delimiter), all pages.
+    async fn list_all(&self, prefix: &str) -> FsResult<Vec<ListedObject>> {
+        let mut all = Vec::new();
+        let mut token: Option<String> = None;
+        loop {
+            let page = self.store.list(prefix, None, token.as_deref(), None).await?;
+            all.extend(page.objects);
+            match page.next_token {
+                Some(t) => token = Some(t),
+                None => return Ok(all),
+            }
+        }
+    }
+}

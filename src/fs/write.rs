@@ -1,0 +1,301 @@
+//! Uploading staged files and copying objects, at any size S3 allows.
+//!
+//! Up to the multipart threshold a file goes up in one PUT. Above it, parts go up
+//! concurrently; a part whose bytes are all unchanged from the original object is copied
+//! server-side (UploadPartCopy) instead of being sent, so editing a few bytes of a large
+//! object moves a few parts, not the object. Part sizes grow with the file so that 10,000
+//! parts reach S3's 5 TiB limit.
+
+use std::ops::Range;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures::stream::{self, StreamExt, TryStreamExt};
+use tracing::{debug, warn};
+
+use crate::cache::staging::Staging;
+use crate::store::{
+    CompletedPart, MAX_PART_SIZE, MAX_PARTS, MAX_SINGLE_OBJECT, MIN_PART_SIZE, ObjectStore,
+    StoreError, StoreResult, WriteHeaders,
+};
+
+/// Blocks fetched at once when filling a staging file from its original.
+const FETCH_CONCURRENCY: usize = 8;
+
+/// Part size for an object of `size` bytes: at least `min_part`, at least 5 MiB, and large
+/// enough that the object fits in 10,000 parts (rounded up to whole MiB).
+pub fn part_size_for(size: u64, min_part: u64) -> u64 {
+    const MIB: u64 = 1024 * 1024;
+    let needed = size.div_ceil(MAX_PARTS).div_ceil(MIB) * MIB;
+    needed.max(min_part).max(MIN_PART_SIZE).min(MAX_PART_SIZE)
+}
+
+/// Fetches `blocks` of the staging file's original into it.
+pub async fn fetch_blocks(
+    store: &Arc<dyn ObjectStore>,
+    staging: &mut Staging,
+    blocks: Vec<u64>,
+) -> StoreResult<()> {
+    let Some(orig) = staging.original().cloned() else {
+        return Ok(());
+    };
+    for chunk in blocks.chunks(FETCH_CONCURRENCY) {
+        let fetched = futures::future::try_join_all(chunk.iter().map(|&b| {
+            let range = staging.fetch_range(b);
+            let (store, orig) = (store.clone(), orig.clone());
+            async move {
+                store
+                    .get_range(&orig.key, range, Some(&orig.etag))
+                    .await
+                    .map(|d| (b, d))
+            }
+        }))
+        .await?;
+        for (b, data) in fetched {
+            staging
+                .fill_block(b, &data)
+                .map_err(|e| StoreError::Other(format!("staging file: {e}")))?;
+        }
+    }
+    Ok(())
+}
+
+/// How one part of a multipart upload gets its bytes.
+enum PartSource {
+    /// Read from the staging file and sent.
+    Local(Range<u64>),
+    /// Copied server-side from the original object.
+    Copy(Range<u64>),
+}
+
+/// Upload tuning.
+#[derive(Debug, Clone, Copy)]
+pub struct UploadTuning {
+    /// Largest file sent with a single PUT.
+    pub multipart_threshold: u64,
+    /// Smallest part size.
+    pub part_size: u64,
+    /// Parts in flight at once.
+    pub concurrency: usize,
+}
+
+/// Uploads the staged file to `key` with `headers`; returns the new ETag. On failure nothing
+/// is left behind (a started multipart upload is aborted) and the staging file is intact.
+pub async fn upload(
+    store: &Arc<dyn ObjectStore>,
+    staging: &mut Staging,
+    key: &str,
+    headers: &WriteHeaders,
+    tuning: UploadTuning,
+) -> StoreResult<String> {
+    let size = staging.size();
+    if size <= tuning.multipart_threshold.min(MAX_SINGLE_OBJECT) {
+        let missing = staging.missing_for_read(0..size);
+        fetch_blocks(store, staging, missing).await?;
+        let body = staging
+            .read(0, size as usize)
+            .map_err(|e| StoreError::Other(format!("staging file: {e}")))?;
+        return store.put(key, Bytes::from(body), headers).await;
+    }
+    let part_size = part_size_for(size, tuning.part_size);
+    let parts: Vec<PartSource> = (0..size)
+        .step_by(part_size as usize)
+        .map(|s| {
+            let r = s..(s + part_size).min(size);
+            if staging.is_untouched(&r) {
+                PartSource::Copy(r)
+            } else {
+                PartSource::Local(r)
+            }
+        })
+        .collect();
+    // Bring in what the sent parts need before any part goes out, so the parts can then be
+    // read concurrently from a staging file nobody modifies.
+    let mut missing = Vec::new();
+    for p in &parts {
+        if let PartSource::Local(r) = p {
+            missing.extend(staging.missing_for_read(r.clone()));
+        }
+    }
+    fetch_blocks(store, staging, missing).await?;
+    let upload_id = store.create_multipart(key, headers).await?;
+    let staging = &*staging;
+    let result = stream::iter(parts.into_iter().enumerate())
+        .map(|(i, part)| {
+            let number = i as i32 + 1;
+            let upload_id = &upload_id;
+            async move {
+                let etag = match part {
+                    PartSource::Local(r) => {
+                        let body = staging
+                            .read(r.start, (r.end - r.start) as usize)
+                            .map_err(|e| StoreError::Other(format!("staging file: {e}")))?;
+                        store
+                            .upload_part(key, upload_id, number, Bytes::from(body))
+                            .await?
+                    }
+                    PartSource::Copy(r) => {
+                        let orig = staging.original().expect("copy parts need an original");
+                        store
+                            .upload_part_copy(
+                                key,
+                                upload_id,
+                                number,
+                                &orig.key,
+                                r,
+                                Some(&orig.etag),
+                            )
+                            .await?
+                    }
+                };
+                Ok::<_, StoreError>(CompletedPart { number, etag })
+            }
+        })
+        .buffered(tuning.concurrency.max(1))
+        .try_collect::<Vec<_>>()
+        .await;
+    let finished = match result {
+        Ok(parts) => store.complete_multipart(key, &upload_id, &parts).await,
+        Err(e) => Err(e),
+    };
+    if finished.is_err()
+        && let Err(e) = store.abort_multipart(key, &upload_id).await
+    {
+        warn!(key, "could not abort a failed multipart upload: {e}");
+    }
+    finished
+}
+
+/// Copies `src` (of `size` bytes, pinned to `etag`) to `dst` server-side, with multipart copy
+/// above 5 GiB. `headers` replaces the metadata; `None` keeps the source's.
+pub async fn copy_object(
+    store: &Arc<dyn ObjectStore>,
+    src: &str,
+    dst: &str,
+    size: u64,
+    etag: Option<&str>,
+    headers: Option<&WriteHeaders>,
+    tuning: UploadTuning,
+) -> StoreResult<String> {
+    let source_headers;
+    let headers = match headers {
+        Some(h) => h,
+        None => {
+            let info = store.head(src).await?;
+            source_headers = WriteHeaders {
+                content_type: info.content_type,
+                metadata: info.metadata,
+            };
+            &source_headers
+        }
+    };
+    if size <= MAX_SINGLE_OBJECT {
+        return store.copy(src, dst, etag, headers).await;
+    }
+    debug!(src, dst, size, "multipart copy");
+    let part_size = part_size_for(size, tuning.part_size.max(512 * 1024 * 1024));
+    let upload_id = store.create_multipart(dst, headers).await?;
+    let ranges: Vec<Range<u64>> = (0..size)
+        .step_by(part_size as usize)
+        .map(|s| s..(s + part_size).min(size))
+        .collect();
+    let result = stream::iter(ranges.into_iter().enumerate())
+        .map(|(i, r)| {
+            let upload_id = &upload_id;
+            async move {
+                let number = i as i32 + 1;
+                let etag = store
+                    .upload_part_copy(dst, upload_id, number, src, r, etag)
+                    .await?;
+                Ok::<_, StoreError>(CompletedPart { number, etag })
+            }
+        })
+        .buffered(tuning.concurrency.max(1))
+        .try_collect::<Vec<_>>()
+        .await;
+    let finished = match result {
+        Ok(parts) => store.complete_multipart(dst, &upload_id, &parts).await,
+        Err(e) => Err(e),
+    };
+    if finished.is_err()
+        && let Err(e) = store.abort_multipart(dst, &upload_id).await
+    {
+        warn!(dst, "could not abort a failed multipart copy: {e}");
+    }
+    finished
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cache::staging::{BLOCK_SIZE, Original};
+    use crate::store::mem::{MemStore, Op};
+
+    const MIB: u64 = 1024 * 1024;
+    const TUNING: UploadTuning = UploadTuning {
+        multipart_threshold: 8 * MIB,
+        part_size: 5 * MIB,
+        concurrency: 4,
+    };
+
+    #[test]
+    fn part_sizes_reach_five_tebibytes() {
+        assert_eq!(part_size_for(100 * MIB, 8 * MIB), 8 * MIB);
+        assert_eq!(part_size_for(1, 0), MIN_PART_SIZE);
+        let five_tib = 5 * 1024 * 1024 * MIB;
+        let p = part_size_for(five_tib, 8 * MIB);
+        assert!(five_tib.div_ceil(p) <= MAX_PARTS);
+        assert!(p <= MAX_PART_SIZE);
+    }
+
+    #[tokio::test]
+    async fn editing_a_large_object_sends_only_the_changed_parts() {
+        let mem = Arc::new(MemStore::new());
+        let data: Vec<u8> = (0..(23 * MIB) as usize).map(|i| (i % 253) as u8).collect();
+        mem.insert("big", &data, WriteHeaders::default());
+        let store: Arc<dyn ObjectStore> = mem.clone();
+        let etag = store.head("big").await.unwrap().etag;
+        let dir = tempfile::tempdir().unwrap();
+        let orig = Original {
+            key: "big".into(),
+            etag,
+        };
+        let mut s = Staging::create(dir.path(), 1, Some(orig), data.len() as u64).unwrap();
+        let at = 12 * MIB + 5;
+        let missing = s.missing_for_write(at..at + 4);
+        fetch_blocks(&store, &mut s, missing).await.unwrap();
+        s.write(at, b"EDIT").unwrap();
+        let gets_before = mem.count(Op::Get);
+        upload(&store, &mut s, "big", &WriteHeaders::default(), TUNING)
+            .await
+            .unwrap();
+        let (body, _) = mem.object("big").unwrap();
+        let mut want = data.clone();
+        want[at as usize..at as usize + 4].copy_from_slice(b"EDIT");
+        assert!(body == want, "uploaded bytes differ");
+        // Parts of 5 MiB: [0,5) [5,10) copied, [10,15) sent (needs 4 more blocks),
+        // [15,20) [20,23) copied.
+        assert_eq!(mem.count(Op::Get) - gets_before, 4);
+        assert_eq!(mem.pending_uploads(), 0);
+        assert_eq!(BLOCK_SIZE, MIB);
+    }
+
+    #[tokio::test]
+    async fn a_failed_part_aborts_the_upload_and_keeps_the_staging() {
+        let mem = Arc::new(MemStore::new());
+        let store: Arc<dyn ObjectStore> = mem.clone();
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Staging::create(dir.path(), 1, None, 0).unwrap();
+        s.write(0, &vec![9u8; (12 * MIB) as usize]).unwrap();
+        mem.fail_next(Op::UploadPart, 1);
+        let err = upload(&store, &mut s, "g", &WriteHeaders::default(), TUNING).await;
+        assert!(err.is_err());
+        assert!(mem.object("g").is_none());
+        assert_eq!(mem.pending_uploads(), 0, "the failed upload was aborted");
+        upload(&store, &mut s, "g", &WriteHeaders::default(), TUNING)
+            .await
+            .unwrap();
+        assert_eq!(mem.object("g").unwrap().0.len() as u64, 12 * MIB);
+        assert_eq!(s.read(0, 4).unwrap(), vec![9u8; 4]);
+    }
+}

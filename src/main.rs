@@ -1,0 +1,545 @@
+//! The `s3bridge` command: mount and unmount.
+
+use std::fs::OpenOptions;
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use tracing::{error, info, warn};
+use tracing_subscriber::EnvFilter;
+
+use s3bridge::config::{Config, MetadataTtl, parse_source};
+use s3bridge::fs::Fs;
+use s3bridge::store::StoreError;
+use s3bridge::store::s3::{S3Options, S3Store};
+
+/// Environment variable through which a daemonizing parent hands its child the write end of
+/// the readiness pipe.
+const READY_FD_ENV: &str = "S3BRIDGE_READY_FD";
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "s3bridge",
+    version,
+    about = "Mount an S3 bucket as a POSIX directory",
+    long_about = "Mount an S3 bucket (or a prefix of one) as an ordinary directory. Every file \
+                  stays a plain S3 object that other S3 clients read and write."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Commands,
+}
+
+#[derive(Subcommand, Debug)]
+enum Commands {
+    /// Mount BUCKET[:PREFIX] at MOUNTPOINT.
+    Mount(MountArgs),
+    /// Unmount a mounted s3bridge; uploads finish first.
+    Unmount {
+        /// The mount point.
+        mountpoint: PathBuf,
+    },
+}
+
+fn parse_octal(s: &str) -> Result<u32, String> {
+    u32::from_str_radix(s.trim_start_matches("0o"), 8)
+        .ok()
+        .filter(|m| *m <= 0o7777)
+        .ok_or_else(|| format!("'{s}' is not an octal mode like 0644"))
+}
+
+fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (num, mult) = match s.char_indices().find(|(_, c)| c.is_ascii_alphabetic()) {
+        Some((i, _)) => {
+            let mult = match s[i..].to_ascii_lowercase().as_str() {
+                "k" | "kib" | "kb" => 1 << 10,
+                "m" | "mib" | "mb" => 1 << 20,
+                "g" | "gib" | "gb" => 1 << 30,
+                other => return Err(format!("unknown size unit '{other}' (use K, M or G)")),
+            };
+            (&s[..i], mult)
+        }
+        None => (s, 1),
+    };
+    num.trim()
+        .parse::<u64>()
+        .map(|n| n * mult)
+        .map_err(|_| format!("'{s}' is not a size like 8M"))
+}
+
+#[derive(Args, Debug)]
+struct MountArgs {
+    /// Bucket, optionally with a key prefix: `mybucket` or `mybucket:some/dir/`.
+    source: String,
+    /// Existing empty directory to mount on.
+    mountpoint: PathBuf,
+    /// S3 endpoint for S3-compatible servers (MinIO, Garage, Ceph, R2, B2), e.g.
+    /// http://127.0.0.1:3900. Without it, AWS.
+    #[arg(long, env = "AWS_ENDPOINT_URL")]
+    endpoint_url: Option<String>,
+    /// Region (default: from the AWS configuration, else us-east-1).
+    #[arg(long)]
+    region: Option<String>,
+    /// Path-style addressing; on by default with --endpoint-url, off for AWS.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+    force_path_style: Option<bool>,
+    /// Directory for the inode database and staged writes (default: a per-mount directory
+    /// under /var/cache/s3bridge as root, ~/.cache/s3bridge otherwise).
+    #[arg(long)]
+    cache_dir: Option<PathBuf>,
+    /// Owner of objects that carry no uid header (default: the mounting user).
+    #[arg(long)]
+    uid: Option<u32>,
+    /// Group of objects that carry no gid header (default: the mounting user's group).
+    #[arg(long)]
+    gid: Option<u32>,
+    /// Permissions of files that carry no mode header.
+    #[arg(long, value_parser = parse_octal, default_value = "0644")]
+    file_mode: u32,
+    /// Permissions of directories that carry no mode header, and of the mount's root.
+    #[arg(long, value_parser = parse_octal, default_value = "0755")]
+    dir_mode: u32,
+    /// Let users other than the mounting one use the mount (the kernel then enforces modes).
+    #[arg(long)]
+    allow_other: bool,
+    /// Mount read-only.
+    #[arg(long)]
+    read_only: bool,
+    /// Seconds that listings and attributes are trusted before being checked against the
+    /// bucket, or `forever` for a bucket only this mount writes.
+    #[arg(long, default_value = "5")]
+    metadata_ttl: MetadataTtl,
+    /// Stay in the foreground (otherwise s3bridge returns once the mount is ready).
+    #[arg(short, long)]
+    foreground: bool,
+    /// Log level: error, warn, info, debug or trace (RUST_LOG overrides).
+    #[arg(long, default_value = "info")]
+    log_level: String,
+    /// Log file when running in the background (default: s3bridge.log in the cache dir).
+    #[arg(long)]
+    log_file: Option<PathBuf>,
+    /// Files larger than this are uploaded in parts.
+    #[arg(long, value_parser = parse_size, default_value = "16M")]
+    multipart_threshold: u64,
+    /// Smallest part size of multipart uploads (grows with the file up to S3's limits).
+    #[arg(long, value_parser = parse_size, default_value = "8M")]
+    part_size: u64,
+    /// Parts of one upload sent at once.
+    #[arg(long, default_value = "8")]
+    upload_concurrency: usize,
+    /// Largest read-ahead window of a sequential reader.
+    #[arg(long, value_parser = parse_size, default_value = "64M")]
+    read_ahead: u64,
+    /// Attempts per S3 request before an error is returned.
+    #[arg(long, default_value = "5")]
+    max_attempts: u32,
+    /// Seconds allowed for one attempt of one S3 request.
+    #[arg(long, default_value = "60")]
+    request_timeout: u64,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Commands::Mount(args) => match mount(args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(msg) => {
+                eprintln!("s3bridge: {msg}");
+                ExitCode::FAILURE
+            }
+        },
+        Commands::Unmount { mountpoint } => match unmount(&mountpoint) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(msg) => {
+                eprintln!("s3bridge: {msg}");
+                ExitCode::FAILURE
+            }
+        },
+    }
+}
+
+fn default_cache_dir(cfg: &Config) -> PathBuf {
+    let id = blake3::hash(
+        format!(
+            "{}\n{}\n{}",
+            cfg.endpoint_url.as_deref().unwrap_or("aws"),
+            cfg.bucket,
+            cfg.prefix
+        )
+        .as_bytes(),
+    )
+    .to_hex();
+    let name = format!("{}-{}", cfg.bucket, &id[..16]);
+    // SAFETY: geteuid cannot fail.
+    if unsafe { libc::geteuid() } == 0 {
+        return PathBuf::from("/var/cache/s3bridge").join(name);
+    }
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .unwrap_or_else(|| PathBuf::from("/tmp"));
+    base.join("s3bridge").join(name)
+}
+
+fn build_config(args: &MountArgs) -> Result<Config, String> {
+    let (bucket, prefix) = parse_source(&args.source)?;
+    let mut cfg = Config {
+        bucket,
+        prefix,
+        endpoint_url: args.endpoint_url.clone().filter(|e| !e.is_empty()),
+        region: args.region.clone(),
+        file_mode: args.file_mode,
+        dir_mode: args.dir_mode,
+        allow_other: args.allow_other,
+        read_only: args.read_only,
+        metadata_ttl: args.metadata_ttl,
+        multipart_threshold: args.multipart_threshold,
+        part_size: args.part_size,
+        upload_concurrency: args.upload_concurrency.max(1),
+        read_ahead_max: args.read_ahead,
+        max_attempts: args.max_attempts.max(1),
+        request_timeout: Duration::from_secs(args.request_timeout.max(1)),
+        ..Config::default()
+    };
+    cfg.force_path_style = args
+        .force_path_style
+        .unwrap_or(cfg.endpoint_url.is_some());
+    if let Some(uid) = args.uid {
+        cfg.uid = uid;
+    }
+    if let Some(gid) = args.gid {
+        cfg.gid = gid;
+    }
+    cfg.cache_dir = match &args.cache_dir {
+        Some(d) => d.clone(),
+        None => default_cache_dir(&cfg),
+    };
+    Ok(cfg)
+}
+
+/// Fails unless `mountpoint` is an existing directory that nothing is mounted on.
+fn check_mountpoint(mountpoint: &Path) -> Result<PathBuf, String> {
+    let meta = std::fs::metadata(mountpoint).map_err(|e| {
+        format!(
+            "mount point {}: {e}; create it first (mkdir -p {})",
+            mountpoint.display(),
+            mountpoint.display()
+        )
+    })?;
+    if !meta.is_dir() {
+        return Err(format!("mount point {} is not a directory", mountpoint.display()));
+    }
+    let canonical = mountpoint
+        .canonicalize()
+        .map_err(|e| format!("mount point {}: {e}", mountpoint.display()))?;
+    if is_mount_point(&canonical) {
+        return Err(format!(
+            "{} is already a mount point; unmount it first (s3bridge unmount {})",
+            canonical.display(),
+            canonical.display()
+        ));
+    }
+    Ok(canonical)
+}
+
+/// Whether `path` is a mount point in /proc/self/mountinfo.
+fn is_mount_point(path: &Path) -> bool {
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return false;
+    };
+    let want = path.to_string_lossy();
+    info.lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .any(|m| unescape_mountinfo(m) == want)
+}
+
+fn unescape_mountinfo(s: &str) -> String {
+    let mut out = Vec::with_capacity(s.len());
+    let b = s.as_bytes();
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\' && i + 4 <= b.len() {
+            if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 4], 8) {
+                out.push(v);
+                i += 4;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn init_logging(level: &str, file: Option<&Path>) -> Result<(), String> {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        EnvFilter::new(format!("warn,s3bridge={level},fuser=warn"))
+    });
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    match file {
+        Some(path) => {
+            let f = OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .map_err(|e| format!("log file {}: {e}", path.display()))?;
+            builder
+                .with_ansi(false)
+                .with_writer(Arc::new(f))
+                .init();
+        }
+        None => builder.with_writer(std::io::stderr).init(),
+    }
+    Ok(())
+}
+
+/// Explains a failed access check in one line, with what to do about it.
+fn explain_preflight(cfg: &Config, err: StoreError) -> String {
+    let endpoint = cfg.endpoint_url.as_deref().unwrap_or("AWS S3");
+    match err {
+        StoreError::NoSuchBucket(_) => format!(
+            "bucket '{}' does not exist at {endpoint}; create it or check the name",
+            cfg.bucket
+        ),
+        StoreError::AccessDenied(msg) => format!(
+            "{endpoint} refused access to bucket '{}': {msg}; check the credentials \
+             (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE) and the bucket policy",
+            cfg.bucket
+        ),
+        StoreError::Unavailable(msg) => format!(
+            "cannot reach {endpoint}: {msg}; check --endpoint-url and that the server is up"
+        ),
+        other => format!("cannot use bucket '{}' at {endpoint}: {other}", cfg.bucket),
+    }
+}
+
+fn s3_options(cfg: &Config) -> S3Options {
+    S3Options {
+        bucket: cfg.bucket.clone(),
+        endpoint_url: cfg.endpoint_url.clone(),
+        region: cfg.region.clone(),
+        force_path_style: cfg.force_path_style,
+        max_attempts: cfg.max_attempts,
+        connect_timeout: cfg.connect_timeout,
+        attempt_timeout: cfg.request_timeout,
+    }
+}
+
+fn mount(args: MountArgs) -> Result<(), String> {
+    let cfg = build_config(&args)?;
+    let mountpoint = check_mountpoint(&args.mountpoint)?;
+    let ready_fd = std::env::var(READY_FD_ENV)
+        .ok()
+        .and_then(|v| v.parse::<i32>().ok());
+    if !args.foreground && ready_fd.is_none() {
+        return daemonize();
+    }
+    // SAFETY: the fd was created for us by the parent and is ours alone.
+    let mut ready = ready_fd.map(|fd| std::fs::File::from(unsafe { OwnedFd::from_raw_fd(fd) }));
+    let result = serve(&args, cfg, &mountpoint, &mut ready);
+    if let (Err(msg), Some(pipe)) = (&result, ready.as_mut()) {
+        let _ = writeln!(pipe, "{msg}");
+    }
+    result
+}
+
+/// Runs the mount until it is unmounted. `ready` is told "ok" once requests are served.
+fn serve(
+    args: &MountArgs,
+    cfg: Config,
+    mountpoint: &Path,
+    ready: &mut Option<std::fs::File>,
+) -> Result<(), String> {
+    std::fs::create_dir_all(&cfg.cache_dir)
+        .map_err(|e| format!("cache directory {}: {e}", cfg.cache_dir.display()))?;
+    let log_file = match (&args.log_file, ready.is_some()) {
+        (Some(f), _) => Some(f.clone()),
+        (None, true) => Some(cfg.cache_dir.join("s3bridge.log")),
+        (None, false) => None,
+    };
+    init_logging(&args.log_level, log_file.as_deref())?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(std::thread::available_parallelism().map_or(4, |n| n.get().max(4)))
+        .enable_all()
+        .thread_name("s3bridge")
+        .build()
+        .map_err(|e| format!("cannot start the runtime: {e}"))?;
+    let preflight_opts = S3Options {
+        max_attempts: 2,
+        connect_timeout: Duration::from_secs(3),
+        attempt_timeout: Duration::from_secs(10),
+        ..s3_options(&cfg)
+    };
+    rt.block_on(async {
+        let probe = S3Store::connect(&preflight_opts).await;
+        s3bridge::store::ObjectStore::list(&probe, &cfg.prefix, Some("/"), None, Some(1))
+            .await
+            .map_err(|e| explain_preflight(&cfg, e))
+    })?;
+    let store = rt.block_on(S3Store::connect(&s3_options(&cfg)));
+    let fs = Arc::new(Fs::new(cfg.clone(), Arc::new(store)).map_err(|e| e.to_string())?);
+    fs.recover_pending().map_err(|e| e.to_string())?;
+    rt.spawn(Fs::run_background(Arc::downgrade(&fs)));
+    let mut session = s3bridge::fuse::mount(fs.clone(), rt.handle().clone(), mountpoint)
+        .map_err(|e| {
+            format!(
+                "cannot mount at {}: {e} (is fuse3 installed and /dev/fuse usable by this user?)",
+                mountpoint.display()
+            )
+        })?;
+    let mut unmounter = session.unmount_callable();
+    let target = mountpoint.to_path_buf();
+    rt.spawn(async move {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("signal handler");
+        loop {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+            info!("signal received: unmounting {}", target.display());
+            match unmounter.unmount() {
+                Ok(()) => return,
+                Err(e) => warn!("cannot unmount {} yet (in use?): {e}", target.display()),
+            }
+        }
+    });
+    info!(
+        bucket = cfg.bucket,
+        prefix = cfg.prefix,
+        mountpoint = %mountpoint.display(),
+        "mounted"
+    );
+    if let Some(pipe) = ready.as_mut() {
+        let _ = writeln!(pipe, "ok");
+    }
+    *ready = None;
+    let result = session.run();
+    drop(fs);
+    rt.shutdown_timeout(Duration::from_secs(5));
+    match result {
+        Ok(()) => {
+            info!("unmounted");
+            Ok(())
+        }
+        Err(e) => {
+            error!("FUSE session ended: {e}");
+            Err(format!("FUSE session ended: {e}"))
+        }
+    }
+}
+
+/// Starts this same command in the background and returns once the mount is ready, or with
+/// the child's error line.
+fn daemonize() -> Result<(), String> {
+    let mut fds = [0i32; 2];
+    // SAFETY: pipe2 fills two fds we then own.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(format!("pipe: {}", std::io::Error::last_os_error()));
+    }
+    // SAFETY: both fds were just created.
+    let (read_end, write_end) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    let exe = std::env::current_exe().map_err(|e| format!("cannot find own executable: {e}"))?;
+    let child_fd = write_end.as_raw_fd();
+    let mut cmd = Command::new(exe);
+    cmd.args(std::env::args_os().skip(1))
+        .env(READY_FD_ENV, child_fd.to_string())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    // SAFETY: only async-signal-safe calls between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            libc::setsid();
+            // Keep the write end open across exec.
+            let flags = libc::fcntl(child_fd, libc::F_GETFD);
+            libc::fcntl(child_fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC);
+            Ok(())
+        });
+    }
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| format!("cannot start the background process: {e}"))?;
+    drop(write_end);
+    let mut answer = String::new();
+    let _ = std::fs::File::from(read_end).read_to_string(&mut answer);
+    let first = answer.lines().next().unwrap_or("").trim().to_string();
+    if first == "ok" {
+        return Ok(());
+    }
+    let _ = child.wait();
+    if first.is_empty() {
+        Err("the background process exited before the mount was ready (see its log in the cache directory)".into())
+    } else {
+        Err(first)
+    }
+}
+
+fn unmount(mountpoint: &Path) -> Result<(), String> {
+    let canonical = mountpoint
+        .canonicalize()
+        .map_err(|e| format!("{}: {e}", mountpoint.display()))?;
+    if !is_mount_point(&canonical) {
+        return Err(format!("{} is not mounted", canonical.display()));
+    }
+    // SAFETY: geteuid cannot fail.
+    let status = if unsafe { libc::geteuid() } == 0 {
+        let c = std::ffi::CString::new(canonical.as_os_str().as_encoded_bytes())
+            .map_err(|_| "mount point contains a NUL byte".to_string())?;
+        // SAFETY: a valid C string.
+        if unsafe { libc::umount(c.as_ptr()) } == 0 {
+            Ok(())
+        } else {
+            Err(std::io::Error::last_os_error())
+        }
+    } else {
+        Command::new("fusermount3")
+            .arg("-u")
+            .arg(&canonical)
+            .status()
+            .map_err(|e| std::io::Error::other(format!("fusermount3: {e}")))
+            .and_then(|s| {
+                if s.success() {
+                    Ok(())
+                } else {
+                    Err(std::io::Error::other("fusermount3 -u failed"))
+                }
+            })
+    };
+    status.map_err(|e| match e.raw_os_error() {
+        Some(libc::EBUSY) => format!(
+            "{} is busy: a process still uses it (see `fuser -vm {}`)",
+            canonical.display(),
+            canonical.display()
+        ),
+        _ => format!("cannot unmount {}: {e}", canonical.display()),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_and_modes_parse() {
+        assert_eq!(parse_size("8M"), Ok(8 << 20));
+        assert_eq!(parse_size("512"), Ok(512));
+        assert_eq!(parse_size("1GiB"), Ok(1 << 30));
+        assert!(parse_size("1X").is_err());
+        assert_eq!(parse_octal("0770"), Ok(0o770));
+        assert_eq!(parse_octal("755"), Ok(0o755));
+        assert!(parse_octal("9").is_err());
+    }
+
+    #[test]
+    fn mountinfo_escapes_are_decoded() {
+        assert_eq!(unescape_mountinfo("/mnt/a\\040b"), "/mnt/a b");
+        assert_eq!(unescape_mountinfo("/plain"), "/plain");
+    }
+}

@@ -1,0 +1,690 @@
+//! Inode and directory-entry operations on the SQLite table.
+//!
+//! One connection behind a mutex: every statement here is short (an indexed lookup or a
+//! single-row update, microseconds), and the big writes — applying a listing of up to 1,000
+//! entries per page — run in one transaction. No S3 request is ever made with the lock held.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::sync::Mutex;
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use rusqlite::{Connection, OptionalExtension, Row, params};
+
+use super::{Inode, Kind, MetaResult, ROOT_INO, Timestamp, schema};
+
+/// Owner and permissions for entries whose object carries no POSIX headers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EntryDefaults {
+    /// Owner.
+    pub uid: u32,
+    /// Group.
+    pub gid: u32,
+    /// Permissions of files.
+    pub file_perm: u32,
+    /// Permissions of directories.
+    pub dir_perm: u32,
+}
+
+/// A file seen in a listing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListedFile {
+    /// Name in the directory.
+    pub name: String,
+    /// Size.
+    pub size: u64,
+    /// ETag.
+    pub etag: String,
+    /// Last-Modified.
+    pub last_modified: Timestamp,
+}
+
+/// The complete listing of one directory.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Listing {
+    /// Files (objects directly under the directory's prefix).
+    pub files: Vec<ListedFile>,
+    /// Subdirectories (common prefixes).
+    pub dirs: Vec<String>,
+    /// ETag of the directory's own marker object, if the listing showed one.
+    pub marker_etag: Option<String>,
+    /// When the listing started ([`super::now_ns`]): rows changed after that are newer than
+    /// the listing and are left alone.
+    pub started_at: i64,
+}
+
+/// Persistent bookkeeping of a staging file (see `cache::staging`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StagingRecord {
+    /// Key of the object the staged contents started from.
+    pub orig_key: Option<String>,
+    /// Its ETag.
+    pub orig_etag: Option<String>,
+    /// How many leading bytes of that object still belong to the file.
+    pub orig_len: u64,
+    /// Block size of the presence bitmap.
+    pub block_size: u64,
+    /// Presence bitmap, one bit per block, little-endian within bytes.
+    pub present: Vec<u8>,
+}
+
+/// The inode table of one mount.
+#[derive(Debug)]
+pub struct InodeTable {
+    conn: Mutex<Connection>,
+}
+
+const COLUMNS: &str = "ino, parent, name, kind, perm, uid, gid, size, rdev, atime_s, atime_ns, \
+     mtime_s, mtime_ns, ctime_s, ctime_ns, etag, headers_known, symlink_target, xattrs, dirty, \
+     validated_at, listed_at";
+
+fn encode_xattrs(x: &BTreeMap<String, Vec<u8>>) -> Option<String> {
+    if x.is_empty() {
+        return None;
+    }
+    let map: serde_json::Map<String, serde_json::Value> = x
+        .iter()
+        .map(|(k, v)| (k.clone(), serde_json::Value::String(BASE64.encode(v))))
+        .collect();
+    Some(serde_json::Value::Object(map).to_string())
+}
+
+fn decode_xattrs(text: Option<String>) -> BTreeMap<String, Vec<u8>> {
+    let Some(text) = text else {
+        return BTreeMap::new();
+    };
+    let Ok(serde_json::Value::Object(map)) = serde_json::from_str(&text) else {
+        return BTreeMap::new();
+    };
+    map.into_iter()
+        .filter_map(|(k, v)| Some((k, BASE64.decode(v.as_str()?).ok()?)))
+        .collect()
+}
+
+fn from_row(r: &Row<'_>) -> rusqlite::Result<Inode> {
+    let ts = |s: usize| -> rusqlite::Result<Timestamp> {
+        Ok(Timestamp {
+            sec: r.get(s)?,
+            nsec: r.get(s + 1)?,
+        })
+    };
+    let kind_bits: u32 = r.get(3)?;
+    Ok(Inode {
+        ino: r.get(0)?,
+        parent: r.get(1)?,
+        name: r.get(2)?,
+        kind: Kind::from_mode(kind_bits).unwrap_or(Kind::File),
+        perm: r.get(4)?,
+        uid: r.get(5)?,
+        gid: r.get(6)?,
+        size: r.get::<_, i64>(7)? as u64,
+        rdev: r.get(8)?,
+        atime: ts(9)?,
+        mtime: ts(11)?,
+        ctime: ts(13)?,
+        etag: r.get(15)?,
+        headers_known: r.get(16)?,
+        symlink_target: r.get(17)?,
+        xattrs: decode_xattrs(r.get(18)?),
+        dirty: r.get(19)?,
+        validated_at: r.get(20)?,
+        listed_at: r.get(21)?,
+    })
+}
+
+impl InodeTable {
+    /// Opens (creating if needed) the database at `path`. The root row takes `root`'s
+    /// attributes (they come from the mount options), and entries left unlinked by a previous
+    /// run are dropped: no kernel holds them any more.
+    pub fn open(path: &Path, root: &Inode) -> MetaResult<Self> {
+        Self::with_connection(Connection::open(path)?, root)
+    }
+
+    /// An in-memory table, for tests.
+    pub fn open_in_memory(root: &Inode) -> MetaResult<Self> {
+        Self::with_connection(Connection::open_in_memory()?, root)
+    }
+
+    fn with_connection(conn: Connection, root: &Inode) -> MetaResult<Self> {
+        schema::prepare(&conn)?;
+        let table = InodeTable {
+            conn: Mutex::new(conn),
+        };
+        {
+            let conn = table.conn.lock().unwrap();
+            let exists: bool = conn
+                .query_row("SELECT 1 FROM inodes WHERE ino = ?1", [ROOT_INO], |_| {
+                    Ok(true)
+                })
+                .optional()?
+                .unwrap_or(false);
+            if !exists {
+                insert_row(&conn, Some(ROOT_INO), root)?;
+            }
+            let mut root_row = root.clone();
+            root_row.ino = ROOT_INO;
+            root_row.parent = None;
+            root_row.name = String::new();
+            if exists {
+                // Keep the listing timestamps of a previous run; take the new attributes.
+                let old = conn.query_row(
+                    &format!("SELECT {COLUMNS} FROM inodes WHERE ino = ?1"),
+                    [ROOT_INO],
+                    from_row,
+                )?;
+                root_row.listed_at = old.listed_at;
+                root_row.validated_at = old.validated_at;
+            }
+            update_row(&conn, &root_row)?;
+            purge_unreachable(&conn)?;
+        }
+        Ok(table)
+    }
+
+    /// The entry with inode number `ino`.
+    pub fn get(&self, ino: u64) -> MetaResult<Option<Inode>> {
+        let conn = self.conn.lock().unwrap();
+        let mut stmt = conn.prepare_cached(&format!("SELECT {COLUMNS} FROM inodes WHERE ino = ?1"))?;
+        Ok(stmt.query_row([ino], from_row).optional()?)
+    }
+
+    /// The entry `name` in directory `parent`.
+    pub fn child(&self, parent: u64, name: &str) -> MetaResult<Option<Inode>> {
+        let conn = self.conn.lock().unwrap();
+        let mut stmt = conn.prepare_cached(&format!(
+            "SELECT {COLUMNS} FROM inodes WHERE parent = ?1 AND name = ?2"
+        ))?;
+        Ok(stmt.query_row(params![parent, name], from_row).optional()?)
+    }
+
+    /// All entries of directory `parent`, sorted by name.
+    pub fn children(&self, parent: u64) -> MetaResult<Vec<Inode>> {
+        let conn = self.conn.lock().unwrap();
+        let mut stmt = conn.prepare_cached(&format!(
+            "SELECT {COLUMNS} FROM inodes WHERE parent = ?1 ORDER BY name"
+        ))?;
+        let rows = stmt.query_map([parent], from_row)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Whether directory `parent` has any entry.
+    pub fn has_children(&self, parent: u64) -> MetaResult<bool> {
+        let conn = self.conn.lock().unwrap();
+        let mut stmt = conn.prepare_cached("SELECT 1 FROM inodes WHERE parent = ?1 LIMIT 1")?;
+        Ok(stmt.exists([parent])?)
+    }
+
+    /// Number of subdirectories of `parent` (for `st_nlink`).
+    pub fn subdir_count(&self, parent: u64) -> MetaResult<u64> {
+        let conn = self.conn.lock().unwrap();
+        let mut stmt =
+            conn.prepare_cached("SELECT COUNT(*) FROM inodes WHERE parent = ?1 AND kind = ?2")?;
+        let n: i64 = stmt.query_row(params![parent, libc::S_IFDIR], |r| r.get(0))?;
+        Ok(n as u64)
+    }
+
+    /// Inserts a new entry and sets `inode.ino` to its new, never reused, number.
+    pub fn insert(&self, inode: &mut Inode) -> MetaResult<()> {
+        let conn = self.conn.lock().unwrap();
+        inode.ino = insert_row(&conn, None, inode)?;
+        Ok(())
+    }
+
+    /// Writes every attribute of `inode` back.
+    pub fn save(&self, inode: &Inode) -> MetaResult<()> {
+        let conn = self.conn.lock().unwrap();
+        update_row(&conn, inode)
+    }
+
+    /// Moves an entry to `new_parent` under `new_name`.
+    pub fn rename(&self, ino: u64, new_parent: u64, new_name: &str) -> MetaResult<()> {
+        let conn = self.conn.lock().unwrap();
+        conn.execute(
+            "UPDATE inodes SET parent = ?2, name = ?3 WHERE ino = ?1",
+            params![ino, new_parent, new_name],
+        )?;
+        Ok(())
+    }
+
+    /// Detaches an entry from its directory; the row lives on until [`Self::forget`].
+    pub fn unlink(&self, ino: u64) -> MetaResult<()> {
+        let conn = self.conn.lock().unwrap();
+        conn.execute(
+            "UPDATE inodes SET parent = NULL, name = '#' || ino WHERE ino = ?1",
+            [ino],
+        )?;
+        Ok(())
+    }
+
+    /// Deletes an unlinked entry (and its staging record) once nothing holds it.
+    pub fn forget(&self, ino: u64) -> MetaResult<()> {
+        let conn = self.conn.lock().unwrap();
+        let n = conn.execute("DELETE FROM inodes WHERE ino = ?1 AND parent IS NULL", [ino])?;
+        if n > 0 {
+            conn.execute("DELETE FROM staging WHERE ino = ?1", [ino])?;
+        }
+        Ok(())
+    }
+
+    /// Names from the root down to `ino`; `None` if it is not reachable from the root.
+    pub fn path(&self, ino: u64) -> MetaResult<Option<Vec<String>>> {
+        let conn = self.conn.lock().unwrap();
+        let mut stmt = conn.prepare_cached("SELECT parent, name FROM inodes WHERE ino = ?1")?;
+        let mut names = Vec::new();
+        let mut cur = ino;
+        while cur != ROOT_INO {
+            let row: Option<(Option<u64>, String)> = stmt
+                .query_row([cur], |r| Ok((r.get(0)?, r.get(1)?)))
+                .optional()?;
+            match row {
+                Some((Some(parent), name)) if names.len() < 4096 => {
+                    names.push(name);
+                    cur = parent;
+                }
+                _ => return Ok(None),
+            }
+        }
+        names.reverse();
+        Ok(Some(names))
+    }
+
+    /// Inodes with local changes not yet in the bucket.
+    pub fn dirty_inodes(&self) -> MetaResult<Vec<u64>> {
+        let conn = self.conn.lock().unwrap();
+        let mut stmt = conn.prepare_cached("SELECT ino FROM inodes WHERE dirty = 1")?;
+        let rows = stmt.query_map([], |r| r.get(0))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Reconciles directory `dir` with a complete listing of its prefix, in one transaction.
+    ///
+    /// Rows with local changes, and rows changed after the listing started, are left alone.
+    /// A name that is both a file and a prefix becomes a directory (design.md §3).
+    pub fn apply_listing(
+        &self,
+        dir: u64,
+        listing: &Listing,
+        defaults: &EntryDefaults,
+    ) -> MetaResult<()> {
+        let mut conn = self.conn.lock().unwrap();
+        let tx = conn.transaction()?;
+        let mut existing: HashMap<String, Inode> = {
+            let mut stmt = tx.prepare_cached(&format!(
+                "SELECT {COLUMNS} FROM inodes WHERE parent = ?1"
+            ))?;
+            let rows = stmt.query_map([dir], from_row)?;
+            rows.map(|r| r.map(|i| (i.name.clone(), i)))
+                .collect::<Result<_, _>>()?
+        };
+        let started = listing.started_at;
+        let untouchable = |i: &Inode| i.dirty || i.validated_at > started;
+        let mut dir_names = std::collections::HashSet::new();
+        for name in &listing.dirs {
+            dir_names.insert(name.as_str());
+            match existing.remove(name) {
+                Some(mut row) if row.kind == Kind::Dir => {
+                    if !untouchable(&row) {
+                        row.validated_at = started;
+                        update_row(&tx, &row)?;
+                    }
+                }
+                Some(row) if untouchable(&row) => {}
+                old => {
+                    if let Some(row) = old {
+                        detach(&tx, row.ino)?;
+                    }
+                    let mut new = listed_dir(dir, name, defaults, started);
+                    insert_row(&tx, None, &mut new)?;
+                }
+            }
+        }
+        for file in &listing.files {
+            if dir_names.contains(file.name.as_str()) {
+                continue;
+            }
+            match existing.remove(&file.name) {
+                Some(row) if untouchable(&row) => {}
+                Some(mut row) if row.kind != Kind::Dir => {
+                    if row.etag.as_deref() != Some(file.etag.as_str()) {
+                        refresh_file(&mut row, file, defaults);
+                    }
+                    row.validated_at = started;
+                    update_row(&tx, &row)?;
+                }
+                old => {
+                    if let Some(row) = old {
+                        detach(&tx, row.ino)?;
+                    }
+                    let mut new = listed_file(dir, file, defaults, started);
+                    insert_row(&tx, None, &mut new)?;
+                }
+            }
+        }
+        for row in existing.values() {
+            if !untouchable(row) {
+                detach(&tx, row.ino)?;
+            }
+        }
+        let mut dir_row = tx.query_row(
+            &format!("SELECT {COLUMNS} FROM inodes WHERE ino = ?1"),
+            [dir],
+            from_row,
+        )?;
+        if dir != ROOT_INO && !untouchable(&dir_row) {
+            match &listing.marker_etag {
+                Some(etag) if dir_row.etag.as_ref() != Some(etag) => {
+                    dir_row.etag = Some(etag.clone());
+                    dir_row.headers_known = false;
+                }
+                Some(_) => {}
+                None => {
+                    dir_row.etag = None;
+                    dir_row.headers_known = true;
+                }
+            }
+        }
+        dir_row.listed_at = Some(started);
+        if !untouchable(&dir_row) {
+            dir_row.validated_at = started;
+        }
+        update_row(&tx, &dir_row)?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Stores the staging bookkeeping of `ino`.
+    pub fn save_staging(&self, ino: u64, rec: &StagingRecord) -> MetaResult<()> {
+        let conn = self.conn.lock().unwrap();
+        conn.execute(
+            "INSERT OR REPLACE INTO staging (ino, orig_key, orig_etag, orig_len, block_size, present)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![
+                ino,
+                rec.orig_key,
+                rec.orig_etag,
+                rec.orig_len as i64,
+                rec.block_size as i64,
+                rec.present
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// The staging bookkeeping of `ino`, if any.
+    pub fn load_staging(&self, ino: u64) -> MetaResult<Option<StagingRecord>> {
+        let conn = self.conn.lock().unwrap();
+        Ok(conn
+            .query_row(
+                "SELECT orig_key, orig_etag, orig_len, block_size, present FROM staging WHERE ino = ?1",
+                [ino],
+                |r| {
+                    Ok(StagingRecord {
+                        orig_key: r.get(0)?,
+                        orig_etag: r.get(1)?,
+                        orig_len: r.get::<_, i64>(2)? as u64,
+                        block_size: r.get::<_, i64>(3)? as u64,
+                        present: r.get(4)?,
+                    })
+                },
+            )
+            .optional()?)
+    }
+
+    /// Drops the staging bookkeeping of `ino`.
+    pub fn delete_staging(&self, ino: u64) -> MetaResult<()> {
+        let conn = self.conn.lock().unwrap();
+        conn.execute("DELETE FROM staging WHERE ino = ?1", [ino])?;
+        Ok(())
+    }
+}
+
+fn listed_dir(parent: u64, name: &str, d: &EntryDefaults, now: i64) -> Inode {
+    let t = Timestamp {
+        sec: now.div_euclid(1_000_000_000),
+        nsec: now.rem_euclid(1_000_000_000) as u32,
+    };
+    Inode {
+        ino: 0,
+        parent: Some(parent),
+        name: name.to_string(),
+        kind: Kind::Dir,
+        perm: d.dir_perm,
+        uid: d.uid,
+        gid: d.gid,
+        size: 0,
+        rdev: 0,
+        atime: t,
+        mtime: t,
+        ctime: t,
+        etag: None,
+        headers_known: false,
+        symlink_target: None,
+        xattrs: BTreeMap::new(),
+        dirty: false,
+        validated_at: now,
+        listed_at: None,
+    }
+}
+
+fn listed_file(parent: u64, f: &ListedFile, d: &EntryDefaults, now: i64) -> Inode {
+    let mut row = listed_dir(parent, &f.name, d, now);
+    row.kind = Kind::File;
+    refresh_file(&mut row, f, d);
+    row
+}
+
+/// Takes size, ETag and times from a listing; the POSIX headers must be read again.
+fn refresh_file(row: &mut Inode, f: &ListedFile, d: &EntryDefaults) {
+    row.kind = Kind::File;
+    row.size = f.size;
+    row.etag = Some(f.etag.clone());
+    row.perm = d.file_perm;
+    row.uid = d.uid;
+    row.gid = d.gid;
+    row.mtime = f.last_modified;
+    row.ctime = f.last_modified;
+    row.atime = f.last_modified;
+    row.headers_known = false;
+    row.symlink_target = None;
+    row.xattrs.clear();
+}
+
+fn detach(conn: &Connection, ino: u64) -> MetaResult<()> {
+    conn.execute(
+        "UPDATE inodes SET parent = NULL, name = '#' || ino WHERE ino = ?1",
+        [ino],
+    )?;
+    Ok(())
+}
+
+fn insert_row(conn: &Connection, ino: Option<u64>, i: &Inode) -> MetaResult<u64> {
+    let mut stmt = conn.prepare_cached(&format!(
+        "INSERT INTO inodes ({COLUMNS}) VALUES
+         (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22)"
+    ))?;
+    stmt.execute(params![
+        ino,
+        i.parent,
+        i.name,
+        i.kind.type_bits(),
+        i.perm,
+        i.uid,
+        i.gid,
+        i.size as i64,
+        i.rdev,
+        i.atime.sec,
+        i.atime.nsec,
+        i.mtime.sec,
+        i.mtime.nsec,
+        i.ctime.sec,
+        i.ctime.nsec,
+        i.etag,
+        i.headers_known,
+        i.symlink_target,
+        encode_xattrs(&i.xattrs),
+        i.dirty,
+        i.validated_at,
+        i.listed_at,
+    ])?;
+    Ok(conn.last_insert_rowid() as u64)
+}
+
+fn update_row(conn: &Connection, i: &Inode) -> MetaResult<()> {
+    let mut stmt = conn.prepare_cached(
+        "UPDATE inodes SET parent = ?2, name = ?3, kind = ?4, perm = ?5, uid = ?6, gid = ?7,
+             size = ?8, rdev = ?9, atime_s = ?10, atime_ns = ?11, mtime_s = ?12, mtime_ns = ?13,
+             ctime_s = ?14, ctime_ns = ?15, etag = ?16, headers_known = ?17, symlink_target = ?18,
+             xattrs = ?19, dirty = ?20, validated_at = ?21, listed_at = ?22
+         WHERE ino = ?1",
+    )?;
+    stmt.execute(params![
+        i.ino,
+        i.parent,
+        i.name,
+        i.kind.type_bits(),
+        i.perm,
+        i.uid,
+        i.gid,
+        i.size as i64,
+        i.rdev,
+        i.atime.sec,
+        i.atime.nsec,
+        i.mtime.sec,
+        i.mtime.nsec,
+        i.ctime.sec,
+        i.ctime.nsec,
+        i.etag,
+        i.headers_known,
+        i.symlink_target,
+        encode_xattrs(&i.xattrs),
+        i.dirty,
+        i.validated_at,
+        i.listed_at,
+    ])?;
+    Ok(())
+}
+
+/// Drops rows that no kernel can hold after a restart: unlinked rows and everything below
+/// them. Their staged data goes too: an unlinked file is never uploaded.
+fn purge_unreachable(conn: &Connection) -> MetaResult<()> {
+    conn.execute_batch(
+        "DELETE FROM inodes WHERE ino IN (
+             WITH RECURSIVE reachable(ino) AS (
+                 SELECT 1
+                 UNION ALL
+                 SELECT i.ino FROM inodes i JOIN reachable r ON i.parent = r.ino
+             )
+             SELECT ino FROM inodes WHERE ino NOT IN (SELECT ino FROM reachable)
+         );
+         DELETE FROM staging WHERE ino NOT IN (SELECT ino FROM inodes);",
+    )?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::meta::now_ns;
+
+    const DEFAULTS: EntryDefaults = EntryDefaults {
+        uid: 7,
+        gid: 8,
+        file_perm: 0o644,
+        dir_perm: 0o755,
+    };
+
+    fn root() -> Inode {
+        listed_dir(0, "", &DEFAULTS, now_ns())
+    }
+
+    fn file(name: &str, etag: &str) -> ListedFile {
+        ListedFile {
+            name: name.into(),
+            size: 3,
+            etag: etag.into(),
+            last_modified: Timestamp { sec: 100, nsec: 0 },
+        }
+    }
+
+    #[test]
+    fn listing_inserts_updates_and_removes_entries() {
+        let t = InodeTable::open_in_memory(&root()).unwrap();
+        let mut listing = Listing {
+            files: vec![file("a", "e1"), file("both", "e2")],
+            dirs: vec!["both".into(), "d".into()],
+            marker_etag: None,
+            started_at: now_ns(),
+        };
+        t.apply_listing(ROOT_INO, &listing, &DEFAULTS).unwrap();
+        let kids = t.children(ROOT_INO).unwrap();
+        let names: Vec<_> = kids.iter().map(|k| (k.name.as_str(), k.kind)).collect();
+        assert_eq!(names, [("a", Kind::File), ("both", Kind::Dir), ("d", Kind::Dir)]);
+        let a = t.child(ROOT_INO, "a").unwrap().unwrap();
+        assert_eq!((a.uid, a.perm, a.size), (7, 0o644, 3));
+
+        listing.files = vec![file("a", "e9")];
+        listing.dirs = vec!["d".into()];
+        listing.started_at = now_ns();
+        t.apply_listing(ROOT_INO, &listing, &DEFAULTS).unwrap();
+        let a2 = t.child(ROOT_INO, "a").unwrap().unwrap();
+        assert_eq!(a2.ino, a.ino, "inode numbers are stable");
+        assert_eq!(a2.etag.as_deref(), Some("e9"));
+        assert!(t.child(ROOT_INO, "both").unwrap().is_none());
+        assert!(t.get(ROOT_INO).unwrap().unwrap().listed_at.is_some());
+    }
+
+    #[test]
+    fn dirty_and_newer_rows_survive_an_older_listing() {
+        let t = InodeTable::open_in_memory(&root()).unwrap();
+        let started = now_ns();
+        let mut dirty = listed_file(ROOT_INO, &file("dirty", "x"), &DEFAULTS, started - 10);
+        dirty.dirty = true;
+        t.insert(&mut dirty).unwrap();
+        let mut newer = listed_file(ROOT_INO, &file("newer", "x"), &DEFAULTS, started + 10);
+        t.insert(&mut newer).unwrap();
+        let mut stale = listed_file(ROOT_INO, &file("stale", "x"), &DEFAULTS, started - 10);
+        t.insert(&mut stale).unwrap();
+        let listing = Listing {
+            started_at: started,
+            ..Default::default()
+        };
+        t.apply_listing(ROOT_INO, &listing, &DEFAULTS).unwrap();
+        let names: Vec<_> = t.children(ROOT_INO).unwrap().into_iter().map(|i| i.name).collect();
+        assert_eq!(names, ["dirty", "newer"]);
+    }
+
+    #[test]
+    fn inode_numbers_are_never_reused_and_paths_resolve() {
+        let t = InodeTable::open_in_memory(&root()).unwrap();
+        let mut d = listed_dir(ROOT_INO, "d", &DEFAULTS, now_ns());
+        t.insert(&mut d).unwrap();
+        let mut f = listed_file(d.ino, &file("f", "e"), &DEFAULTS, now_ns());
+        t.insert(&mut f).unwrap();
+        assert_eq!(t.path(f.ino).unwrap().unwrap(), ["d", "f"]);
+        t.unlink(f.ino).unwrap();
+        assert_eq!(t.path(f.ino).unwrap(), None);
+        t.forget(f.ino).unwrap();
+        let mut g = listed_file(d.ino, &file("f", "e"), &DEFAULTS, now_ns());
+        t.insert(&mut g).unwrap();
+        assert!(g.ino > f.ino);
+    }
+
+    #[test]
+    fn reopening_keeps_inodes_and_drops_unlinked_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("meta.db");
+        let (kept, dropped) = {
+            let t = InodeTable::open(&db, &root()).unwrap();
+            let mut a = listed_file(ROOT_INO, &file("a", "e"), &DEFAULTS, now_ns());
+            t.insert(&mut a).unwrap();
+            let mut b = listed_file(ROOT_INO, &file("b", "e"), &DEFAULTS, now_ns());
+            t.insert(&mut b).unwrap();
+            t.unlink(b.ino).unwrap();
+            (a.ino, b.ino)
+        };
+        let t = InodeTable::open(&db, &root()).unwrap();
+        assert_eq!(t.child(ROOT_INO, "a").unwrap().unwrap().ino, kept);
+        assert!(t.get(dropped).unwrap().is_none());
+    }
+}

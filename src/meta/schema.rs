@@ -1,0 +1,66 @@
+//! Tables, pragmas and migrations of the inode database.
+
+use rusqlite::Connection;
+
+use super::{MetaError, MetaResult};
+
+/// Schema version written by this build (`PRAGMA user_version`).
+const VERSION: i64 = 1;
+
+/// Sets the connection up and brings the schema to [`VERSION`].
+///
+/// WAL lets readers proceed while the writer commits; `synchronous = NORMAL` in WAL mode loses
+/// at most the last transactions on power loss, never consistency, and the inode table can
+/// always be rebuilt from the bucket. Dirty-data bookkeeping that must survive a crash is
+/// committed with an explicit checkpoint by its caller.
+pub(super) fn prepare(conn: &Connection) -> MetaResult<()> {
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(None, "synchronous", "NORMAL")?;
+    conn.pragma_update(None, "foreign_keys", "OFF")?;
+    conn.busy_timeout(std::time::Duration::from_secs(10))?;
+    let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    if version > VERSION {
+        return Err(MetaError::NewerSchema(version));
+    }
+    if version < 1 {
+        conn.execute_batch(
+            "BEGIN;
+             CREATE TABLE inodes (
+                 ino            INTEGER PRIMARY KEY AUTOINCREMENT,
+                 parent         INTEGER,          -- NULL once unlinked
+                 name           TEXT NOT NULL,
+                 kind           INTEGER NOT NULL, -- S_IFMT bits
+                 perm           INTEGER NOT NULL,
+                 uid            INTEGER NOT NULL,
+                 gid            INTEGER NOT NULL,
+                 size           INTEGER NOT NULL,
+                 rdev           INTEGER NOT NULL DEFAULT 0,
+                 atime_s        INTEGER NOT NULL,
+                 atime_ns       INTEGER NOT NULL,
+                 mtime_s        INTEGER NOT NULL,
+                 mtime_ns       INTEGER NOT NULL,
+                 ctime_s        INTEGER NOT NULL,
+                 ctime_ns       INTEGER NOT NULL,
+                 etag           TEXT,
+                 headers_known  INTEGER NOT NULL,
+                 symlink_target TEXT,
+                 xattrs         TEXT,             -- JSON: name -> base64 value
+                 dirty          INTEGER NOT NULL DEFAULT 0,
+                 validated_at   INTEGER NOT NULL,
+                 listed_at      INTEGER
+             );
+             CREATE UNIQUE INDEX inodes_by_name ON inodes(parent, name);
+             CREATE TABLE staging (
+                 ino        INTEGER PRIMARY KEY,
+                 orig_key   TEXT,
+                 orig_etag  TEXT,
+                 orig_len   INTEGER NOT NULL,
+                 block_size INTEGER NOT NULL,
+                 present    BLOB NOT NULL
+             );
+             PRAGMA user_version = 1;
+             COMMIT;",
+        )?;
+    }
+    Ok(())
+}

@@ -1,0 +1,460 @@
+//! In-memory [`ObjectStore`] for unit tests of `fs/`, with fault injection.
+//!
+//! It follows S3's observable rules that the filesystem relies on (keys sorted by byte,
+//! delimiter grouping, ETags changing on every write, multipart parts of at least 5 MiB,
+//! `If-Match`), and counts requests so tests can assert that, say, a listing costs no HEAD.
+//! It is never used instead of a real S3 server in the end-to-end tests.
+
+use std::collections::{BTreeMap, HashMap};
+use std::ops::Range;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::SystemTime;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+
+use super::{
+    CompletedPart, ListPage, ListedObject, MIN_PART_SIZE, ObjectInfo, ObjectStore, StoreError,
+    StoreResult, WriteHeaders,
+};
+
+/// Kinds of request, for fault injection and request counting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Op {
+    /// HeadObject.
+    Head,
+    /// GetObject.
+    Get,
+    /// PutObject.
+    Put,
+    /// CopyObject.
+    Copy,
+    /// CreateMultipartUpload, CompleteMultipartUpload, AbortMultipartUpload.
+    Multipart,
+    /// UploadPart and UploadPartCopy.
+    UploadPart,
+    /// DeleteObject(s).
+    Delete,
+    /// ListObjectsV2.
+    List,
+}
+
+#[derive(Debug, Clone)]
+struct MemObject {
+    data: Bytes,
+    etag: String,
+    last_modified: SystemTime,
+    headers: WriteHeaders,
+}
+
+#[derive(Debug, Default)]
+struct Upload {
+    key: String,
+    headers: WriteHeaders,
+    parts: BTreeMap<i32, (String, Bytes)>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    objects: BTreeMap<String, MemObject>,
+    uploads: HashMap<String, Upload>,
+    faults: HashMap<Op, u32>,
+    counts: HashMap<Op, u64>,
+}
+
+/// An object store held in memory.
+#[derive(Debug, Default)]
+pub struct MemStore {
+    state: Mutex<State>,
+    next_id: AtomicU64,
+}
+
+impl MemStore {
+    /// An empty store.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Makes the next `count` requests of kind `op` fail with [`StoreError::Unavailable`].
+    pub fn fail_next(&self, op: Op, count: u32) {
+        *self.state.lock().unwrap().faults.entry(op).or_default() += count;
+    }
+
+    /// How many requests of kind `op` were made (failed ones included).
+    pub fn count(&self, op: Op) -> u64 {
+        self.state
+            .lock()
+            .unwrap()
+            .counts
+            .get(&op)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// Stores an object directly, as another S3 client would.
+    pub fn insert(&self, key: &str, data: &[u8], headers: WriteHeaders) {
+        let etag = self.new_etag();
+        self.state.lock().unwrap().objects.insert(
+            key.to_string(),
+            MemObject {
+                data: Bytes::copy_from_slice(data),
+                etag,
+                last_modified: SystemTime::now(),
+                headers,
+            },
+        );
+    }
+
+    /// The body and headers of an object, if present.
+    pub fn object(&self, key: &str) -> Option<(Bytes, WriteHeaders)> {
+        let state = self.state.lock().unwrap();
+        state
+            .objects
+            .get(key)
+            .map(|o| (o.data.clone(), o.headers.clone()))
+    }
+
+    /// All keys, sorted.
+    pub fn keys(&self) -> Vec<String> {
+        self.state.lock().unwrap().objects.keys().cloned().collect()
+    }
+
+    /// Number of multipart uploads started and neither completed nor aborted.
+    pub fn pending_uploads(&self) -> usize {
+        self.state.lock().unwrap().uploads.len()
+    }
+
+    fn new_etag(&self) -> String {
+        format!("\"mem-{}\"", self.next_id.fetch_add(1, Ordering::Relaxed))
+    }
+
+    /// Counts a request and fails it if a fault is armed for its kind.
+    fn enter(&self, op: Op) -> StoreResult<std::sync::MutexGuard<'_, State>> {
+        let mut state = self.state.lock().unwrap();
+        *state.counts.entry(op).or_default() += 1;
+        if let Some(n) = state.faults.get_mut(&op)
+            && *n > 0
+        {
+            *n -= 1;
+            return Err(StoreError::Unavailable(format!("injected fault on {op:?}")));
+        }
+        Ok(state)
+    }
+}
+
+fn check_etag(obj: &MemObject, key: &str, if_match: Option<&str>) -> StoreResult<()> {
+    match if_match {
+        Some(etag) if etag != obj.etag => Err(StoreError::PreconditionFailed(key.to_string())),
+        _ => Ok(()),
+    }
+}
+
+fn clip(range: Range<u64>, len: usize) -> Range<usize> {
+    let len = len as u64;
+    let start = range.start.min(len) as usize;
+    let end = range.end.min(len).max(start as u64) as usize;
+    start..end
+}
+
+#[async_trait]
+impl ObjectStore for MemStore {
+    async fn head(&self, key: &str) -> StoreResult<ObjectInfo> {
+        let state = self.enter(Op::Head)?;
+        let obj = state
+            .objects
+            .get(key)
+            .ok_or_else(|| StoreError::NotFound(key.to_string()))?;
+        Ok(ObjectInfo {
+            key: key.to_string(),
+            size: obj.data.len() as u64,
+            etag: obj.etag.clone(),
+            last_modified: obj.last_modified,
+            content_type: obj.headers.content_type.clone(),
+            metadata: obj.headers.metadata.clone(),
+        })
+    }
+
+    async fn get_range(
+        &self,
+        key: &str,
+        range: Range<u64>,
+        if_match: Option<&str>,
+    ) -> StoreResult<Bytes> {
+        let state = self.enter(Op::Get)?;
+        let obj = state
+            .objects
+            .get(key)
+            .ok_or_else(|| StoreError::NotFound(key.to_string()))?;
+        check_etag(obj, key, if_match)?;
+        Ok(obj.data.slice(clip(range, obj.data.len())))
+    }
+
+    async fn put(&self, key: &str, body: Bytes, headers: &WriteHeaders) -> StoreResult<String> {
+        let etag = self.new_etag();
+        let mut state = self.enter(Op::Put)?;
+        state.objects.insert(
+            key.to_string(),
+            MemObject {
+                data: body,
+                etag: etag.clone(),
+                last_modified: SystemTime::now(),
+                headers: headers.clone(),
+            },
+        );
+        Ok(etag)
+    }
+
+    async fn copy(
+        &self,
+        src_key: &str,
+        dst_key: &str,
+        src_if_match: Option<&str>,
+        headers: &WriteHeaders,
+    ) -> StoreResult<String> {
+        let etag = self.new_etag();
+        let mut state = self.enter(Op::Copy)?;
+        let src = state
+            .objects
+            .get(src_key)
+            .ok_or_else(|| StoreError::NotFound(src_key.to_string()))?;
+        check_etag(src, src_key, src_if_match)?;
+        let copied = MemObject {
+            data: src.data.clone(),
+            etag: etag.clone(),
+            last_modified: SystemTime::now(),
+            headers: headers.clone(),
+        };
+        state.objects.insert(dst_key.to_string(), copied);
+        Ok(etag)
+    }
+
+    async fn create_multipart(&self, key: &str, headers: &WriteHeaders) -> StoreResult<String> {
+        let id = format!("upload-{}", self.next_id.fetch_add(1, Ordering::Relaxed));
+        let mut state = self.enter(Op::Multipart)?;
+        state.uploads.insert(
+            id.clone(),
+            Upload {
+                key: key.to_string(),
+                headers: headers.clone(),
+                parts: BTreeMap::new(),
+            },
+        );
+        Ok(id)
+    }
+
+    async fn upload_part(
+        &self,
+        key: &str,
+        upload_id: &str,
+        number: i32,
+        body: Bytes,
+    ) -> StoreResult<String> {
+        let etag = self.new_etag();
+        let mut state = self.enter(Op::UploadPart)?;
+        let upload = state
+            .uploads
+            .get_mut(upload_id)
+            .filter(|u| u.key == key)
+            .ok_or_else(|| StoreError::NotFound(format!("upload {upload_id}")))?;
+        upload.parts.insert(number, (etag.clone(), body));
+        Ok(etag)
+    }
+
+    async fn upload_part_copy(
+        &self,
+        key: &str,
+        upload_id: &str,
+        number: i32,
+        src_key: &str,
+        range: Range<u64>,
+        src_if_match: Option<&str>,
+    ) -> StoreResult<String> {
+        let etag = self.new_etag();
+        let mut state = self.enter(Op::UploadPart)?;
+        let src = state
+            .objects
+            .get(src_key)
+            .ok_or_else(|| StoreError::NotFound(src_key.to_string()))?;
+        check_etag(src, src_key, src_if_match)?;
+        if range.end > src.data.len() as u64 || range.start >= range.end {
+            return Err(StoreError::InvalidRange(src_key.to_string()));
+        }
+        let body = src.data.slice(range.start as usize..range.end as usize);
+        let upload = state
+            .uploads
+            .get_mut(upload_id)
+            .filter(|u| u.key == key)
+            .ok_or_else(|| StoreError::NotFound(format!("upload {upload_id}")))?;
+        upload.parts.insert(number, (etag.clone(), body));
+        Ok(etag)
+    }
+
+    async fn complete_multipart(
+        &self,
+        key: &str,
+        upload_id: &str,
+        parts: &[CompletedPart],
+    ) -> StoreResult<String> {
+        let etag = self.new_etag();
+        let mut state = self.enter(Op::Multipart)?;
+        let upload = state
+            .uploads
+            .remove(upload_id)
+            .filter(|u| u.key == key)
+            .ok_or_else(|| StoreError::NotFound(format!("upload {upload_id}")))?;
+        let mut data = Vec::new();
+        for (i, part) in parts.iter().enumerate() {
+            let (part_etag, body) = upload
+                .parts
+                .get(&part.number)
+                .ok_or_else(|| StoreError::Other(format!("part {} missing", part.number)))?;
+            if *part_etag != part.etag {
+                return Err(StoreError::Other(format!("part {} etag", part.number)));
+            }
+            if i + 1 < parts.len() && (body.len() as u64) < MIN_PART_SIZE {
+                return Err(StoreError::Other(format!("part {} too small", part.number)));
+            }
+            data.extend_from_slice(body);
+        }
+        state.objects.insert(
+            key.to_string(),
+            MemObject {
+                data: data.into(),
+                etag: etag.clone(),
+                last_modified: SystemTime::now(),
+                headers: upload.headers,
+            },
+        );
+        Ok(etag)
+    }
+
+    async fn abort_multipart(&self, _key: &str, upload_id: &str) -> StoreResult<()> {
+        let mut state = self.enter(Op::Multipart)?;
+        state.uploads.remove(upload_id);
+        Ok(())
+    }
+
+    async fn delete(&self, key: &str) -> StoreResult<()> {
+        let mut state = self.enter(Op::Delete)?;
+        state.objects.remove(key);
+        Ok(())
+    }
+
+    async fn delete_many(&self, keys: &[String]) -> StoreResult<()> {
+        let mut state = self.enter(Op::Delete)?;
+        for key in keys {
+            state.objects.remove(key);
+        }
+        Ok(())
+    }
+
+    async fn list(
+        &self,
+        prefix: &str,
+        delimiter: Option<&str>,
+        token: Option<&str>,
+        max_keys: Option<i32>,
+    ) -> StoreResult<ListPage> {
+        let state = self.enter(Op::List)?;
+        let max = max_keys.unwrap_or(1000).clamp(1, 1000) as usize;
+        let mut page = ListPage::default();
+        let mut count = 0;
+        // Entries (objects and common prefixes) come in key order; the token is the last
+        // entry returned, as an opaque string.
+        let start = token.unwrap_or("");
+        let mut last: Option<String> = None;
+        for (key, obj) in state.objects.range(prefix.to_string()..) {
+            if !key.starts_with(prefix) {
+                break;
+            }
+            let rest = &key[prefix.len()..];
+            let common = delimiter.and_then(|d| rest.find(d).map(|i| format!("{prefix}{}{d}", &rest[..i])));
+            let name = common.clone().unwrap_or_else(|| key.clone());
+            if name.as_str() <= start || last.as_ref() == Some(&name) {
+                continue;
+            }
+            if count == max {
+                page.next_token = last;
+                break;
+            }
+            count += 1;
+            last = Some(name);
+            match common {
+                Some(p) => page.prefixes.push(p),
+                None => page.objects.push(ListedObject {
+                    key: key.clone(),
+                    size: obj.data.len() as u64,
+                    etag: obj.etag.clone(),
+                    last_modified: obj.last_modified,
+                }),
+            }
+        }
+        Ok(page)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn list_all(store: &MemStore, prefix: &str, max: i32) -> (Vec<String>, Vec<String>) {
+        let (mut objects, mut prefixes, mut token) = (vec![], vec![], None::<String>);
+        loop {
+            let page = store
+                .list(prefix, Some("/"), token.as_deref(), Some(max))
+                .await
+                .unwrap();
+            objects.extend(page.objects.into_iter().map(|o| o.key));
+            prefixes.extend(page.prefixes);
+            match page.next_token {
+                Some(t) => token = Some(t),
+                None => return (objects, prefixes),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn listing_groups_by_delimiter_across_pages() {
+        let store = MemStore::new();
+        for key in ["a/1", "a/2", "a/b/x", "a/b/y", "a/c/", "a/d", "b"] {
+            store.insert(key, b"x", WriteHeaders::default());
+        }
+        for max in [1, 2, 1000] {
+            let (objects, prefixes) = list_all(&store, "a/", max).await;
+            assert_eq!(objects, ["a/1", "a/2", "a/d"], "max {max}");
+            assert_eq!(prefixes, ["a/b/", "a/c/"], "max {max}");
+        }
+    }
+
+    #[tokio::test]
+    async fn if_match_pins_reads() {
+        let store = MemStore::new();
+        store.insert("k", b"hello", WriteHeaders::default());
+        let etag = store.head("k").await.unwrap().etag;
+        let got = store.get_range("k", 1..3, Some(&etag)).await.unwrap();
+        assert_eq!(&got[..], b"el");
+        store.insert("k", b"world", WriteHeaders::default());
+        let err = store.get_range("k", 0..5, Some(&etag)).await.unwrap_err();
+        assert!(matches!(err, StoreError::PreconditionFailed(_)));
+    }
+
+    #[tokio::test]
+    async fn faults_fail_the_next_requests_only() {
+        let store = MemStore::new();
+        store.fail_next(Op::Put, 1);
+        assert!(
+            store
+                .put("k", Bytes::from_static(b"1"), &WriteHeaders::default())
+                .await
+                .is_err()
+        );
+        assert!(
+            store
+                .put("k", Bytes::from_static(b"1"), &WriteHeaders::default())
+                .await
+                .is_ok()
+        );
+        assert_eq!(store.count(Op::Put), 2);
+    }
+}

@@ -1,0 +1,503 @@
+//! [`ObjectStore`] on aws-sdk-s3: real AWS or any S3-compatible server.
+//!
+//! Retries and timeouts come from the SDK's standard retry mode (exponential backoff with
+//! jitter on 5xx, SlowDown, throttling, timeouts and connection resets), configured from
+//! [`S3Options`]. The one thing the SDK does not cover is a response body that stalls or breaks
+//! after the headers arrived, so GET bodies get their own timeout and retry here.
+
+use std::ops::Range;
+use std::time::{Duration, SystemTime};
+
+use async_trait::async_trait;
+use aws_sdk_s3::Client;
+use aws_sdk_s3::config::{
+    BehaviorVersion, Region, RequestChecksumCalculation, ResponseChecksumValidation,
+};
+use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
+use aws_sdk_s3::primitives::ByteStream;
+use aws_sdk_s3::types::{CompletedMultipartUpload, Delete, MetadataDirective, ObjectIdentifier};
+use aws_smithy_runtime_api::http::Response as HttpResponse;
+use aws_smithy_types::retry::RetryConfig;
+use aws_smithy_types::timeout::TimeoutConfig;
+use bytes::Bytes;
+use tracing::debug;
+
+use super::{
+    CompletedPart, ListPage, ListedObject, ObjectInfo, ObjectStore, StoreError, StoreResult,
+    WriteHeaders,
+};
+
+/// How to reach the bucket.
+#[derive(Debug, Clone)]
+pub struct S3Options {
+    /// Bucket name.
+    pub bucket: String,
+    /// Custom endpoint (MinIO, Garage, Ceph, R2, ...); `None` for AWS.
+    pub endpoint_url: Option<String>,
+    /// Region; `None` takes it from the AWS configuration chain, then `us-east-1`.
+    pub region: Option<String>,
+    /// Path-style addressing (`http://host/bucket/key`) instead of virtual-hosted style.
+    pub force_path_style: bool,
+    /// Attempts per request, the first included.
+    pub max_attempts: u32,
+    /// Time allowed to open a connection.
+    pub connect_timeout: Duration,
+    /// Time allowed for one attempt of one request, body transfer included.
+    pub attempt_timeout: Duration,
+}
+
+/// The aws-sdk-s3 object store.
+#[derive(Debug, Clone)]
+pub struct S3Store {
+    client: Client,
+    bucket: String,
+    attempt_timeout: Duration,
+    max_attempts: u32,
+}
+
+impl S3Store {
+    /// Builds a client from the standard AWS credential chain (environment, profile, web
+    /// identity, instance role) and the given options.
+    pub async fn connect(opts: &S3Options) -> Self {
+        let mut loader = aws_config::defaults(BehaviorVersion::latest());
+        if let Some(region) = &opts.region {
+            loader = loader.region(Region::new(region.clone()));
+        }
+        let shared = loader.load().await;
+        let region = shared
+            .region()
+            .cloned()
+            .unwrap_or_else(|| Region::new("us-east-1"));
+        let timeouts = TimeoutConfig::builder()
+            .connect_timeout(opts.connect_timeout)
+            .operation_attempt_timeout(opts.attempt_timeout)
+            .build();
+        let retry = RetryConfig::standard()
+            .with_max_attempts(opts.max_attempts.max(1))
+            .with_initial_backoff(Duration::from_millis(100))
+            .with_max_backoff(Duration::from_secs(10));
+        let mut builder = aws_sdk_s3::config::Builder::from(&shared)
+            .region(region)
+            .force_path_style(opts.force_path_style)
+            .timeout_config(timeouts)
+            .retry_config(retry)
+            // Checksums only where S3 requires them: S3-compatible servers (Garage among them)
+            // reject streamed uploads and multipart completions carrying the SDK's default
+            // CRC32 trailers, and AWS accepts both.
+            .request_checksum_calculation(RequestChecksumCalculation::WhenRequired)
+            .response_checksum_validation(ResponseChecksumValidation::WhenRequired);
+        if let Some(endpoint) = &opts.endpoint_url {
+            builder = builder.endpoint_url(endpoint);
+        }
+        S3Store {
+            client: Client::from_conf(builder.build()),
+            bucket: opts.bucket.clone(),
+            attempt_timeout: opts.attempt_timeout,
+            max_attempts: opts.max_attempts.max(1),
+        }
+    }
+
+    async fn get_once(
+        &self,
+        key: &str,
+        range: &Range<u64>,
+        if_match: Option<&str>,
+    ) -> StoreResult<Bytes> {
+        let header = format!("bytes={}-{}", range.start, range.end - 1);
+        let resp = self
+            .client
+            .get_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .range(header)
+            .set_if_match(if_match.map(str::to_string))
+            .send()
+            .await;
+        let resp = match resp {
+            Ok(resp) => resp,
+            // A range starting at or past the end of the object.
+            Err(e) if status_of(&e) == Some(416) => return Ok(Bytes::new()),
+            Err(e) => return Err(classify(e, key)),
+        };
+        let body = tokio::time::timeout(self.attempt_timeout, resp.body.collect())
+            .await
+            .map_err(|_| StoreError::Unavailable(format!("GET {key}: body timed out")))?
+            .map_err(|e| StoreError::Unavailable(format!("GET {key}: body: {e}")))?;
+        Ok(body.into_bytes())
+    }
+}
+
+fn status_of<E>(err: &SdkError<E, HttpResponse>) -> Option<u16> {
+    err.raw_response().map(|r| r.status().as_u16())
+}
+
+/// Maps an SDK error (after the SDK's own retries) onto [`StoreError`].
+fn classify<E>(err: SdkError<E, HttpResponse>, key: &str) -> StoreError
+where
+    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+{
+    let status = status_of(&err);
+    match &err {
+        SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => {
+            return StoreError::Unavailable(format!(
+                "{}",
+                aws_smithy_types::error::display::DisplayErrorContext(&err)
+            ));
+        }
+        SdkError::ConstructionFailure(_) => {
+            return StoreError::Other(format!(
+                "{}",
+                aws_smithy_types::error::display::DisplayErrorContext(&err)
+            ));
+        }
+        _ => {}
+    }
+    let code = err.code().unwrap_or("").to_string();
+    let message = err.message().unwrap_or("").to_string();
+    let what = if message.is_empty() {
+        format!("{code} (HTTP {})", status.unwrap_or(0))
+    } else {
+        format!("{code}: {message} (HTTP {})", status.unwrap_or(0))
+    };
+    match (status, code.as_str()) {
+        (_, "NoSuchBucket") => StoreError::NoSuchBucket(what),
+        (Some(404), _) | (_, "NoSuchKey") | (_, "NotFound") => {
+            StoreError::NotFound(key.to_string())
+        }
+        (Some(412), _) | (_, "PreconditionFailed") => {
+            StoreError::PreconditionFailed(key.to_string())
+        }
+        (Some(416), _) => StoreError::InvalidRange(key.to_string()),
+        (Some(401 | 403), _)
+        | (_, "AccessDenied" | "InvalidAccessKeyId" | "SignatureDoesNotMatch") => {
+            StoreError::AccessDenied(what)
+        }
+        (Some(s), _) if s >= 500 => StoreError::Unavailable(what),
+        _ => StoreError::Other(what),
+    }
+}
+
+fn to_system_time(t: Option<&aws_smithy_types::DateTime>) -> SystemTime {
+    t.and_then(|t| SystemTime::try_from(*t).ok())
+        .unwrap_or(SystemTime::UNIX_EPOCH)
+}
+
+#[async_trait]
+impl ObjectStore for S3Store {
+    async fn head(&self, key: &str) -> StoreResult<ObjectInfo> {
+        let out = self
+            .client
+            .head_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .send()
+            .await
+            .map_err(|e| classify(e, key))?;
+        Ok(ObjectInfo {
+            key: key.to_string(),
+            size: out.content_length().unwrap_or(0).max(0) as u64,
+            etag: out.e_tag().unwrap_or_default().to_string(),
+            last_modified: to_system_time(out.last_modified()),
+            content_type: out.content_type().map(str::to_string),
+            metadata: out
+                .metadata()
+                .map(|m| {
+                    m.iter()
+                        .map(|(k, v)| (k.to_ascii_lowercase(), v.clone()))
+                        .collect()
+                })
+                .unwrap_or_default(),
+        })
+    }
+
+    async fn get_range(
+        &self,
+        key: &str,
+        range: Range<u64>,
+        if_match: Option<&str>,
+    ) -> StoreResult<Bytes> {
+        if range.start >= range.end {
+            return Ok(Bytes::new());
+        }
+        let mut attempt = 1;
+        loop {
+            match self.get_once(key, &range, if_match).await {
+                Err(StoreError::Unavailable(msg)) if attempt < self.max_attempts => {
+                    debug!(key, attempt, "GET failed, retrying: {msg}");
+                    tokio::time::sleep(Duration::from_millis(100 << attempt.min(6))).await;
+                    attempt += 1;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn put(&self, key: &str, body: Bytes, headers: &WriteHeaders) -> StoreResult<String> {
+        let out = self
+            .client
+            .put_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .body(ByteStream::from(body))
+            .set_content_type(headers.content_type.clone())
+            .set_metadata(Some(headers.metadata.clone().into_iter().collect()))
+            .send()
+            .await
+            .map_err(|e| classify(e, key))?;
+        Ok(out.e_tag().unwrap_or_default().to_string())
+    }
+
+    async fn copy(
+        &self,
+        src_key: &str,
+        dst_key: &str,
+        src_if_match: Option<&str>,
+        headers: &WriteHeaders,
+    ) -> StoreResult<String> {
+        let out = self
+            .client
+            .copy_object()
+            .bucket(&self.bucket)
+            .key(dst_key)
+            .copy_source(copy_source(&self.bucket, src_key))
+            .set_copy_source_if_match(src_if_match.map(str::to_string))
+            .metadata_directive(MetadataDirective::Replace)
+            .set_content_type(headers.content_type.clone())
+            .set_metadata(Some(headers.metadata.clone().into_iter().collect()))
+            .send()
+            .await
+            .map_err(|e| classify(e, src_key))?;
+        Ok(out
+            .copy_object_result()
+            .and_then(|r| r.e_tag())
+            .unwrap_or_default()
+            .to_string())
+    }
+
+    async fn create_multipart(&self, key: &str, headers: &WriteHeaders) -> StoreResult<String> {
+        let out = self
+            .client
+            .create_multipart_upload()
+            .bucket(&self.bucket)
+            .key(key)
+            .set_content_type(headers.content_type.clone())
+            .set_metadata(Some(headers.metadata.clone().into_iter().collect()))
+            .send()
+            .await
+            .map_err(|e| classify(e, key))?;
+        out.upload_id()
+            .map(str::to_string)
+            .ok_or_else(|| StoreError::Other(format!("no upload id for {key}")))
+    }
+
+    async fn upload_part(
+        &self,
+        key: &str,
+        upload_id: &str,
+        number: i32,
+        body: Bytes,
+    ) -> StoreResult<String> {
+        let out = self
+            .client
+            .upload_part()
+            .bucket(&self.bucket)
+            .key(key)
+            .upload_id(upload_id)
+            .part_number(number)
+            .body(ByteStream::from(body))
+            .send()
+            .await
+            .map_err(|e| classify(e, key))?;
+        Ok(out.e_tag().unwrap_or_default().to_string())
+    }
+
+    async fn upload_part_copy(
+        &self,
+        key: &str,
+        upload_id: &str,
+        number: i32,
+        src_key: &str,
+        range: Range<u64>,
+        src_if_match: Option<&str>,
+    ) -> StoreResult<String> {
+        let out = self
+            .client
+            .upload_part_copy()
+            .bucket(&self.bucket)
+            .key(key)
+            .upload_id(upload_id)
+            .part_number(number)
+            .copy_source(copy_source(&self.bucket, src_key))
+            .copy_source_range(format!("bytes={}-{}", range.start, range.end - 1))
+            .set_copy_source_if_match(src_if_match.map(str::to_string))
+            .send()
+            .await
+            .map_err(|e| classify(e, src_key))?;
+        Ok(out
+            .copy_part_result()
+            .and_then(|r| r.e_tag())
+            .unwrap_or_default()
+            .to_string())
+    }
+
+    async fn complete_multipart(
+        &self,
+        key: &str,
+        upload_id: &str,
+        parts: &[CompletedPart],
+    ) -> StoreResult<String> {
+        let parts = parts
+            .iter()
+            .map(|p| {
+                aws_sdk_s3::types::CompletedPart::builder()
+                    .part_number(p.number)
+                    .e_tag(&p.etag)
+                    .build()
+            })
+            .collect();
+        let out = self
+            .client
+            .complete_multipart_upload()
+            .bucket(&self.bucket)
+            .key(key)
+            .upload_id(upload_id)
+            .multipart_upload(
+                CompletedMultipartUpload::builder()
+                    .set_parts(Some(parts))
+                    .build(),
+            )
+            .send()
+            .await
+            .map_err(|e| classify(e, key))?;
+        Ok(out.e_tag().unwrap_or_default().to_string())
+    }
+
+    async fn abort_multipart(&self, key: &str, upload_id: &str) -> StoreResult<()> {
+        self.client
+            .abort_multipart_upload()
+            .bucket(&self.bucket)
+            .key(key)
+            .upload_id(upload_id)
+            .send()
+            .await
+            .map_err(|e| classify(e, key))?;
+        Ok(())
+    }
+
+    async fn delete(&self, key: &str) -> StoreResult<()> {
+        match self
+            .client
+            .delete_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .send()
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(e) => match classify(e, key) {
+                StoreError::NotFound(_) => Ok(()),
+                other => Err(other),
+            },
+        }
+    }
+
+    async fn delete_many(&self, keys: &[String]) -> StoreResult<()> {
+        if keys.is_empty() {
+            return Ok(());
+        }
+        let objects = keys
+            .iter()
+            .map(|k| ObjectIdentifier::builder().key(k).build())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| StoreError::Other(e.to_string()))?;
+        let delete = Delete::builder()
+            .set_objects(Some(objects))
+            .quiet(true)
+            .build()
+            .map_err(|e| StoreError::Other(e.to_string()))?;
+        let out = self
+            .client
+            .delete_objects()
+            .bucket(&self.bucket)
+            .delete(delete)
+            .send()
+            .await
+            .map_err(|e| classify(e, &keys[0]))?;
+        match out.errors().first() {
+            Some(e) => Err(StoreError::Other(format!(
+                "delete of {} failed: {} {}",
+                e.key().unwrap_or_default(),
+                e.code().unwrap_or_default(),
+                e.message().unwrap_or_default()
+            ))),
+            None => Ok(()),
+        }
+    }
+
+    async fn list(
+        &self,
+        prefix: &str,
+        delimiter: Option<&str>,
+        token: Option<&str>,
+        max_keys: Option<i32>,
+    ) -> StoreResult<ListPage> {
+        let out = self
+            .client
+            .list_objects_v2()
+            .bucket(&self.bucket)
+            .prefix(prefix)
+            .set_delimiter(delimiter.map(str::to_string))
+            .set_continuation_token(token.map(str::to_string))
+            .set_max_keys(max_keys)
+            .send()
+            .await
+            .map_err(|e| classify(e, prefix))?;
+        Ok(ListPage {
+            objects: out
+                .contents()
+                .iter()
+                .map(|o| ListedObject {
+                    key: o.key().unwrap_or_default().to_string(),
+                    size: o.size().unwrap_or(0).max(0) as u64,
+                    etag: o.e_tag().unwrap_or_default().to_string(),
+                    last_modified: to_system_time(o.last_modified()),
+                })
+                .collect(),
+            prefixes: out
+                .common_prefixes()
+                .iter()
+                .filter_map(|p| p.prefix().map(str::to_string))
+                .collect(),
+            next_token: if out.is_truncated().unwrap_or(false) {
+                out.next_continuation_token().map(str::to_string)
+            } else {
+                None
+            },
+        })
+    }
+}
+
+/// `x-amz-copy-source`: bucket and key, the key percent-encoded except for `/`.
+fn copy_source(bucket: &str, key: &str) -> String {
+    const KEEP: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+        .remove(b'/')
+        .remove(b'-')
+        .remove(b'_')
+        .remove(b'.')
+        .remove(b'~');
+    format!(
+        "{bucket}/{}",
+        percent_encoding::utf8_percent_encode(key, KEEP)
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::copy_source;
+
+    #[test]
+    fn copy_source_encodes_everything_but_slashes() {
+        assert_eq!(copy_source("b", "a b/c+d%"), "b/a%20b/c%2Bd%25");
+        assert_eq!(copy_source("b", "été/x"), "b/%C3%A9t%C3%A9/x");
+    }
+}
