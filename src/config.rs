@@ -128,18 +128,16 @@ impl Default for Config {
 
 /// Splits `BUCKET[:PREFIX]` into the bucket and a prefix that is empty or ends with `/`.
 pub fn parse_source(source: &str) -> Result<(String, String), String> {
+    let source = source.strip_prefix("s3://").unwrap_or(source);
     let (bucket, prefix) = match source.split_once(':') {
         Some((b, p)) => (b, p),
         None => (source, ""),
     };
-    let bucket = bucket.strip_prefix("s3://").unwrap_or(bucket);
     if bucket.is_empty() {
         return Err(format!("'{source}': the bucket name is empty"));
     }
     let prefix = prefix.trim_start_matches('/');
-    if prefix.split('/').any(|c| c == "." || c == "..")
-        || prefix.contains("//")
-    {
+    if prefix.split('/').any(|c| c == "." || c == "..") || prefix.contains("//") {
         return Err(format!(
             "'{source}': the prefix must be a plain path like 'dir/sub/' (no '.', '..' or '//')"
         ));
@@ -161,7 +159,10 @@ mod tests {
         assert_eq!(parse_source("b").unwrap(), ("b".into(), "".into()));
         assert_eq!(parse_source("b:").unwrap(), ("b".into(), "".into()));
         assert_eq!(parse_source("b:p").unwrap(), ("b".into(), "p/".into()));
-        assert_eq!(parse_source("b:/p/q/").unwrap(), ("b".into(), "p/q/".into()));
+        assert_eq!(
+            parse_source("b:/p/q/").unwrap(),
+            ("b".into(), "p/q/".into())
+        );
         assert_eq!(parse_source("s3://b:p").unwrap(), ("b".into(), "p/".into()));
         assert!(parse_source(":p").is_err());
         assert!(parse_source("b:a/../c").is_err());
@@ -172,7 +173,10 @@ mod tests {
     fn ttl_parses_seconds_or_forever() {
         assert_eq!("forever".parse(), Ok(MetadataTtl::Forever));
         assert_eq!("2".parse(), Ok(MetadataTtl::For(Duration::from_secs(2))));
-        assert_eq!("0.5s".parse(), Ok(MetadataTtl::For(Duration::from_millis(500))));
+        assert_eq!(
+            "0.5s".parse(),
+            Ok(MetadataTtl::For(Duration::from_millis(500)))
+        );
         assert!("x".parse::<MetadataTtl>().is_err());
         let ttl = MetadataTtl::For(Duration::from_secs(1));
         assert!(ttl.is_fresh(0, 999_999_999));

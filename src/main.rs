@@ -38,7 +38,7 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Commands {
     /// Mount BUCKET[:PREFIX] at MOUNTPOINT.
-    Mount(MountArgs),
+    Mount(Box<MountArgs>),
     /// Unmount a mounted s3bridge; uploads finish first.
     Unmount {
         /// The mount point.
@@ -147,7 +147,7 @@ struct MountArgs {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Commands::Mount(args) => match mount(args) {
+        Commands::Mount(args) => match mount(*args) {
             Ok(()) => ExitCode::SUCCESS,
             Err(msg) => {
                 eprintln!("s3bridge: {msg}");
@@ -207,9 +207,7 @@ fn build_config(args: &MountArgs) -> Result<Config, String> {
         request_timeout: Duration::from_secs(args.request_timeout.max(1)),
         ..Config::default()
     };
-    cfg.force_path_style = args
-        .force_path_style
-        .unwrap_or(cfg.endpoint_url.is_some());
+    cfg.force_path_style = args.force_path_style.unwrap_or(cfg.endpoint_url.is_some());
     if let Some(uid) = args.uid {
         cfg.uid = uid;
     }
@@ -233,7 +231,10 @@ fn check_mountpoint(mountpoint: &Path) -> Result<PathBuf, String> {
         )
     })?;
     if !meta.is_dir() {
-        return Err(format!("mount point {} is not a directory", mountpoint.display()));
+        return Err(format!(
+            "mount point {} is not a directory",
+            mountpoint.display()
+        ));
     }
     let canonical = mountpoint
         .canonicalize()
@@ -264,12 +265,13 @@ fn unescape_mountinfo(s: &str) -> String {
     let b = s.as_bytes();
     let mut i = 0;
     while i < b.len() {
-        if b[i] == b'\\' && i + 4 <= b.len() {
-            if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 4], 8) {
-                out.push(v);
-                i += 4;
-                continue;
-            }
+        if b[i] == b'\\'
+            && i + 4 <= b.len()
+            && let Ok(v) = u8::from_str_radix(&s[i + 1..i + 4], 8)
+        {
+            out.push(v);
+            i += 4;
+            continue;
         }
         out.push(b[i]);
         i += 1;
@@ -278,9 +280,8 @@ fn unescape_mountinfo(s: &str) -> String {
 }
 
 fn init_logging(level: &str, file: Option<&Path>) -> Result<(), String> {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-        EnvFilter::new(format!("warn,s3bridge={level},fuser=warn"))
-    });
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new(format!("warn,s3bridge={level},fuser=error")));
     let builder = tracing_subscriber::fmt().with_env_filter(filter);
     match file {
         Some(path) => {
@@ -289,10 +290,7 @@ fn init_logging(level: &str, file: Option<&Path>) -> Result<(), String> {
                 .append(true)
                 .open(path)
                 .map_err(|e| format!("log file {}: {e}", path.display()))?;
-            builder
-                .with_ansi(false)
-                .with_writer(Arc::new(f))
-                .init();
+            builder.with_ansi(false).with_writer(Arc::new(f)).init();
         }
         None => builder.with_writer(std::io::stderr).init(),
     }
@@ -386,8 +384,8 @@ fn serve(
     let fs = Arc::new(Fs::new(cfg.clone(), Arc::new(store)).map_err(|e| e.to_string())?);
     fs.recover_pending().map_err(|e| e.to_string())?;
     rt.spawn(Fs::run_background(Arc::downgrade(&fs)));
-    let mut session = s3bridge::fuse::mount(fs.clone(), rt.handle().clone(), mountpoint)
-        .map_err(|e| {
+    let mut session =
+        s3bridge::fuse::mount(fs.clone(), rt.handle().clone(), mountpoint).map_err(|e| {
             format!(
                 "cannot mount at {}: {e} (is fuse3 installed and /dev/fuse usable by this user?)",
                 mountpoint.display()
@@ -444,7 +442,8 @@ fn daemonize() -> Result<(), String> {
         return Err(format!("pipe: {}", std::io::Error::last_os_error()));
     }
     // SAFETY: both fds were just created.
-    let (read_end, write_end) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    let (read_end, write_end) =
+        unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
     let exe = std::env::current_exe().map_err(|e| format!("cannot find own executable: {e}"))?;
     let child_fd = write_end.as_raw_fd();
     let mut cmd = Command::new(exe);

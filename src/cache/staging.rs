@@ -98,7 +98,11 @@ impl Staging {
             file,
             path,
             original,
-            orig_len: if rec.block_size == BLOCK_SIZE { rec.orig_len } else { 0 },
+            orig_len: if rec.block_size == BLOCK_SIZE {
+                rec.orig_len
+            } else {
+                0
+            },
             present,
             size,
         })
@@ -292,7 +296,10 @@ mod tests {
     fn partial_writes_need_their_edge_blocks_only() {
         let dir = tempfile::tempdir().unwrap();
         let s = Staging::create(dir.path(), 1, orig(), 10 * BLOCK_SIZE).unwrap();
-        assert_eq!(s.missing_for_write(BLOCK_SIZE..2 * BLOCK_SIZE), Vec::<u64>::new());
+        assert_eq!(
+            s.missing_for_write(BLOCK_SIZE..2 * BLOCK_SIZE),
+            Vec::<u64>::new()
+        );
         assert_eq!(s.missing_for_write(10..20), vec![0]);
         assert_eq!(
             s.missing_for_write(BLOCK_SIZE - 1..3 * BLOCK_SIZE + 1),
@@ -310,10 +317,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let s = Staging::create(dir.path(), 1, orig(), BLOCK_SIZE + 100).unwrap();
         // Overwrites bytes 0..50 of the 100-byte last block: the other 50 are needed.
-        assert_eq!(
-            s.missing_for_write(BLOCK_SIZE..BLOCK_SIZE + 50),
-            vec![1]
-        );
+        assert_eq!(s.missing_for_write(BLOCK_SIZE..BLOCK_SIZE + 50), vec![1]);
         // Overwrites the whole short block and beyond: nothing needed.
         assert_eq!(
             s.missing_for_write(BLOCK_SIZE..BLOCK_SIZE + 200),
@@ -333,14 +337,18 @@ mod tests {
         let got = s.read(BLOCK_SIZE, 20).unwrap();
         assert_eq!(&got[..10], &[7u8; 10]);
         assert_eq!(&got[10..], &[0u8; 10]);
-        assert!(s.fill_block(0, &[1u8; 3]).is_err(), "short fetch is refused");
+        assert!(
+            s.fill_block(0, &[1u8; 3]).is_err(),
+            "short fetch is refused"
+        );
     }
 
     #[test]
     fn bookkeeping_survives_a_reopen() {
         let dir = tempfile::tempdir().unwrap();
         let mut s = Staging::create(dir.path(), 9, orig(), 3 * BLOCK_SIZE).unwrap();
-        s.write(BLOCK_SIZE, &vec![1u8; BLOCK_SIZE as usize]).unwrap();
+        s.write(BLOCK_SIZE, &vec![1u8; BLOCK_SIZE as usize])
+            .unwrap();
         assert!(s.is_untouched(&(0..BLOCK_SIZE)));
         assert!(!s.is_untouched(&(0..2 * BLOCK_SIZE)));
         let rec = s.record();

@@ -178,7 +178,10 @@ impl Fs {
         if st.dirty && !st.unlinked {
             drop(st);
             if let Err(e) = self.sync_file(file).await {
-                warn!(ino = file.ino, "upload at close failed; retrying in the background: {e}");
+                warn!(
+                    ino = file.ino,
+                    "upload at close failed; retrying in the background: {e}"
+                );
             }
             st = file.state.lock().await;
             if st.opens > 0 || st.closed {
@@ -225,11 +228,12 @@ impl Fs {
             self.check_writable()?;
         }
         let file = self.acquire_file(ino).await?;
-        if flags & libc::O_TRUNC != 0 && writable {
-            if let Err(e) = self.truncate_locked(&file, 0).await {
-                self.close_file(&file).await;
-                return Err(e);
-            }
+        if flags & libc::O_TRUNC != 0
+            && writable
+            && let Err(e) = self.truncate_locked(&file, 0).await
+        {
+            self.close_file(&file).await;
+            return Err(e);
         }
         Ok(self.new_file_handle(file, writable))
     }
@@ -272,7 +276,13 @@ impl Fs {
         };
         let mut reader = h.reader.lock().await;
         Ok(reader
-            .read(&self.store, &version, offset, size as usize, self.read_tuning())
+            .read(
+                &self.store,
+                &version,
+                offset,
+                size as usize,
+                self.read_tuning(),
+            )
             .await?)
     }
 
@@ -287,7 +297,9 @@ impl Fs {
         let end = offset
             .checked_add(data.len() as u64)
             .filter(|&e| e <= crate::store::MAX_PART_SIZE * crate::store::MAX_PARTS)
-            .ok_or(FsError::Invalid("write past the largest object S3 can hold"))?;
+            .ok_or(FsError::Invalid(
+                "write past the largest object S3 can hold",
+            ))?;
         let file = &h.file;
         let mut st = file.state.lock().await;
         let staging = self.staging_of(file, &mut st)?;
@@ -305,11 +317,7 @@ impl Fs {
     }
 
     /// The staging file of an open file, created (empty, nothing fetched) on first use.
-    fn staging_of<'a>(
-        &self,
-        file: &OpenFile,
-        st: &'a mut FileState,
-    ) -> FsResult<&'a mut Staging> {
+    fn staging_of<'a>(&self, file: &OpenFile, st: &'a mut FileState) -> FsResult<&'a mut Staging> {
         if st.staging.is_none() {
             let size = file.attrs().size;
             st.staging = Some(Staging::create(

@@ -261,7 +261,13 @@ impl Fs {
             .mode(0o600)
             .open(cfg.cache_dir.join("lock"))?;
         // SAFETY: flock on an fd we own.
-        if unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&lock), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        if unsafe {
+            libc::flock(
+                std::os::fd::AsRawFd::as_raw_fd(&lock),
+                libc::LOCK_EX | libc::LOCK_NB,
+            )
+        } != 0
+        {
             return Err(FsError::Io(std::io::Error::new(
                 std::io::ErrorKind::WouldBlock,
                 format!(
@@ -464,7 +470,10 @@ impl Fs {
     pub async fn lookup(&self, parent: u64, name: &OsStr) -> FsResult<Attr> {
         let name = names::check_name(name)?;
         let dir = self.dir(parent)?;
-        let inode = self.find_child(&dir, name).await?.ok_or(FsError::NotFound)?;
+        let inode = self
+            .find_child(&dir, name)
+            .await?
+            .ok_or(FsError::NotFound)?;
         let inode = self.ensure_headers(inode).await?;
         let attr = self.attr(&inode)?;
         self.remember(inode.ino);

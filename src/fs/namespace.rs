@@ -274,14 +274,23 @@ impl Fs {
         Ok(())
     }
 
-    /// Detaches a non-directory entry from the namespace. An open file stays readable and
-    /// writable through its handles (its contents kept locally) and is never uploaded.
-    async fn detach_file(&self, inode: &Inode) -> FsResult<()> {
+    /// Copies the contents of `inode` to local disk if it is open: its object is about to be
+    /// deleted or overwritten, and open handles must keep reading what they opened.
+    async fn keep_open_contents(&self, inode: &Inode) -> FsResult<()> {
         if let Some(file) = self.open_file_of(inode.ino) {
             let mut st = file.state.lock().await;
             if st.opens > 0 {
                 self.materialize(&file, &mut st).await?;
             }
+        }
+        Ok(())
+    }
+
+    /// Detaches a non-directory entry from the namespace (after [`Self::keep_open_contents`]).
+    /// An open file stays usable through its handles and is never uploaded.
+    async fn detach_file(&self, inode: &Inode) -> FsResult<()> {
+        if let Some(file) = self.open_file_of(inode.ino) {
+            let mut st = file.state.lock().await;
             st.unlinked = true;
             st.dirty = false;
             let mut attrs = file.attrs();
@@ -316,6 +325,7 @@ impl Fs {
             return Err(FsError::IsDir);
         }
         self.keep_dir_alive(&dir).await?;
+        self.keep_open_contents(&child).await?;
         let key = self.key_of(&child)?;
         if child.etag.is_some() {
             self.store.delete(&key).await?;
@@ -424,6 +434,9 @@ impl Fs {
         if src.kind == Kind::Dir {
             self.rename_dir(&src, dst.as_ref(), &new_key).await?;
         } else {
+            if let Some(d) = &dst {
+                self.keep_open_contents(d).await?;
+            }
             self.rename_file(&src, dst.as_ref(), &new_key).await?;
         }
         if let Some(d) = &dst {
@@ -548,14 +561,17 @@ impl Fs {
             .try_collect()
             .await
             .inspect_err(|_| {
-                warn!(old_prefix, new_prefix, "directory rename failed while copying; the source is intact");
+                warn!(
+                    old_prefix,
+                    new_prefix, "directory rename failed while copying; the source is intact"
+                );
             })?;
         let old_keys: Vec<String> = objects.iter().map(|o| o.key.clone()).collect();
         for chunk in old_keys.chunks(1000) {
             self.store.delete_many(chunk).await?;
         }
         let new_etags: HashMap<String, String> = moved.into_iter().collect();
-        self.retarget_subtree(src.ino, &old_prefix, new_prefix, &new_etags)
+        self.retarget_subtree(src.ino, old_prefix, new_prefix, &new_etags)
             .await
     }
 
@@ -610,7 +626,10 @@ impl Fs {
         let mut all = Vec::new();
         let mut token: Option<String> = None;
         loop {
-            let page = self.store.list(prefix, None, token.as_deref(), None).await?;
+            let page = self
+                .store
+                .list(prefix, None, token.as_deref(), None)
+                .await?;
             all.extend(page.objects);
             match page.next_token {
                 Some(t) => token = Some(t),

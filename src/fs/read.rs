@@ -136,8 +136,8 @@ impl Reader {
         if offset >= end {
             return Ok(Bytes::new());
         }
-        let sequential = offset == self.next_offset
-            || self.current.as_ref().is_some_and(|w| w.covers(offset));
+        let sequential =
+            offset == self.next_offset || self.current.as_ref().is_some_and(|w| w.covers(offset));
         self.next_offset = end;
         if !sequential {
             self.reset_window();
@@ -197,7 +197,8 @@ impl Reader {
             }
             p.task.abort();
         }
-        self.window_size = (self.window_size * 2).clamp(FIRST_WINDOW, tuning.max_window.max(FIRST_WINDOW));
+        self.window_size =
+            (self.window_size * 2).clamp(FIRST_WINDOW, tuning.max_window.max(FIRST_WINDOW));
         let end = (pos + self.window_size).max(want_end).min(version.size);
         let data = fetch_parallel(store, version, pos..end, tuning.part_size).await?;
         self.current = Some(Window { start: pos, data });
@@ -219,7 +220,8 @@ impl Reader {
         if self.next_offset < half {
             return;
         }
-        self.window_size = (self.window_size * 2).clamp(FIRST_WINDOW, tuning.max_window.max(FIRST_WINDOW));
+        self.window_size =
+            (self.window_size * 2).clamp(FIRST_WINDOW, tuning.max_window.max(FIRST_WINDOW));
         let start = w.end();
         let end = (start + self.window_size).min(version.size);
         let (store, version) = (store.clone(), version.clone());
@@ -278,7 +280,11 @@ mod tests {
     async fn random_reads_fetch_exactly_what_is_asked() {
         let (mem, store, v, data) = setup(3 * 1024 * 1024);
         let mut r = Reader::default();
-        for &(off, len) in &[(2_000_000u64, 4096usize), (10, 100), (3 * 1024 * 1024 - 5, 100)] {
+        for &(off, len) in &[
+            (2_000_000u64, 4096usize),
+            (10, 100),
+            (3 * 1024 * 1024 - 5, 100),
+        ] {
             let b = r.read(&store, &v, off, len, TUNING).await.unwrap();
             let end = (off as usize + len).min(data.len());
             assert_eq!(&b[..], &data[off as usize..end]);

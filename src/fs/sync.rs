@@ -26,7 +26,9 @@ impl Fs {
     pub fn recover_pending(&self) -> FsResult<usize> {
         let mut recovered = 0;
         for ino in self.meta.dirty_inodes()? {
-            let Some(inode) = self.meta.get(ino)? else { continue };
+            let Some(inode) = self.meta.get(ino)? else {
+                continue;
+            };
             let record = match self.meta.load_staging(ino)? {
                 Some(r) => r,
                 // Created and never flushed: all of its contents are local.
@@ -48,7 +50,10 @@ impl Fs {
             let staging = match Staging::reopen(&self.staging_dir, ino, &record, inode.size) {
                 Ok(s) => s,
                 Err(e) => {
-                    warn!(ino, "staged data of a previous run is unreadable, dropped: {e}");
+                    warn!(
+                        ino,
+                        "staged data of a previous run is unreadable, dropped: {e}"
+                    );
                     let mut clean = inode.clone();
                     clean.dirty = false;
                     self.meta.save(&clean)?;
@@ -71,7 +76,10 @@ impl Fs {
             recovered += 1;
         }
         if recovered > 0 {
-            info!(recovered, "found files with data not yet uploaded; uploading them");
+            info!(
+                recovered,
+                "found files with data not yet uploaded; uploading them"
+            );
         }
         Ok(recovered)
     }
@@ -111,7 +119,8 @@ impl Fs {
                 Ok(()) => {}
                 Err(e) => {
                     pending += 1;
-                    st.retry_delay = (st.retry_delay * 2).clamp(Duration::from_secs(1), MAX_RETRY_DELAY);
+                    st.retry_delay =
+                        (st.retry_delay * 2).clamp(Duration::from_secs(1), MAX_RETRY_DELAY);
                     st.retry_at = Some(Instant::now() + st.retry_delay);
                     warn!(
                         ino = file.ino(),

@@ -1,0 +1,621 @@
+//! Unit tests of the filesystem semantics on the in-memory store, without a mount.
+
+use std::collections::BTreeMap;
+use std::ffi::OsStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::*;
+use crate::config::MetadataTtl;
+use crate::store::mem::{MemStore, Op};
+
+const ROOT: u64 = ROOT_INO;
+const ME: Caller = Caller {
+    uid: 1000,
+    gid: 1000,
+};
+
+struct Setup {
+    fs: Fs,
+    mem: Arc<MemStore>,
+    dir: tempfile::TempDir,
+}
+
+fn setup_with(mem: Arc<MemStore>, ttl: MetadataTtl, dir: tempfile::TempDir) -> Setup {
+    let cfg = Config {
+        bucket: "b".into(),
+        prefix: "pre/".into(),
+        cache_dir: dir.path().to_path_buf(),
+        uid: 7,
+        gid: 8,
+        metadata_ttl: ttl,
+        multipart_threshold: 6 * 1024 * 1024,
+        part_size: 5 * 1024 * 1024,
+        ..Config::default()
+    };
+    let fs = Fs::new(cfg, mem.clone()).unwrap();
+    Setup { fs, mem, dir }
+}
+
+fn setup() -> Setup {
+    setup_with(
+        Arc::new(MemStore::new()),
+        MetadataTtl::For(Duration::from_secs(60)),
+        tempfile::tempdir().unwrap(),
+    )
+}
+
+fn n(s: &str) -> &OsStr {
+    OsStr::new(s)
+}
+
+impl Setup {
+    async fn write_file(&self, parent: u64, name: &str, data: &[u8]) -> u64 {
+        let (attr, fh) = self
+            .fs
+            .create(parent, n(name), 0o644, 0o022, libc::O_WRONLY, ME)
+            .await
+            .unwrap();
+        if !data.is_empty() {
+            self.fs.write(fh, 0, data).await.unwrap();
+        }
+        self.fs.flush(fh).await.unwrap();
+        self.fs.release(fh).await;
+        attr.ino
+    }
+
+    async fn read_all(&self, ino: u64) -> Vec<u8> {
+        let fh = self.fs.open(ino, libc::O_RDONLY).await.unwrap();
+        let mut out = Vec::new();
+        loop {
+            let chunk = self
+                .fs
+                .read(fh, out.len() as u64, 128 * 1024)
+                .await
+                .unwrap();
+            if chunk.is_empty() {
+                break;
+            }
+            out.extend_from_slice(&chunk);
+        }
+        self.fs.release(fh).await;
+        out
+    }
+
+    async fn names(&self, dir: u64) -> Vec<String> {
+        let fh = self.fs.opendir(dir).await.unwrap();
+        let entries = self.fs.readdir(dir, fh, 0).await.unwrap();
+        self.fs.releasedir(fh);
+        entries
+            .into_iter()
+            .map(|e| e.name)
+            .filter(|n| n != "." && n != "..")
+            .collect()
+    }
+
+    fn body(&self, key: &str) -> Option<Vec<u8>> {
+        self.mem.object(key).map(|(b, _)| b.to_vec())
+    }
+}
+
+#[tokio::test]
+async fn a_written_file_is_an_object_with_s3fs_headers() {
+    let s = setup();
+    s.write_file(ROOT, "a.txt", b"hello\n").await;
+    let (body, headers) = s.mem.object("pre/a.txt").unwrap();
+    assert_eq!(&body[..], b"hello\n");
+    assert_eq!(
+        headers.metadata["mode"],
+        (libc::S_IFREG | 0o644).to_string()
+    );
+    assert_eq!(headers.metadata["uid"], "1000");
+    assert_eq!(headers.metadata["gid"], "1000");
+    assert!(headers.metadata.contains_key("mtime"));
+}
+
+#[tokio::test]
+async fn objects_from_other_clients_appear_with_their_headers_or_the_defaults() {
+    let s = setup();
+    s.mem.insert("pre/plain", b"abc", WriteHeaders::default());
+    let mut meta = BTreeMap::new();
+    meta.insert("mode".to_string(), (libc::S_IFREG | 0o600).to_string());
+    meta.insert("uid".to_string(), "33".to_string());
+    meta.insert("mtime".to_string(), "1600000000.5".to_string());
+    s.mem.insert(
+        "pre/s3fs",
+        b"x",
+        WriteHeaders {
+            content_type: None,
+            metadata: meta,
+        },
+    );
+    let plain = s.fs.lookup(ROOT, n("plain")).await.unwrap();
+    assert_eq!(
+        (plain.perm, plain.uid, plain.gid, plain.size),
+        (0o644, 7, 8, 3)
+    );
+    let other = s.fs.lookup(ROOT, n("s3fs")).await.unwrap();
+    assert_eq!((other.perm, other.uid, other.gid), (0o600, 33, 8));
+    assert_eq!(
+        other.mtime,
+        std::time::UNIX_EPOCH + Duration::from_millis(1_600_000_000_500)
+    );
+    assert_eq!(s.read_all(plain.ino).await, b"abc");
+}
+
+#[tokio::test]
+async fn listing_hides_odd_keys_and_prefers_directories() {
+    let s = setup();
+    for key in [
+        "pre/ok",
+        "pre/a//b",
+        "pre/./x",
+        "pre/../escape",
+        "pre/both",
+        "pre/both/inner",
+        "pre/implicit/deep/file",
+        &format!("pre/{}", "x".repeat(300)),
+    ] {
+        s.mem.insert(key, b"1", WriteHeaders::default());
+    }
+    let names = s.names(ROOT).await;
+    // "a" is a directory (from "a//b") whose only key is hidden.
+    assert_eq!(names, ["a", "both", "implicit", "ok"]);
+    let both = s.fs.lookup(ROOT, n("both")).await.unwrap();
+    assert_eq!(both.kind, Kind::Dir);
+    let a = s.fs.lookup(ROOT, n("a")).await.unwrap();
+    assert_eq!(s.names(a.ino).await, Vec::<String>::new());
+    assert_eq!(
+        s.fs.lookup(ROOT, n("..")).await.unwrap_err().errno(),
+        libc::EINVAL
+    );
+}
+
+#[tokio::test]
+async fn a_warm_listing_costs_no_request() {
+    let s = setup();
+    for i in 0..50 {
+        s.mem
+            .insert(&format!("pre/d/f{i}"), b"x", WriteHeaders::default());
+    }
+    let d = s.fs.lookup(ROOT, n("d")).await.unwrap();
+    assert_eq!(s.names(d.ino).await.len(), 50);
+    let (lists, heads) = (s.mem.count(Op::List), s.mem.count(Op::Head));
+    assert_eq!(s.names(d.ino).await.len(), 50);
+    assert_eq!(s.mem.count(Op::List), lists);
+    assert_eq!(s.mem.count(Op::Head), heads, "no HEAD per entry");
+}
+
+#[tokio::test]
+async fn directories_are_markers_and_empty_ones_persist() {
+    let s = setup();
+    let d = s.fs.mkdir(ROOT, n("d"), 0o750, 0, ME).await.unwrap();
+    assert_eq!(d.perm, 0o750);
+    let (_, h) = s.mem.object("pre/d/").unwrap();
+    assert_eq!(h.content_type.as_deref(), Some(DIR_CONTENT_TYPE));
+    assert_eq!(
+        s.fs.mkdir(ROOT, n("d"), 0o755, 0, ME)
+            .await
+            .unwrap_err()
+            .errno(),
+        libc::EEXIST
+    );
+    // An implicit directory keeps existing when its last file goes.
+    s.mem.insert("pre/imp/only", b"1", WriteHeaders::default());
+    let imp = s.fs.lookup(ROOT, n("imp")).await.unwrap();
+    s.fs.lookup(imp.ino, n("only")).await.unwrap();
+    s.fs.unlink(imp.ino, n("only")).await.unwrap();
+    assert!(s.mem.object("pre/imp/").is_some(), "marker written");
+    assert!(s.mem.object("pre/imp/only").is_none());
+    // rmdir refuses a non-empty directory and removes an empty one.
+    s.write_file(d.ino, "f", b"1").await;
+    assert_eq!(
+        s.fs.rmdir(ROOT, n("d")).await.unwrap_err().errno(),
+        libc::ENOTEMPTY
+    );
+    s.fs.unlink(d.ino, n("f")).await.unwrap();
+    s.fs.rmdir(ROOT, n("d")).await.unwrap();
+    assert!(s.mem.object("pre/d/").is_none());
+    assert_eq!(
+        s.fs.lookup(ROOT, n("d")).await.unwrap_err().errno(),
+        libc::ENOENT
+    );
+}
+
+#[tokio::test]
+async fn rmdir_sees_keys_the_listing_hides() {
+    let s = setup();
+    s.mem.insert("pre/d/", b"", WriteHeaders::default());
+    s.mem.insert("pre/d//odd", b"1", WriteHeaders::default());
+    s.fs.lookup(ROOT, n("d")).await.unwrap();
+    assert_eq!(
+        s.fs.rmdir(ROOT, n("d")).await.unwrap_err().errno(),
+        libc::ENOTEMPTY
+    );
+}
+
+#[tokio::test]
+async fn random_writes_into_a_large_object_fetch_only_what_they_need() {
+    let s = setup();
+    let data: Vec<u8> = (0..(12 << 20)).map(|i| (i % 251) as u8).collect();
+    s.mem.insert("pre/big", &data, WriteHeaders::default());
+    let big = s.fs.lookup(ROOT, n("big")).await.unwrap();
+    let fh = s.fs.open(big.ino, libc::O_RDWR).await.unwrap();
+    let gets = s.mem.count(Op::Get);
+    s.fs.write(fh, 5_000_000, b"XYZ").await.unwrap();
+    assert_eq!(s.mem.count(Op::Get) - gets, 1, "one block fetched");
+    s.fs.flush(fh).await.unwrap();
+    s.fs.release(fh).await;
+    let mut want = data.clone();
+    want[5_000_000..5_000_003].copy_from_slice(b"XYZ");
+    assert!(s.body("pre/big").unwrap() == want);
+    assert_eq!(s.mem.pending_uploads(), 0);
+}
+
+#[tokio::test]
+async fn sparse_writes_truncate_and_append() {
+    let s = setup();
+    let ino = s.write_file(ROOT, "f", b"0123456789").await;
+    // Shrink, then grow: the cut bytes read back as zeros.
+    s.fs.setattr(
+        ino,
+        None,
+        SetAttr {
+            size: Some(4),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(s.body("pre/f").unwrap(), b"0123");
+    let fh = s.fs.open(ino, libc::O_RDWR).await.unwrap();
+    s.fs.write(fh, 8, b"AB").await.unwrap();
+    assert_eq!(s.fs.getattr(ino).await.unwrap().size, 10);
+    s.fs.flush(fh).await.unwrap();
+    s.fs.release(fh).await;
+    assert_eq!(s.body("pre/f").unwrap(), b"0123\0\0\0\0AB");
+    // O_TRUNC empties it.
+    let fh =
+        s.fs.open(ino, libc::O_WRONLY | libc::O_TRUNC)
+            .await
+            .unwrap();
+    s.fs.write(fh, 0, b"new").await.unwrap();
+    s.fs.release(fh).await;
+    assert_eq!(s.body("pre/f").unwrap(), b"new");
+}
+
+#[tokio::test]
+async fn a_failed_upload_fails_the_flush_and_keeps_the_data() {
+    let s = setup();
+    let (attr, fh) =
+        s.fs.create(ROOT, n("f"), 0o644, 0, libc::O_WRONLY, ME)
+            .await
+            .unwrap();
+    s.fs.write(fh, 0, b"precious").await.unwrap();
+    s.mem.fail_next(Op::Put, 1);
+    let err = s.fs.flush(fh).await.unwrap_err();
+    assert_eq!(err.errno(), libc::EIO);
+    assert!(s.body("pre/f").is_none());
+    // Still readable through the mount, and uploaded by the next attempt.
+    assert_eq!(s.fs.read(fh, 0, 100).await.unwrap(), &b"precious"[..]);
+    s.fs.flush(fh).await.unwrap();
+    s.fs.release(fh).await;
+    assert_eq!(s.body("pre/f").unwrap(), b"precious");
+    assert_eq!(s.fs.getattr(attr.ino).await.unwrap().size, 8);
+}
+
+#[tokio::test]
+async fn a_file_whose_upload_kept_failing_is_uploaded_by_the_next_mount() {
+    let mem = Arc::new(MemStore::new());
+    let dir = tempfile::tempdir().unwrap();
+    let ttl = MetadataTtl::For(Duration::from_secs(60));
+    let s = setup_with(mem.clone(), ttl, dir);
+    let (_, fh) =
+        s.fs.create(ROOT, n("f"), 0o644, 0, libc::O_WRONLY, ME)
+            .await
+            .unwrap();
+    s.fs.write(fh, 0, b"survives").await.unwrap();
+    mem.fail_next(Op::Put, 2);
+    assert!(s.fs.flush(fh).await.is_err());
+    s.fs.release(fh).await;
+    assert!(mem.object("pre/f").is_none());
+    let Setup { fs, dir, .. } = s;
+    drop(fs);
+    let s = setup_with(mem.clone(), ttl, dir);
+    assert_eq!(s.fs.recover_pending().unwrap(), 1);
+    assert_eq!(s.fs.flush_all().await, 0);
+    assert_eq!(s.body("pre/f").unwrap(), b"survives");
+}
+
+#[tokio::test]
+async fn an_unlinked_open_file_stays_readable() {
+    let s = setup();
+    s.mem
+        .insert("pre/f", b"still here", WriteHeaders::default());
+    let f = s.fs.lookup(ROOT, n("f")).await.unwrap();
+    let fh = s.fs.open(f.ino, libc::O_RDONLY).await.unwrap();
+    s.fs.unlink(ROOT, n("f")).await.unwrap();
+    assert!(s.mem.object("pre/f").is_none());
+    assert_eq!(s.fs.read(fh, 0, 100).await.unwrap(), &b"still here"[..]);
+    assert_eq!(s.fs.getattr(f.ino).await.unwrap().nlink, 0);
+    s.fs.release(fh).await;
+    assert_eq!(
+        s.fs.lookup(ROOT, n("f")).await.unwrap_err().errno(),
+        libc::ENOENT
+    );
+}
+
+#[tokio::test]
+async fn renames_copy_then_delete() {
+    let s = setup();
+    let ino = s.write_file(ROOT, "a", b"A").await;
+    s.write_file(ROOT, "b", b"B").await;
+    assert_eq!(
+        s.fs.rename(ROOT, n("a"), ROOT, n("b"), libc::RENAME_NOREPLACE)
+            .await
+            .unwrap_err()
+            .errno(),
+        libc::EEXIST
+    );
+    s.fs.rename(ROOT, n("a"), ROOT, n("b"), 0).await.unwrap();
+    assert_eq!(s.body("pre/b").unwrap(), b"A");
+    assert!(s.body("pre/a").is_none());
+    assert_eq!(s.fs.lookup(ROOT, n("b")).await.unwrap().ino, ino);
+    // A directory moves with its whole subtree.
+    let d = s.fs.mkdir(ROOT, n("d"), 0o755, 0, ME).await.unwrap();
+    let sub = s.fs.mkdir(d.ino, n("sub"), 0o755, 0, ME).await.unwrap();
+    s.write_file(sub.ino, "f", b"deep").await;
+    let e = s.fs.mkdir(ROOT, n("e"), 0o755, 0, ME).await.unwrap();
+    s.fs.rename(ROOT, n("d"), e.ino, n("moved"), 0)
+        .await
+        .unwrap();
+    assert_eq!(
+        s.mem.keys(),
+        [
+            "pre/b",
+            "pre/e/",
+            "pre/e/moved/",
+            "pre/e/moved/sub/",
+            "pre/e/moved/sub/f"
+        ]
+    );
+    let moved = s.fs.lookup(e.ino, n("moved")).await.unwrap();
+    let sub2 = s.fs.lookup(moved.ino, n("sub")).await.unwrap();
+    let f = s.fs.lookup(sub2.ino, n("f")).await.unwrap();
+    assert_eq!(s.read_all(f.ino).await, b"deep");
+    assert_eq!(
+        s.fs.rename(e.ino, n("moved"), sub2.ino, n("x"), 0)
+            .await
+            .unwrap_err()
+            .errno(),
+        libc::EINVAL
+    );
+}
+
+#[tokio::test]
+async fn a_file_renamed_before_its_first_upload_lands_under_the_new_name() {
+    let s = setup();
+    let (_, fh) =
+        s.fs.create(ROOT, n("tmp"), 0o644, 0, libc::O_WRONLY, ME)
+            .await
+            .unwrap();
+    s.fs.write(fh, 0, b"data").await.unwrap();
+    s.fs.rename(ROOT, n("tmp"), ROOT, n("final"), 0)
+        .await
+        .unwrap();
+    s.fs.flush(fh).await.unwrap();
+    s.fs.release(fh).await;
+    assert_eq!(s.mem.keys(), ["pre/final"]);
+}
+
+#[tokio::test]
+async fn symlinks_and_special_files_use_s3fs_modes() {
+    let s = setup();
+    let l =
+        s.fs.symlink(ROOT, n("l"), n("../target"), ME)
+            .await
+            .unwrap();
+    assert_eq!((l.kind, l.size), (Kind::Symlink, 9));
+    let (body, h) = s.mem.object("pre/l").unwrap();
+    assert_eq!(&body[..], b"../target");
+    assert_eq!(h.metadata["mode"], (libc::S_IFLNK | 0o777).to_string());
+    // A fresh mount of the same bucket reads the target from the object.
+    let t = setup_with(
+        s.mem.clone(),
+        MetadataTtl::For(Duration::from_secs(60)),
+        tempfile::tempdir().unwrap(),
+    );
+    let l2 = t.fs.lookup(ROOT, n("l")).await.unwrap();
+    assert_eq!(l2.kind, Kind::Symlink);
+    assert_eq!(t.fs.readlink(l2.ino).await.unwrap(), b"../target");
+    let fifo =
+        s.fs.mknod(ROOT, n("p"), libc::S_IFIFO | 0o600, 0, 0, ME)
+            .await
+            .unwrap();
+    assert_eq!(fifo.kind, Kind::Fifo);
+    assert_eq!(t.fs.lookup(ROOT, n("p")).await.unwrap().kind, Kind::Fifo);
+}
+
+#[tokio::test]
+async fn attribute_changes_are_stored_in_the_object() {
+    let s = setup();
+    let ino = s.write_file(ROOT, "f", b"x").await;
+    let a =
+        s.fs.setattr(
+            ino,
+            None,
+            SetAttr {
+                mode: Some(0o4711),
+                uid: Some(33),
+                gid: Some(44),
+                mtime: Some(TimeSet::At(Timestamp {
+                    sec: 1_000_000_000,
+                    nsec: 5,
+                })),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!((a.perm, a.uid, a.gid), (0o4711, 33, 44));
+    let (body, h) = s.mem.object("pre/f").unwrap();
+    assert_eq!(&body[..], b"x");
+    assert_eq!(h.metadata["mode"], (libc::S_IFREG | 0o4711).to_string());
+    assert_eq!(h.metadata["mtime"], "1000000000.000000005");
+    // The root's attributes are local: nothing is written for it.
+    let keys = s.mem.keys();
+    s.fs.setattr(
+        ROOT,
+        None,
+        SetAttr {
+            mode: Some(0o700),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(s.mem.keys(), keys);
+}
+
+#[tokio::test]
+async fn user_xattrs_round_trip_through_the_bucket() {
+    let s = setup();
+    let ino = s.write_file(ROOT, "f", b"x").await;
+    s.fs.setxattr(ino, n("user.color"), b"blue\0", 0)
+        .await
+        .unwrap();
+    assert_eq!(
+        s.fs.setxattr(ino, n("user.color"), b"red", libc::XATTR_CREATE)
+            .await
+            .unwrap_err()
+            .errno(),
+        libc::EEXIST
+    );
+    assert_eq!(
+        s.fs.setxattr(ino, n("security.x"), b"1", 0)
+            .await
+            .unwrap_err()
+            .errno(),
+        libc::EOPNOTSUPP
+    );
+    assert_eq!(
+        s.fs.setxattr(ino, n("user.big"), &[b'x'; 3000], 0)
+            .await
+            .unwrap_err()
+            .errno(),
+        libc::E2BIG
+    );
+    let t = setup_with(
+        s.mem.clone(),
+        MetadataTtl::For(Duration::from_secs(60)),
+        tempfile::tempdir().unwrap(),
+    );
+    let f = t.fs.lookup(ROOT, n("f")).await.unwrap();
+    assert_eq!(
+        t.fs.getxattr(f.ino, n("user.color")).await.unwrap(),
+        b"blue\0"
+    );
+    assert_eq!(t.fs.listxattr(f.ino).await.unwrap(), b"user.color\0");
+    t.fs.removexattr(f.ino, n("user.color")).await.unwrap();
+    assert_eq!(
+        t.fs.getxattr(f.ino, n("user.color"))
+            .await
+            .unwrap_err()
+            .errno(),
+        libc::ENODATA
+    );
+}
+
+#[tokio::test]
+async fn names_are_checked() {
+    let s = setup();
+    let long = "x".repeat(256);
+    assert_eq!(
+        s.fs.create(ROOT, n(&long), 0o644, 0, libc::O_WRONLY, ME)
+            .await
+            .unwrap_err()
+            .errno(),
+        libc::ENAMETOOLONG
+    );
+    assert_eq!(s.fs.link().unwrap_err().errno(), libc::EPERM);
+    // Four 255-byte components exceed S3's 1,024-byte keys.
+    let mut dir = ROOT;
+    let name = "y".repeat(255);
+    let mut err = None;
+    for _ in 0..4 {
+        match s.fs.mkdir(dir, n(&name), 0o755, 0, ME).await {
+            Ok(a) => dir = a.ino,
+            Err(e) => err = Some(e.errno()),
+        }
+    }
+    assert_eq!(err, Some(libc::ENAMETOOLONG));
+}
+
+#[tokio::test]
+async fn changes_by_others_show_after_the_ttl_only() {
+    let s = setup_with(
+        Arc::new(MemStore::new()),
+        MetadataTtl::For(Duration::from_millis(200)),
+        tempfile::tempdir().unwrap(),
+    );
+    s.mem.insert("pre/a", b"1", WriteHeaders::default());
+    assert_eq!(s.names(ROOT).await, ["a"]);
+    s.mem.insert("pre/b", b"2", WriteHeaders::default());
+    assert_eq!(s.names(ROOT).await, ["a"], "listing trusted within the TTL");
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    assert_eq!(s.names(ROOT).await, ["a", "b"]);
+    s.mem.insert("pre/a", b"changed", WriteHeaders::default());
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    let a = s.fs.lookup(ROOT, n("a")).await.unwrap();
+    assert_eq!(a.size, 7);
+    assert_eq!(s.read_all(a.ino).await, b"changed");
+}
+
+#[tokio::test]
+async fn inode_numbers_survive_a_remount() {
+    let mem = Arc::new(MemStore::new());
+    let ttl = MetadataTtl::For(Duration::from_secs(60));
+    let s = setup_with(mem.clone(), ttl, tempfile::tempdir().unwrap());
+    let ino = s.write_file(ROOT, "f", b"x").await;
+    let Setup { fs, dir, .. } = s;
+    drop(fs);
+    let s = setup_with(mem, ttl, dir);
+    assert_eq!(s.fs.lookup(ROOT, n("f")).await.unwrap().ino, ino);
+}
+
+#[tokio::test]
+async fn a_second_mount_of_one_cache_dir_is_refused() {
+    let s = setup();
+    let cfg = s.fs.config().clone();
+    let err = Fs::new(cfg, s.mem.clone()).unwrap_err();
+    assert!(err.to_string().contains("in use"), "{err}");
+    let _ = &s.dir;
+}
+
+#[tokio::test]
+async fn read_only_mounts_refuse_changes() {
+    let dir = tempfile::tempdir().unwrap();
+    let mem = Arc::new(MemStore::new());
+    mem.insert("pre/f", b"x", WriteHeaders::default());
+    let cfg = Config {
+        bucket: "b".into(),
+        prefix: "pre/".into(),
+        cache_dir: dir.path().to_path_buf(),
+        read_only: true,
+        ..Config::default()
+    };
+    let fs = Fs::new(cfg, mem).unwrap();
+    let f = fs.lookup(ROOT, n("f")).await.unwrap();
+    assert_eq!(
+        fs.open(f.ino, libc::O_RDWR).await.unwrap_err().errno(),
+        libc::EROFS
+    );
+    assert_eq!(
+        fs.mkdir(ROOT, n("d"), 0o755, 0, ME)
+            .await
+            .unwrap_err()
+            .errno(),
+        libc::EROFS
+    );
+    assert!(fs.open(f.ino, libc::O_RDONLY).await.is_ok());
+}

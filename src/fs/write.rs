@@ -27,7 +27,7 @@ const FETCH_CONCURRENCY: usize = 8;
 pub fn part_size_for(size: u64, min_part: u64) -> u64 {
     const MIB: u64 = 1024 * 1024;
     let needed = size.div_ceil(MAX_PARTS).div_ceil(MIB) * MIB;
-    needed.max(min_part).max(MIN_PART_SIZE).min(MAX_PART_SIZE)
+    needed.max(min_part).clamp(MIN_PART_SIZE, MAX_PART_SIZE)
 }
 
 /// Fetches `blocks` of the staging file's original into it.

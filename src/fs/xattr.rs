@@ -48,7 +48,9 @@ impl Fs {
     pub async fn setxattr(&self, ino: u64, name: &OsStr, value: &[u8], flags: i32) -> FsResult<()> {
         self.check_writable()?;
         let Some(name) = user_name(name) else {
-            return Err(FsError::NotSupported("only user.* attributes can be stored in S3"));
+            return Err(FsError::NotSupported(
+                "only user.* attributes can be stored in S3",
+            ));
         };
         let mut inode = self.ensure_headers(self.inode(ino)?).await?;
         let exists = inode.xattrs.contains_key(name);

@@ -56,7 +56,10 @@ pub fn decode(meta: &UserMetadata) -> PosixHeaders {
         ctime: time("ctime"),
         atime: time("atime"),
         rdev: num("rdev"),
-        xattrs: meta.get("xattr").map(|v| decode_xattrs(v)).unwrap_or_default(),
+        xattrs: meta
+            .get("xattr")
+            .map(|v| decode_xattrs(v))
+            .unwrap_or_default(),
     }
 }
 
@@ -175,10 +178,20 @@ mod tests {
 
     #[test]
     fn times_round_trip() {
-        for (sec, nsec) in [(0, 0), (5, 1), (1_700_000_000, 999_999_999), (-2, 500_000_000), (-1, 1)]
-        {
+        for (sec, nsec) in [
+            (0, 0),
+            (5, 1),
+            (1_700_000_000, 999_999_999),
+            (-2, 500_000_000),
+            (-1, 1),
+        ] {
             let ts = Timestamp { sec, nsec };
-            assert_eq!(parse_time(&format_time(ts)), Some(ts), "{}", format_time(ts));
+            assert_eq!(
+                parse_time(&format_time(ts)),
+                Some(ts),
+                "{}",
+                format_time(ts)
+            );
         }
     }
 
@@ -188,8 +201,14 @@ mod tests {
             mode: Some(0o100644),
             uid: Some(33),
             gid: Some(33),
-            mtime: Some(Timestamp { sec: 1_600_000_000, nsec: 0 }),
-            ctime: Some(Timestamp { sec: 1_600_000_001, nsec: 7 }),
+            mtime: Some(Timestamp {
+                sec: 1_600_000_000,
+                nsec: 0,
+            }),
+            ctime: Some(Timestamp {
+                sec: 1_600_000_001,
+                nsec: 7,
+            }),
             atime: None,
             rdev: None,
             xattrs: BTreeMap::new(),

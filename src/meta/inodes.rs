@@ -185,7 +185,8 @@ impl InodeTable {
     /// The entry with inode number `ino`.
     pub fn get(&self, ino: u64) -> MetaResult<Option<Inode>> {
         let conn = self.conn.lock().unwrap();
-        let mut stmt = conn.prepare_cached(&format!("SELECT {COLUMNS} FROM inodes WHERE ino = ?1"))?;
+        let mut stmt =
+            conn.prepare_cached(&format!("SELECT {COLUMNS} FROM inodes WHERE ino = ?1"))?;
         Ok(stmt.query_row([ino], from_row).optional()?)
     }
 
@@ -260,7 +261,10 @@ impl InodeTable {
     /// Deletes an unlinked entry (and its staging record) once nothing holds it.
     pub fn forget(&self, ino: u64) -> MetaResult<()> {
         let conn = self.conn.lock().unwrap();
-        let n = conn.execute("DELETE FROM inodes WHERE ino = ?1 AND parent IS NULL", [ino])?;
+        let n = conn.execute(
+            "DELETE FROM inodes WHERE ino = ?1 AND parent IS NULL",
+            [ino],
+        )?;
         if n > 0 {
             conn.execute("DELETE FROM staging WHERE ino = ?1", [ino])?;
         }
@@ -310,9 +314,8 @@ impl InodeTable {
         let mut conn = self.conn.lock().unwrap();
         let tx = conn.transaction()?;
         let mut existing: HashMap<String, Inode> = {
-            let mut stmt = tx.prepare_cached(&format!(
-                "SELECT {COLUMNS} FROM inodes WHERE parent = ?1"
-            ))?;
+            let mut stmt =
+                tx.prepare_cached(&format!("SELECT {COLUMNS} FROM inodes WHERE parent = ?1"))?;
             let rows = stmt.query_map([dir], from_row)?;
             rows.map(|r| r.map(|i| (i.name.clone(), i)))
                 .collect::<Result<_, _>>()?
@@ -334,8 +337,7 @@ impl InodeTable {
                     if let Some(row) = old {
                         detach(&tx, row.ino)?;
                     }
-                    let mut new = listed_dir(dir, name, defaults, started);
-                    insert_row(&tx, None, &mut new)?;
+                    insert_row(&tx, None, &listed_dir(dir, name, defaults, started))?;
                 }
             }
         }
@@ -356,8 +358,7 @@ impl InodeTable {
                     if let Some(row) = old {
                         detach(&tx, row.ino)?;
                     }
-                    let mut new = listed_file(dir, file, defaults, started);
-                    insert_row(&tx, None, &mut new)?;
+                    insert_row(&tx, None, &listed_file(dir, file, defaults, started))?;
                 }
             }
         }
@@ -619,7 +620,10 @@ mod tests {
         t.apply_listing(ROOT_INO, &listing, &DEFAULTS).unwrap();
         let kids = t.children(ROOT_INO).unwrap();
         let names: Vec<_> = kids.iter().map(|k| (k.name.as_str(), k.kind)).collect();
-        assert_eq!(names, [("a", Kind::File), ("both", Kind::Dir), ("d", Kind::Dir)]);
+        assert_eq!(
+            names,
+            [("a", Kind::File), ("both", Kind::Dir), ("d", Kind::Dir)]
+        );
         let a = t.child(ROOT_INO, "a").unwrap().unwrap();
         assert_eq!((a.uid, a.perm, a.size), (7, 0o644, 3));
 
@@ -650,7 +654,12 @@ mod tests {
             ..Default::default()
         };
         t.apply_listing(ROOT_INO, &listing, &DEFAULTS).unwrap();
-        let names: Vec<_> = t.children(ROOT_INO).unwrap().into_iter().map(|i| i.name).collect();
+        let names: Vec<_> = t
+            .children(ROOT_INO)
+            .unwrap()
+            .into_iter()
+            .map(|i| i.name)
+            .collect();
         assert_eq!(names, ["dirty", "newer"]);
     }
 

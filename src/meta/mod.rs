@@ -118,7 +118,8 @@ impl Timestamp {
         if self.sec >= 0 {
             UNIX_EPOCH + Duration::new(self.sec as u64, self.nsec)
         } else {
-            UNIX_EPOCH - Duration::from_secs(self.sec.unsigned_abs()) + Duration::from_nanos(self.nsec as u64)
+            UNIX_EPOCH - Duration::from_secs(self.sec.unsigned_abs())
+                + Duration::from_nanos(self.nsec as u64)
         }
     }
 }
@@ -211,7 +212,13 @@ mod tests {
 
     #[test]
     fn timestamps_round_trip_before_and_after_the_epoch() {
-        for (sec, nsec) in [(0, 0), (1, 5), (-1, 0), (-2, 999_999_999), (1_700_000_000, 1)] {
+        for (sec, nsec) in [
+            (0, 0),
+            (1, 5),
+            (-1, 0),
+            (-2, 999_999_999),
+            (1_700_000_000, 1),
+        ] {
             let t = Timestamp { sec, nsec };
             assert_eq!(Timestamp::from(t.to_system_time()), t);
         }

@@ -168,7 +168,12 @@ mod tests {
         assert_eq!(key_of("", &c(&["a", "b"]), false).unwrap(), "a/b");
         assert_eq!(key_of("p/", &c(&["a", "b"]), true).unwrap(), "p/a/b/");
         assert_eq!(key_of("p/", &[], true).unwrap(), "p/");
-        let long = c(&[&"x".repeat(255), &"y".repeat(255), &"z".repeat(255), &"w".repeat(255)]);
+        let long = c(&[
+            &"x".repeat(255),
+            &"y".repeat(255),
+            &"z".repeat(255),
+            &"w".repeat(255),
+        ]);
         assert_eq!(key_of("pp/", &long, false), Err(NameError::TooLong));
     }
 
@@ -178,7 +183,10 @@ mod tests {
         assert_eq!(classify_object("d/", "d/f"), Listed::File("f"));
         assert_eq!(classify_object("d/", "d/.."), Listed::Hidden);
         assert_eq!(classify_object("", "."), Listed::Hidden);
-        assert_eq!(classify_object("d/", &format!("d/{}", "x".repeat(256))), Listed::Hidden);
+        assert_eq!(
+            classify_object("d/", &format!("d/{}", "x".repeat(256))),
+            Listed::Hidden
+        );
         assert_eq!(classify_prefix("d/", "d/sub/"), Listed::Dir("sub"));
         assert_eq!(classify_prefix("d/", "d//"), Listed::Hidden);
         assert_eq!(classify_prefix("d/", "d/./"), Listed::Hidden);

@@ -369,7 +369,8 @@ impl ObjectStore for MemStore {
                 break;
             }
             let rest = &key[prefix.len()..];
-            let common = delimiter.and_then(|d| rest.find(d).map(|i| format!("{prefix}{}{d}", &rest[..i])));
+            let common =
+                delimiter.and_then(|d| rest.find(d).map(|i| format!("{prefix}{}{d}", &rest[..i])));
             let name = common.clone().unwrap_or_else(|| key.clone());
             if name.as_str() <= start || last.as_ref() == Some(&name) {
                 continue;
