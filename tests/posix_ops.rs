@@ -45,9 +45,19 @@ fn setxattr(p: &Path, name: &str, value: &[u8]) -> std::io::Result<()> {
     let (p, n) = (cstr(p), CString::new(name).unwrap());
     // SAFETY: valid pointers and lengths.
     let rc = unsafe {
-        libc::setxattr(p.as_ptr(), n.as_ptr(), value.as_ptr().cast(), value.len(), 0)
+        libc::setxattr(
+            p.as_ptr(),
+            n.as_ptr(),
+            value.as_ptr().cast(),
+            value.len(),
+            0,
+        )
     };
-    if rc == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
 }
 
 fn getxattr(p: &Path, name: &str) -> std::io::Result<Vec<u8>> {
@@ -89,7 +99,11 @@ fn create_write_read_and_stat() {
     let m = Mount::new("create");
     let b = m.bucket();
     fs::write(m.p("a.txt"), b"hello\n").unwrap();
-    assert_eq!(b.get("a.txt").unwrap(), b"hello\n", "in the bucket at close");
+    assert_eq!(
+        b.get("a.txt").unwrap(),
+        b"hello\n",
+        "in the bucket at close"
+    );
     assert_eq!(fs::read(m.p("a.txt")).unwrap(), b"hello\n");
     let md = fs::metadata(m.p("a.txt")).unwrap();
     assert_eq!(md.len(), 6);
@@ -124,7 +138,10 @@ fn writes_at_any_offset() {
     let mut want = big.clone();
     {
         let f = OpenOptions::new().write(true).open(m.p("big")).unwrap();
-        for (i, off) in [7u64, 5_000_000, 17 << 20, (40 << 20) - 3].iter().enumerate() {
+        for (i, off) in [7u64, 5_000_000, 17 << 20, (40 << 20) - 3]
+            .iter()
+            .enumerate()
+        {
             let data = [b'A' + i as u8; 3];
             f.write_all_at(&data, *off).unwrap();
             want[*off as usize..*off as usize + 3].copy_from_slice(&data);
@@ -233,7 +250,10 @@ fn chmod_chown_and_utimes_persist() {
         ..Default::default()
     });
     let md = fs::metadata(m.p("f")).unwrap();
-    assert_eq!((md.mode() & 0o7777, md.uid(), md.gid()), (0o640, 1234, 5678));
+    assert_eq!(
+        (md.mode() & 0o7777, md.uid(), md.gid()),
+        (0o640, 1234, 5678)
+    );
     assert_eq!(md.modified().unwrap(), when);
     assert_eq!(fs::metadata(m.p("d")).unwrap().mode() & 0o7777, 0o700);
 }
@@ -347,8 +367,14 @@ fn renames_of_files_and_directories() {
     assert_eq!(fs::read(m.p("empty/top")).unwrap(), b"top");
     fs::create_dir(m.p("d2")).unwrap();
     fs::write(m.p("d2/f"), b"").unwrap();
-    assert_eq!(errno_of(fs::rename(m.p("empty"), m.p("d2"))), libc::ENOTEMPTY);
-    assert_eq!(errno_of(fs::rename(m.p("empty"), m.p("empty/x/inside"))), libc::EINVAL);
+    assert_eq!(
+        errno_of(fs::rename(m.p("empty"), m.p("d2"))),
+        libc::ENOTEMPTY
+    );
+    assert_eq!(
+        errno_of(fs::rename(m.p("empty"), m.p("empty/x/inside"))),
+        libc::EINVAL
+    );
     // RENAME_EXCHANGE cannot be atomic on S3.
     assert_eq!(
         errno_of(renameat2(&m.p("b"), &m.p("d2/f"), libc::RENAME_EXCHANGE)),
@@ -373,25 +399,48 @@ fn symlinks_xattrs_access_and_links() {
     std::os::unix::fs::symlink("target", m.p("link")).unwrap();
     assert_eq!(fs::read_link(m.p("link")).unwrap().to_str(), Some("target"));
     assert_eq!(fs::read(m.p("link")).unwrap(), b"t");
-    assert!(fs::symlink_metadata(m.p("link")).unwrap().file_type().is_symlink());
+    assert!(
+        fs::symlink_metadata(m.p("link"))
+            .unwrap()
+            .file_type()
+            .is_symlink()
+    );
     assert_eq!(b.get("link").unwrap(), b"target");
-    assert_eq!(b.head("link").unwrap().0["mode"], (libc::S_IFLNK | 0o777).to_string());
+    assert_eq!(
+        b.head("link").unwrap().0["mode"],
+        (libc::S_IFLNK | 0o777).to_string()
+    );
     // user.* extended attributes live in x-amz-meta-xattr.
     setxattr(&m.p("target"), "user.k", b"value").unwrap();
     assert_eq!(getxattr(&m.p("target"), "user.k").unwrap(), b"value");
     assert_eq!(listxattr(&m.p("target")).unwrap(), b"user.k\0");
     assert!(b.head("target").unwrap().0.contains_key("xattr"));
-    assert_eq!(errno_of(getxattr(&m.p("target"), "user.none")), libc::ENODATA);
-    assert_eq!(errno_of(setxattr(&m.p("target"), "trusted.x", b"1")), libc::EOPNOTSUPP);
+    assert_eq!(
+        errno_of(getxattr(&m.p("target"), "user.none")),
+        libc::ENODATA
+    );
+    assert_eq!(
+        errno_of(setxattr(&m.p("target"), "trusted.x", b"1")),
+        libc::EOPNOTSUPP
+    );
     removexattr(&m.p("target"), "user.k").unwrap();
     assert_eq!(errno_of(getxattr(&m.p("target"), "user.k")), libc::ENODATA);
     // access(2).
     let c = cstr(&m.p("target"));
-    assert_eq!(unsafe { libc::access(c.as_ptr(), libc::R_OK | libc::W_OK) }, 0);
+    assert_eq!(
+        unsafe { libc::access(c.as_ptr(), libc::R_OK | libc::W_OK) },
+        0
+    );
     // Hard links cannot exist on S3.
-    assert_eq!(errno_of(fs::hard_link(m.p("target"), m.p("hard"))), libc::EPERM);
+    assert_eq!(
+        errno_of(fs::hard_link(m.p("target"), m.p("hard"))),
+        libc::EPERM
+    );
     // A name too long for POSIX.
-    assert_eq!(errno_of(File::create(m.p(&"n".repeat(256)))), libc::ENAMETOOLONG);
+    assert_eq!(
+        errno_of(File::create(m.p(&"n".repeat(256)))),
+        libc::ENAMETOOLONG
+    );
     // mkfifo makes an s3fs-style special file.
     let fifo = cstr(&m.p("fifo"));
     assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
@@ -434,6 +483,10 @@ fn slow_requests_do_not_block_others() {
         std::thread::sleep(Duration::from_millis(5));
     }
     writer.join().unwrap();
-    assert!(stats > 1, "reads ran while the upload did ({stats} in {:?})", start.elapsed());
+    assert!(
+        stats > 1,
+        "reads ran while the upload did ({stats} in {:?})",
+        start.elapsed()
+    );
     assert_eq!(fs::metadata(m.p("big")).unwrap().len(), 200 << 20);
 }

@@ -17,6 +17,7 @@ use super::read::{ObjectVersion, ReadTuning, Reader};
 use super::{Attr, Fs, FsError, FsResult, Handle, write};
 use crate::cache::staging::{Original, Staging};
 use crate::meta::{Inode, Kind, ROOT_INO, Timestamp, now_ns};
+use crate::store::StoreError;
 
 /// The shared state of an open inode.
 #[derive(Debug)]
@@ -275,15 +276,22 @@ impl Fs {
             }
         };
         let mut reader = h.reader.lock().await;
-        Ok(reader
-            .read(
-                &self.store,
-                &version,
-                offset,
-                size as usize,
-                self.read_tuning(),
-            )
-            .await?)
+        let tuning = self.read_tuning();
+        match reader
+            .read(&self.store, &version, offset, size as usize, tuning)
+            .await
+        {
+            Err(e @ StoreError::PreconditionFailed(_)) => {
+                // Another client replaced the object: this handle keeps failing with ESTALE
+                // rather than mixing versions, and the next open looks at the new object.
+                if let Some(mut row) = self.meta.get(h.file.ino)? {
+                    row.validated_at = 0;
+                    self.meta.save(&row)?;
+                }
+                Err(e.into())
+            }
+            other => Ok(other?),
+        }
     }
 
     /// Writes `data` at `offset`; returns the bytes written.

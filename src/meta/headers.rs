@@ -224,6 +224,30 @@ mod tests {
     }
 
     #[test]
+    fn reads_what_s3fs_writes() {
+        // Written by s3fs 1.90 for a regular file, and for a directory (no type bits).
+        let mut meta = UserMetadata::new();
+        meta.insert("mode".into(), "33184".into());
+        meta.insert("mtime".into(), "1500000000.500000000".into());
+        meta.insert(
+            "xattr".into(),
+            "%7B%22user.k%22%3A%22dgBhbA%3D%3D%22%2C%22user.other%22%3A%22Mg%3D%3D%22%7D".into(),
+        );
+        let h = decode(&meta);
+        assert_eq!(h.mode, Some(0o100640));
+        assert_eq!(
+            h.mtime,
+            Some(Timestamp {
+                sec: 1_500_000_000,
+                nsec: 500_000_000
+            })
+        );
+        assert_eq!(h.xattrs["user.k"], b"v\0al");
+        assert_eq!(h.xattrs["user.other"], b"2");
+        assert_eq!(encode(&h)["xattr"], meta["xattr"], "the same encoding back");
+    }
+
+    #[test]
     fn garbage_headers_are_ignored() {
         let mut meta = UserMetadata::new();
         meta.insert("mode".into(), "rwx".into());

@@ -170,7 +170,9 @@ impl Bucket {
             for (k, v) in meta {
                 req = req.metadata(*k, *v);
             }
-            req.send().await.unwrap_or_else(|e| panic!("PUT {key}: {e:?}"));
+            req.send()
+                .await
+                .unwrap_or_else(|e| panic!("PUT {key}: {e:?}"));
         })
     }
 
@@ -340,7 +342,10 @@ impl Mount {
             .env("AWS_ACCESS_KEY_ID", &self.server.access_key)
             .env("AWS_SECRET_ACCESS_KEY", &self.server.secret_key)
             .env("AWS_REGION", "us-east-1")
-            .env("RUST_LOG", std::env::var("S3BRIDGE_TEST_LOG").unwrap_or_else(|_| "s3bridge=info".into()))
+            .env(
+                "RUST_LOG",
+                std::env::var("S3BRIDGE_TEST_LOG").unwrap_or_else(|_| "s3bridge=info".into()),
+            )
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log);
@@ -468,7 +473,9 @@ pub fn sh_output(dir: &Path, script: &str) -> Output {
 
 /// Deterministic pseudo-random bytes.
 pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    let mut x = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
     (0..len)
         .map(|_| {
             x ^= x << 13;
