@@ -139,17 +139,9 @@ where
     let status = status_of(&err);
     match &err {
         SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => {
-            return StoreError::Unavailable(format!(
-                "{}",
-                aws_smithy_types::error::display::DisplayErrorContext(&err)
-            ));
+            return StoreError::Unavailable(error_chain(&err));
         }
-        SdkError::ConstructionFailure(_) => {
-            return StoreError::Other(format!(
-                "{}",
-                aws_smithy_types::error::display::DisplayErrorContext(&err)
-            ));
-        }
+        SdkError::ConstructionFailure(_) => return StoreError::Other(error_chain(&err)),
         _ => {}
     }
     let code = err.code().unwrap_or("").to_string();
@@ -175,6 +167,20 @@ where
         (Some(s), _) if s >= 500 => StoreError::Unavailable(what),
         _ => StoreError::Other(what),
     }
+}
+
+/// An error and its sources, each message once: "dispatch failure: tcp connect error: ...".
+fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut cur = Some(err);
+    while let Some(e) = cur {
+        let msg = e.to_string();
+        if !parts.iter().any(|p| p.contains(&msg)) {
+            parts.push(msg);
+        }
+        cur = e.source();
+    }
+    parts.join(": ")
 }
 
 fn to_system_time(t: Option<&aws_smithy_types::DateTime>) -> SystemTime {

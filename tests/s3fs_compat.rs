@@ -1,0 +1,123 @@
+//! Buckets move between s3fs and s3bridge with nothing lost: a tree written through Debian's
+//! s3fs shows the same modes, owners, mtimes, link targets and directories in s3bridge, and
+//! the reverse.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::{Mount, MountOptions, Server, is_mounted, scratch, sh, unique};
+
+/// A running s3fs mount of one prefix; unmounted when dropped.
+struct S3fs {
+    path: PathBuf,
+}
+
+impl S3fs {
+    fn mount(server: &Server, prefix: &str) -> S3fs {
+        let base = scratch().join(unique("s3fs"));
+        let path = base.join("mnt");
+        std::fs::create_dir_all(&path).unwrap();
+        let passwd = base.join("passwd");
+        std::fs::write(
+            &passwd,
+            format!("{}:{}", server.access_key, server.secret_key),
+        )
+        .unwrap();
+        std::fs::set_permissions(&passwd, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .unwrap();
+        let status = Command::new("s3fs")
+            .arg(format!(
+                "{}:/{}",
+                server.bucket,
+                prefix.trim_end_matches('/')
+            ))
+            .arg(&path)
+            .args(["-o", &format!("passwd_file={}", passwd.display())])
+            .args(["-o", &format!("url={}", server.endpoint)])
+            .args(["-o", "use_path_request_style,endpoint=us-east-1,use_xattr"])
+            // No stat cache: every check below reads the bucket.
+            .args(["-o", "max_stat_cache_size=0"])
+            .status()
+            .expect("s3fs is not installed: tests/run.sh installs it (apt-get install s3fs)");
+        assert!(status.success(), "s3fs failed to mount");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !is_mounted(&path) {
+            assert!(Instant::now() < deadline, "s3fs mount did not appear");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        S3fs { path }
+    }
+}
+
+impl Drop for S3fs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.path).status();
+        if is_mounted(&self.path) {
+            let _ = Command::new("umount").arg("-l").arg(&self.path).status();
+        }
+    }
+}
+
+/// Writes the same small tree with chmod, chown, utimes, a symlink, directories and an xattr.
+const MAKE_TREE: &str = "
+    mkdir -p d/sub
+    chmod 0750 d
+    printf 'content\\n' > d/file
+    chmod 0640 d/file
+    chown 1234:5678 d/file
+    touch -d @1500000000.25 d/file
+    printf 'x' > exec
+    chmod 0755 exec
+    touch -d @1400000000 exec
+    ln -s d/file link
+    mkdir empty
+    python3 -c \"import os; os.setxattr('d/file', 'user.tag', b'blue')\"
+";
+
+/// What both filesystems must agree on.
+const DESCRIBE: &str = "
+    find . -mindepth 1 \\( -type d -printf '%P %y %m\\n' \\) \\
+        -o -printf '%P %y %m %U %G %T@ %s %l\\n' | sort
+    python3 -c \"import os; print(os.getxattr('d/file', 'user.tag'))\"
+";
+
+fn describe(dir: &Path) -> String {
+    sh(dir, DESCRIBE)
+}
+
+#[test]
+fn a_tree_written_by_s3fs_reads_the_same_in_s3bridge() {
+    let server = Server::from_env();
+    let prefix = format!("{}/", unique("from-s3fs"));
+    let s3fs = S3fs::mount(&server, &prefix);
+    sh(&s3fs.path, MAKE_TREE);
+    let want = describe(&s3fs.path);
+    assert!(
+        want.contains("d/file f 640 1234 5678 1500000000.2500000000 8"),
+        "{want}"
+    );
+    let m = Mount::of_prefix(&prefix, MountOptions::default());
+    assert_eq!(describe(&m.path), want);
+    assert_eq!(std::fs::read(m.p("link")).unwrap(), b"content\n");
+}
+
+#[test]
+fn a_tree_written_by_s3bridge_reads_the_same_in_s3fs() {
+    let server = Server::from_env();
+    let prefix = format!("{}/", unique("to-s3fs"));
+    let want = {
+        let m = Mount::of_prefix(&prefix, MountOptions::default());
+        sh(&m.path, MAKE_TREE);
+        describe(&m.path)
+    };
+    assert!(
+        want.contains("d/file f 640 1234 5678 1500000000.2500000000 8"),
+        "{want}"
+    );
+    let s3fs = S3fs::mount(&server, &prefix);
+    assert_eq!(describe(&s3fs.path), want);
+    assert_eq!(std::fs::read(s3fs.path.join("link")).unwrap(), b"content\n");
+}
