@@ -10,7 +10,7 @@ set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../.." && pwd)
-bin=${S3BRIDGE_BIN:-$root/target/debug/s3bridge}
+bin=${S3BRIDGE_BIN:-${CARGO_TARGET_DIR:-$root/target}/debug/s3bridge}
 fsx_ops=${FSX_OPS:-20000}
 export PATH="$HOME/.cargo/bin:$PATH"
 
