@@ -210,6 +210,18 @@ fn truncate_grow_and_shrink() {
     drop(f);
     assert_eq!(b.get("f").unwrap(), b"new");
     assert_eq!(fs::metadata(m.p("f")).unwrap().len(), 3);
+    // posix_fallocate extends with zeros; hole punching is not supported.
+    let f = OpenOptions::new().write(true).open(m.p("f")).unwrap();
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&f);
+    assert_eq!(unsafe { libc::posix_fallocate(fd, 0, 6) }, 0);
+    let punch = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+    assert_eq!(unsafe { libc::fallocate(fd, punch, 0, 1) }, -1);
+    assert_eq!(
+        std::io::Error::last_os_error().raw_os_error(),
+        Some(libc::EOPNOTSUPP)
+    );
+    drop(f);
+    assert_eq!(b.get("f").unwrap(), b"new\0\0\0");
 }
 
 #[test]

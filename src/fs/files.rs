@@ -372,6 +372,31 @@ impl Fs {
         })
     }
 
+    /// fallocate: S3 has no preallocation, so mode 0 extends the file (zeros) and
+    /// FALLOC_FL_KEEP_SIZE succeeds without effect; other modes are not supported.
+    pub async fn fallocate(&self, fh: u64, offset: u64, len: u64, mode: i32) -> FsResult<()> {
+        self.check_writable()?;
+        let h = self.file_handle(fh)?;
+        if !h.writable {
+            return Err(FsError::BadHandle);
+        }
+        match mode {
+            0 => {
+                let end = offset
+                    .checked_add(len)
+                    .ok_or(FsError::Invalid("fallocate past the largest file size"))?;
+                if end > h.file.attrs().size {
+                    self.truncate_locked(&h.file, end).await?;
+                }
+                Ok(())
+            }
+            libc::FALLOC_FL_KEEP_SIZE => Ok(()),
+            _ => Err(FsError::NotSupported(
+                "fallocate modes other than 0 and KEEP_SIZE",
+            )),
+        }
+    }
+
     /// Uploads the file if it has pending changes (close and fsync).
     #[instrument(level = "debug", skip(self))]
     pub async fn flush(&self, fh: u64) -> FsResult<()> {

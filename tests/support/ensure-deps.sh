@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs what s3bridge's tests need, skipping whatever is already there:
-#   Debian packages: fuse3, s3fs, rsync, git, vim, curl, awscli, python3
+#   Debian packages: fuse3, s3fs, rsync, git, vim, curl, python3
 #   from crates.io:  garage 2.5.0 (the S3 server; ~11 min to build once), pjdfstest, fsx
 #   the dummy user pjdfstest switches to ("tests")
 # Usage: tests/support/ensure-deps.sh [--no-conformance]
@@ -20,7 +20,6 @@ need rsync rsync
 need git git
 need vim vim
 need curl curl
-need aws awscli
 need python3 python3
 need pkg-config pkg-config
 if [ ${#missing[@]} -gt 0 ]; then
