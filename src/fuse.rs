@@ -198,10 +198,7 @@ impl fuser::Filesystem for FuseAdapter {
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
         let ttl = self.ttl;
         self.spawn(move |fs| async move {
-            match fs.getattr(ino.0).await {
-                Ok(a) => reply.attr(&ttl, &file_attr(&a)),
-                Err(e) => reply.error(errno("getattr", &e)),
-            }
+            reply_attr(reply, ttl, "getattr", fs.getattr(ino.0).await);
         });
     }
 
@@ -233,10 +230,12 @@ impl fuser::Filesystem for FuseAdapter {
             mtime: mtime.map(time_set),
         };
         self.spawn(move |fs| async move {
-            match fs.setattr(ino.0, fh.map(|h| h.0), set).await {
-                Ok(a) => reply.attr(&ttl, &file_attr(&a)),
-                Err(e) => reply.error(errno("setattr", &e)),
-            }
+            reply_attr(
+                reply,
+                ttl,
+                "setattr",
+                fs.setattr(ino.0, fh.map(|h| h.0), set).await,
+            );
         });
     }
 
@@ -261,10 +260,12 @@ impl fuser::Filesystem for FuseAdapter {
     ) {
         let (name, ttl, who) = (name.to_owned(), self.ttl, caller(req));
         self.spawn(move |fs| async move {
-            match fs.mknod(parent.0, &name, mode, umask, rdev, who).await {
-                Ok(a) => reply.entry(&ttl, &file_attr(&a), Generation(0)),
-                Err(e) => reply.error(errno("mknod", &e)),
-            }
+            reply_entry(
+                reply,
+                ttl,
+                "mknod",
+                fs.mknod(parent.0, &name, mode, umask, rdev, who).await,
+            );
         });
     }
 
@@ -279,30 +280,26 @@ impl fuser::Filesystem for FuseAdapter {
     ) {
         let (name, ttl, who) = (name.to_owned(), self.ttl, caller(req));
         self.spawn(move |fs| async move {
-            match fs.mkdir(parent.0, &name, mode, umask, who).await {
-                Ok(a) => reply.entry(&ttl, &file_attr(&a), Generation(0)),
-                Err(e) => reply.error(errno("mkdir", &e)),
-            }
+            reply_entry(
+                reply,
+                ttl,
+                "mkdir",
+                fs.mkdir(parent.0, &name, mode, umask, who).await,
+            );
         });
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let name = name.to_owned();
         self.spawn(move |fs| async move {
-            match fs.unlink(parent.0, &name).await {
-                Ok(()) => reply.ok(),
-                Err(e) => reply.error(errno("unlink", &e)),
-            }
+            reply_empty(reply, "unlink", fs.unlink(parent.0, &name).await);
         });
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let name = name.to_owned();
         self.spawn(move |fs| async move {
-            match fs.rmdir(parent.0, &name).await {
-                Ok(()) => reply.ok(),
-                Err(e) => reply.error(errno("rmdir", &e)),
-            }
+            reply_empty(reply, "rmdir", fs.rmdir(parent.0, &name).await);
         });
     }
 
@@ -317,10 +314,12 @@ impl fuser::Filesystem for FuseAdapter {
         let (name, target) = (link_name.to_owned(), target.as_os_str().to_owned());
         let (ttl, who) = (self.ttl, caller(req));
         self.spawn(move |fs| async move {
-            match fs.symlink(parent.0, &name, &target, who).await {
-                Ok(a) => reply.entry(&ttl, &file_attr(&a), Generation(0)),
-                Err(e) => reply.error(errno("symlink", &e)),
-            }
+            reply_entry(
+                reply,
+                ttl,
+                "symlink",
+                fs.symlink(parent.0, &name, &target, who).await,
+            );
         });
     }
 
@@ -336,13 +335,10 @@ impl fuser::Filesystem for FuseAdapter {
     ) {
         let (name, newname) = (name.to_owned(), newname.to_owned());
         self.spawn(move |fs| async move {
-            match fs
+            let result = fs
                 .rename(parent.0, &name, newparent.0, &newname, flags.bits())
-                .await
-            {
-                Ok(()) => reply.ok(),
-                Err(e) => reply.error(errno("rename", &e)),
-            }
+                .await;
+            reply_empty(reply, "rename", result);
         });
     }
 
@@ -354,18 +350,12 @@ impl fuser::Filesystem for FuseAdapter {
         _newname: &OsStr,
         reply: ReplyEntry,
     ) {
-        match self.fs.link() {
-            Ok(_) => unreachable!("link never succeeds"),
-            Err(e) => reply.error(errno("link", &e)),
-        }
+        reply_entry(reply, self.ttl, "link", self.fs.link());
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         self.spawn(move |fs| async move {
-            match fs.open(ino.0, flags.0).await {
-                Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
-                Err(e) => reply.error(errno("open", &e)),
-            }
+            reply_opened(reply, "open", fs.open(ino.0, flags.0).await);
         });
     }
 
@@ -418,10 +408,7 @@ impl fuser::Filesystem for FuseAdapter {
         reply: ReplyEmpty,
     ) {
         self.spawn(move |fs| async move {
-            match fs.flush(fh.0).await {
-                Ok(()) => reply.ok(),
-                Err(e) => reply.error(errno("flush", &e)),
-            }
+            reply_empty(reply, "flush", fs.flush(fh.0).await);
         });
     }
 
@@ -450,19 +437,13 @@ impl fuser::Filesystem for FuseAdapter {
         reply: ReplyEmpty,
     ) {
         self.spawn(move |fs| async move {
-            match fs.fsync(fh.0).await {
-                Ok(()) => reply.ok(),
-                Err(e) => reply.error(errno("fsync", &e)),
-            }
+            reply_empty(reply, "fsync", fs.fsync(fh.0).await);
         });
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         self.spawn(move |fs| async move {
-            match fs.opendir(ino.0).await {
-                Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
-                Err(e) => reply.error(errno("opendir", &e)),
-            }
+            reply_opened(reply, "opendir", fs.opendir(ino.0).await);
         });
     }
 
@@ -524,10 +505,11 @@ impl fuser::Filesystem for FuseAdapter {
         reply: ReplyEmpty,
     ) {
         self.spawn(move |fs| async move {
-            match fs.fallocate(fh.0, offset, length, mode).await {
-                Ok(()) => reply.ok(),
-                Err(e) => reply.error(errno("fallocate", &e)),
-            }
+            reply_empty(
+                reply,
+                "fallocate",
+                fs.fallocate(fh.0, offset, length, mode).await,
+            );
         });
     }
 
@@ -550,10 +532,11 @@ impl fuser::Filesystem for FuseAdapter {
     ) {
         let (name, value) = (name.to_owned(), value.to_vec());
         self.spawn(move |fs| async move {
-            match fs.setxattr(ino.0, &name, &value, flags).await {
-                Ok(()) => reply.ok(),
-                Err(e) => reply.error(errno("setxattr", &e)),
-            }
+            reply_empty(
+                reply,
+                "setxattr",
+                fs.setxattr(ino.0, &name, &value, flags).await,
+            );
         });
     }
 
@@ -579,18 +562,16 @@ impl fuser::Filesystem for FuseAdapter {
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let name = name.to_owned();
         self.spawn(move |fs| async move {
-            match fs.removexattr(ino.0, &name).await {
-                Ok(()) => reply.ok(),
-                Err(e) => reply.error(errno("removexattr", &e)),
-            }
+            reply_empty(reply, "removexattr", fs.removexattr(ino.0, &name).await);
         });
     }
 
     fn access(&self, req: &Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
-        match self.fs.access(ino.0, mask.bits(), caller(req)) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(errno("access", &e)),
-        }
+        reply_empty(
+            reply,
+            "access",
+            self.fs.access(ino.0, mask.bits(), caller(req)),
+        );
     }
 
     fn create(
@@ -616,6 +597,34 @@ impl fuser::Filesystem for FuseAdapter {
                 Err(e) => reply.error(errno("create", &e)),
             }
         });
+    }
+}
+
+fn reply_entry(reply: ReplyEntry, ttl: Duration, op: &str, result: Result<Attr, FsError>) {
+    match result {
+        Ok(a) => reply.entry(&ttl, &file_attr(&a), Generation(0)),
+        Err(e) => reply.error(errno(op, &e)),
+    }
+}
+
+fn reply_attr(reply: ReplyAttr, ttl: Duration, op: &str, result: Result<Attr, FsError>) {
+    match result {
+        Ok(a) => reply.attr(&ttl, &file_attr(&a)),
+        Err(e) => reply.error(errno(op, &e)),
+    }
+}
+
+fn reply_empty(reply: ReplyEmpty, op: &str, result: Result<(), FsError>) {
+    match result {
+        Ok(()) => reply.ok(),
+        Err(e) => reply.error(errno(op, &e)),
+    }
+}
+
+fn reply_opened(reply: ReplyOpen, op: &str, result: Result<u64, FsError>) {
+    match result {
+        Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+        Err(e) => reply.error(errno(op, &e)),
     }
 }
 

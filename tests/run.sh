@@ -34,11 +34,12 @@ chmod 0755 "$scratch"
 export S3BRIDGE_TEST_SCRATCH=$scratch/mounts
 cleanup() {
     status=$?
+    set +e
     # Mounts a killed test may have left behind.
     grep -F " $scratch/" /proc/mounts | awk '{print $2}' | while read -r m; do
         umount -l "$(printf '%b' "$m")" 2>/dev/null || true
     done
-    tests/support/garage.sh stop "$scratch/garage" || true
+    tests/support/garage.sh stop "$scratch/garage"
     rm -rf "$scratch"
     exit $status
 }

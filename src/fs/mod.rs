@@ -277,37 +277,20 @@ impl Fs {
                 ),
             )));
         }
-        let now = Timestamp::now();
-        let root = Inode {
-            ino: ROOT_INO,
-            parent: None,
-            name: String::new(),
-            kind: Kind::Dir,
-            perm: cfg.dir_mode & 0o7777,
-            uid: cfg.uid,
-            gid: cfg.gid,
-            size: 0,
-            rdev: 0,
-            atime: now,
-            mtime: now,
-            ctime: now,
-            etag: None,
-            headers_known: true,
-            symlink_target: None,
-            xattrs: Default::default(),
-            dirty: false,
-            validated_at: 0,
-            listed_at: None,
-        };
-        let db = cfg.cache_dir.join("meta.db");
-        let meta = InodeTable::open(&db, &root)?;
-        restrict_permissions(&db);
         let defaults = EntryDefaults {
             uid: cfg.uid,
             gid: cfg.gid,
             file_perm: cfg.file_mode & 0o7777,
             dir_perm: cfg.dir_mode & 0o7777,
         };
+        let root = Inode {
+            ino: ROOT_INO,
+            headers_known: true,
+            ..Inode::new_entry(None, "", Kind::Dir, &defaults, Timestamp::now(), 0)
+        };
+        let db = cfg.cache_dir.join("meta.db");
+        let meta = InodeTable::open(&db, &root)?;
+        restrict_permissions(&db);
         Ok(Fs {
             cfg,
             store,
@@ -551,7 +534,6 @@ impl Fs {
                         self.meta.unlink(old.ino)?;
                     }
                     let mut fresh = self.new_inode(dir.ino, name, Kind::Dir, started);
-                    fresh.perm = self.defaults.dir_perm;
                     self.meta.insert(&mut fresh)?;
                     fresh
                 }
@@ -606,27 +588,7 @@ impl Fs {
     /// A new row with the mount's defaults, to be filled in.
     fn new_inode(&self, parent: u64, name: &str, kind: Kind, validated_at: i64) -> Inode {
         let now = Timestamp::now();
-        Inode {
-            ino: 0,
-            parent: Some(parent),
-            name: name.to_string(),
-            kind,
-            perm: self.defaults.file_perm,
-            uid: self.defaults.uid,
-            gid: self.defaults.gid,
-            size: 0,
-            rdev: 0,
-            atime: now,
-            mtime: now,
-            ctime: now,
-            etag: None,
-            headers_known: false,
-            symlink_target: None,
-            xattrs: Default::default(),
-            dirty: false,
-            validated_at,
-            listed_at: None,
-        }
+        Inode::new_entry(Some(parent), name, kind, &self.defaults, now, validated_at)
     }
 
     /// Takes size, ETag and POSIX headers from a HEAD answer (headers absent: defaults).

@@ -15,6 +15,7 @@ use futures::stream::{self, StreamExt, TryStreamExt};
 use tracing::{info, instrument, warn};
 
 use super::files::{FileState, OpenFile};
+use super::locks::DirGuard;
 use super::{Attr, Caller, Fs, FsError, FsResult, write};
 use crate::cache::staging::{Original, Staging};
 use crate::meta::names::{self, NameError};
@@ -62,6 +63,38 @@ impl Fs {
         Ok(attr)
     }
 
+    /// Locks directory `parent` and checks that `name` is a free, valid name in it.
+    async fn name_to_create<'n>(
+        &self,
+        parent: u64,
+        name: &'n OsStr,
+    ) -> FsResult<(DirGuard, Inode, &'n str)> {
+        self.check_writable()?;
+        let name = names::check_name(name)?;
+        let guard = self.dir_locks.lock(parent).await;
+        let dir = self.dir(parent)?;
+        self.check_free(&dir, name).await?;
+        Ok((guard, dir, name))
+    }
+
+    /// Writes the object of a new entry, then records the entry.
+    async fn put_entry(
+        &self,
+        dir: &Inode,
+        key: &str,
+        body: Bytes,
+        mut inode: Inode,
+    ) -> FsResult<Attr> {
+        let etag = self.store.put(key, body, &self.headers_of(&inode)).await?;
+        inode.etag = Some(etag);
+        inode.validated_at = now_ns();
+        if inode.kind == Kind::Dir {
+            // A new directory is empty: its listing is known.
+            inode.listed_at = Some(inode.validated_at);
+        }
+        self.add_entry(dir, &mut inode)
+    }
+
     /// Creates a directory: a marker object `dir/name/`.
     #[instrument(level = "debug", skip(self))]
     pub async fn mkdir(
@@ -72,22 +105,10 @@ impl Fs {
         umask: u32,
         caller: Caller,
     ) -> FsResult<Attr> {
-        self.check_writable()?;
-        let name = names::check_name(name)?;
-        let _g = self.dir_locks.lock(parent).await;
-        let dir = self.dir(parent)?;
-        self.check_free(&dir, name).await?;
+        let (_g, dir, name) = self.name_to_create(parent, name).await?;
         let key = self.child_key(&dir, name, true)?;
-        let mut inode = self.new_entry(&dir, name, Kind::Dir, mode & !umask, caller);
-        let etag = self
-            .store
-            .put(&key, Bytes::new(), &self.headers_of(&inode))
-            .await?;
-        inode.etag = Some(etag);
-        inode.validated_at = now_ns();
-        // A new directory is empty: its listing is known.
-        inode.listed_at = Some(inode.validated_at);
-        self.add_entry(&dir, &mut inode)
+        let inode = self.new_entry(&dir, name, Kind::Dir, mode & !umask, caller);
+        self.put_entry(&dir, &key, Bytes::new(), inode).await
     }
 
     /// Creates and opens a regular file. Its object is written on the first flush.
@@ -151,7 +172,6 @@ impl Fs {
         rdev: u32,
         caller: Caller,
     ) -> FsResult<Attr> {
-        self.check_writable()?;
         let kind = match mode & libc::S_IFMT {
             0 => Kind::File,
             bits => Kind::from_mode(bits).ok_or(FsError::Invalid("unknown file type"))?,
@@ -159,22 +179,13 @@ impl Fs {
         if kind == Kind::Dir {
             return Err(FsError::Invalid("mknod of a directory"));
         }
-        let name = names::check_name(name)?;
-        let _g = self.dir_locks.lock(parent).await;
-        let dir = self.dir(parent)?;
-        self.check_free(&dir, name).await?;
+        let (_g, dir, name) = self.name_to_create(parent, name).await?;
         let key = self.child_key(&dir, name, false)?;
         let mut inode = self.new_entry(&dir, name, kind, mode & !umask, caller);
         if matches!(kind, Kind::CharDev | Kind::BlockDev) {
             inode.rdev = rdev;
         }
-        let etag = self
-            .store
-            .put(&key, Bytes::new(), &self.headers_of(&inode))
-            .await?;
-        inode.etag = Some(etag);
-        inode.validated_at = now_ns();
-        self.add_entry(&dir, &mut inode)
+        self.put_entry(&dir, &key, Bytes::new(), inode).await
     }
 
     /// Creates a symlink: an object whose body is the target.
@@ -186,30 +197,17 @@ impl Fs {
         target: &OsStr,
         caller: Caller,
     ) -> FsResult<Attr> {
-        self.check_writable()?;
-        let name = names::check_name(name)?;
         if target.len() > SYMLINK_MAX {
             return Err(NameError::TooLong.into());
         }
         let target = std::str::from_utf8(target.as_bytes()).map_err(|_| NameError::NotUtf8)?;
-        let _g = self.dir_locks.lock(parent).await;
-        let dir = self.dir(parent)?;
-        self.check_free(&dir, name).await?;
+        let (_g, dir, name) = self.name_to_create(parent, name).await?;
         let key = self.child_key(&dir, name, false)?;
         let mut inode = self.new_entry(&dir, name, Kind::Symlink, 0o777, caller);
         inode.size = target.len() as u64;
         inode.symlink_target = Some(target.to_string());
-        let etag = self
-            .store
-            .put(
-                &key,
-                Bytes::copy_from_slice(target.as_bytes()),
-                &self.headers_of(&inode),
-            )
-            .await?;
-        inode.etag = Some(etag);
-        inode.validated_at = now_ns();
-        self.add_entry(&dir, &mut inode)
+        let body = Bytes::copy_from_slice(target.as_bytes());
+        self.put_entry(&dir, &key, body, inode).await
     }
 
     /// The target of a symlink (read from the object once, then remembered).
@@ -310,17 +308,27 @@ impl Fs {
         Ok(())
     }
 
-    /// Removes a file, symlink or special file.
-    #[instrument(level = "debug", skip(self))]
-    pub async fn unlink(&self, parent: u64, name: &OsStr) -> FsResult<()> {
+    /// Locks directory `parent` and finds its entry `name`, for unlink and rmdir.
+    async fn entry_to_remove<'n>(
+        &self,
+        parent: u64,
+        name: &'n OsStr,
+    ) -> FsResult<(DirGuard, Inode, &'n str, Inode)> {
         self.check_writable()?;
         let name = names::check_name(name)?;
-        let _g = self.dir_locks.lock(parent).await;
+        let guard = self.dir_locks.lock(parent).await;
         let dir = self.dir(parent)?;
         let child = self
             .find_child(&dir, name)
             .await?
             .ok_or(FsError::NotFound)?;
+        Ok((guard, dir, name, child))
+    }
+
+    /// Removes a file, symlink or special file.
+    #[instrument(level = "debug", skip(self))]
+    pub async fn unlink(&self, parent: u64, name: &OsStr) -> FsResult<()> {
+        let (_g, dir, name, child) = self.entry_to_remove(parent, name).await?;
         if child.kind == Kind::Dir {
             return Err(FsError::IsDir);
         }
@@ -356,14 +364,7 @@ impl Fs {
     /// Removes an empty directory (and its marker).
     #[instrument(level = "debug", skip(self))]
     pub async fn rmdir(&self, parent: u64, name: &OsStr) -> FsResult<()> {
-        self.check_writable()?;
-        let name = names::check_name(name)?;
-        let _g = self.dir_locks.lock(parent).await;
-        let dir = self.dir(parent)?;
-        let child = self
-            .find_child(&dir, name)
-            .await?
-            .ok_or(FsError::NotFound)?;
+        let (_g, dir, name, child) = self.entry_to_remove(parent, name).await?;
         if child.kind != Kind::Dir {
             return Err(FsError::NotDir);
         }

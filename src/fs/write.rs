@@ -61,11 +61,76 @@ pub async fn fetch_blocks(
 }
 
 /// How one part of a multipart upload gets its bytes.
-enum PartSource {
+enum PartSource<'a> {
     /// Read from the staging file and sent.
     Local(Range<u64>),
-    /// Copied server-side from the original object.
-    Copy(Range<u64>),
+    /// Copied server-side from `range` of object `key`, pinned to `etag`.
+    Copy {
+        key: &'a str,
+        etag: Option<&'a str>,
+        range: Range<u64>,
+    },
+}
+
+/// Creates a multipart upload of `key`, sends its parts `concurrency` at a time (reading
+/// local parts from `staging`) and completes it. If anything fails the upload is aborted,
+/// so no parts are left behind.
+async fn run_multipart(
+    store: &Arc<dyn ObjectStore>,
+    key: &str,
+    headers: &WriteHeaders,
+    parts: Vec<PartSource<'_>>,
+    staging: Option<&Staging>,
+    concurrency: usize,
+) -> StoreResult<String> {
+    let upload_id = store.create_multipart(key, headers).await?;
+    // The futures are built first (they start when polled): a stream that maps borrowed
+    // items to futures trips over higher-ranked lifetimes in `Send` futures.
+    let sends: Vec<_> = parts
+        .into_iter()
+        .enumerate()
+        .map(|(i, part)| {
+            let number = i as i32 + 1;
+            let upload_id = &upload_id;
+            async move {
+                let etag = match part {
+                    PartSource::Local(r) => {
+                        let staging = staging.expect("local parts need a staging file");
+                        let body = staging
+                            .read(r.start, (r.end - r.start) as usize)
+                            .map_err(|e| StoreError::Other(format!("staging file: {e}")))?;
+                        store
+                            .upload_part(key, upload_id, number, Bytes::from(body))
+                            .await?
+                    }
+                    PartSource::Copy {
+                        key: src,
+                        etag,
+                        range,
+                    } => {
+                        store
+                            .upload_part_copy(key, upload_id, number, src, range, etag)
+                            .await?
+                    }
+                };
+                Ok::<_, StoreError>(CompletedPart { number, etag })
+            }
+        })
+        .collect();
+    let result = stream::iter(sends)
+        .buffered(concurrency.max(1))
+        .try_collect::<Vec<_>>()
+        .await;
+    let finished = match result {
+        Ok(parts) => store.complete_multipart(key, &upload_id, &parts).await,
+        Err(e) => Err(e),
+    };
+    if finished.is_err()
+        && let Err(e) = store.abort_multipart(key, &upload_id).await
+    {
+        warn!(key, "could not abort a failed multipart upload: {e}");
+    }
+    finished
 }
 
 /// Upload tuning.
@@ -98,72 +163,41 @@ pub async fn upload(
         return store.put(key, Bytes::from(body), headers).await;
     }
     let part_size = part_size_for(size, tuning.part_size);
-    let parts: Vec<PartSource> = (0..size)
+    let ranges: Vec<Range<u64>> = (0..size)
         .step_by(part_size as usize)
-        .map(|s| {
-            let r = s..(s + part_size).min(size);
-            if staging.is_untouched(&r) {
-                PartSource::Copy(r)
-            } else {
-                PartSource::Local(r)
-            }
-        })
+        .map(|s| s..(s + part_size).min(size))
         .collect();
     // Bring in what the sent parts need before any part goes out, so the parts can then be
     // read concurrently from a staging file nobody modifies.
     let mut missing = Vec::new();
-    for p in &parts {
-        if let PartSource::Local(r) = p {
+    for r in &ranges {
+        if !staging.is_untouched(r) {
             missing.extend(staging.missing_for_read(r.clone()));
         }
     }
     fetch_blocks(store, staging, missing).await?;
-    let upload_id = store.create_multipart(key, headers).await?;
     let staging = &*staging;
-    let result = stream::iter(parts.into_iter().enumerate())
-        .map(|(i, part)| {
-            let number = i as i32 + 1;
-            let upload_id = &upload_id;
-            async move {
-                let etag = match part {
-                    PartSource::Local(r) => {
-                        let body = staging
-                            .read(r.start, (r.end - r.start) as usize)
-                            .map_err(|e| StoreError::Other(format!("staging file: {e}")))?;
-                        store
-                            .upload_part(key, upload_id, number, Bytes::from(body))
-                            .await?
-                    }
-                    PartSource::Copy(r) => {
-                        let orig = staging.original().expect("copy parts need an original");
-                        store
-                            .upload_part_copy(
-                                key,
-                                upload_id,
-                                number,
-                                &orig.key,
-                                r,
-                                Some(&orig.etag),
-                            )
-                            .await?
-                    }
-                };
-                Ok::<_, StoreError>(CompletedPart { number, etag })
-            }
+    let original = staging.original();
+    let parts = ranges
+        .into_iter()
+        .map(|r| match original {
+            Some(orig) if staging.is_untouched(&r) => PartSource::Copy {
+                key: &orig.key,
+                etag: Some(&orig.etag),
+                range: r,
+            },
+            _ => PartSource::Local(r),
         })
-        .buffered(tuning.concurrency.max(1))
-        .try_collect::<Vec<_>>()
-        .await;
-    let finished = match result {
-        Ok(parts) => store.complete_multipart(key, &upload_id, &parts).await,
-        Err(e) => Err(e),
-    };
-    if finished.is_err()
-        && let Err(e) = store.abort_multipart(key, &upload_id).await
-    {
-        warn!(key, "could not abort a failed multipart upload: {e}");
-    }
-    finished
+        .collect();
+    run_multipart(
+        store,
+        key,
+        headers,
+        parts,
+        Some(staging),
+        tuning.concurrency,
+    )
+    .await
 }
 
 /// Copies `src` (of `size` bytes, pinned to `etag`) to `dst` server-side, with multipart copy
@@ -194,35 +228,15 @@ pub async fn copy_object(
     }
     debug!(src, dst, size, "multipart copy");
     let part_size = part_size_for(size, tuning.part_size.max(512 * 1024 * 1024));
-    let upload_id = store.create_multipart(dst, headers).await?;
-    let ranges: Vec<Range<u64>> = (0..size)
+    let parts = (0..size)
         .step_by(part_size as usize)
-        .map(|s| s..(s + part_size).min(size))
-        .collect();
-    let result = stream::iter(ranges.into_iter().enumerate())
-        .map(|(i, r)| {
-            let upload_id = &upload_id;
-            async move {
-                let number = i as i32 + 1;
-                let etag = store
-                    .upload_part_copy(dst, upload_id, number, src, r, etag)
-                    .await?;
-                Ok::<_, StoreError>(CompletedPart { number, etag })
-            }
+        .map(|s| PartSource::Copy {
+            key: src,
+            etag,
+            range: s..(s + part_size).min(size),
         })
-        .buffered(tuning.concurrency.max(1))
-        .try_collect::<Vec<_>>()
-        .await;
-    let finished = match result {
-        Ok(parts) => store.complete_multipart(dst, &upload_id, &parts).await,
-        Err(e) => Err(e),
-    };
-    if finished.is_err()
-        && let Err(e) = store.abort_multipart(dst, &upload_id).await
-    {
-        warn!(dst, "could not abort a failed multipart copy: {e}");
-    }
-    finished
+        .collect();
+    run_multipart(store, dst, headers, parts, None, tuning.concurrency).await
 }
 
 #[cfg(test)]

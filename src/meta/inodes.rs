@@ -441,31 +441,11 @@ impl InodeTable {
 }
 
 fn listed_dir(parent: u64, name: &str, d: &EntryDefaults, now: i64) -> Inode {
-    let t = Timestamp {
+    let at = Timestamp {
         sec: now.div_euclid(1_000_000_000),
         nsec: now.rem_euclid(1_000_000_000) as u32,
     };
-    Inode {
-        ino: 0,
-        parent: Some(parent),
-        name: name.to_string(),
-        kind: Kind::Dir,
-        perm: d.dir_perm,
-        uid: d.uid,
-        gid: d.gid,
-        size: 0,
-        rdev: 0,
-        atime: t,
-        mtime: t,
-        ctime: t,
-        etag: None,
-        headers_known: false,
-        symlink_target: None,
-        xattrs: BTreeMap::new(),
-        dirty: false,
-        validated_at: now,
-        listed_at: None,
-    }
+    Inode::new_entry(Some(parent), name, Kind::Dir, d, at, now)
 }
 
 fn listed_file(parent: u64, f: &ListedFile, d: &EntryDefaults, now: i64) -> Inode {
@@ -500,47 +480,28 @@ fn detach(conn: &Connection, ino: u64) -> MetaResult<()> {
 }
 
 fn insert_row(conn: &Connection, ino: Option<u64>, i: &Inode) -> MetaResult<u64> {
-    let mut stmt = conn.prepare_cached(&format!(
-        "INSERT INTO inodes ({COLUMNS}) VALUES
-         (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22)"
-    ))?;
-    stmt.execute(params![
-        ino,
-        i.parent,
-        i.name,
-        i.kind.type_bits(),
-        i.perm,
-        i.uid,
-        i.gid,
-        i.size as i64,
-        i.rdev,
-        i.atime.sec,
-        i.atime.nsec,
-        i.mtime.sec,
-        i.mtime.nsec,
-        i.ctime.sec,
-        i.ctime.nsec,
-        i.etag,
-        i.headers_known,
-        i.symlink_target,
-        encode_xattrs(&i.xattrs),
-        i.dirty,
-        i.validated_at,
-        i.listed_at,
-    ])?;
+    let sql = format!(
+        "INSERT INTO inodes ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, \
+         ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22)"
+    );
+    write_row(conn, &sql, ino, i)?;
     Ok(conn.last_insert_rowid() as u64)
 }
 
 fn update_row(conn: &Connection, i: &Inode) -> MetaResult<()> {
-    let mut stmt = conn.prepare_cached(
-        "UPDATE inodes SET parent = ?2, name = ?3, kind = ?4, perm = ?5, uid = ?6, gid = ?7,
-             size = ?8, rdev = ?9, atime_s = ?10, atime_ns = ?11, mtime_s = ?12, mtime_ns = ?13,
-             ctime_s = ?14, ctime_ns = ?15, etag = ?16, headers_known = ?17, symlink_target = ?18,
-             xattrs = ?19, dirty = ?20, validated_at = ?21, listed_at = ?22
-         WHERE ino = ?1",
-    )?;
+    const SQL: &str = "UPDATE inodes SET parent = ?2, name = ?3, kind = ?4, perm = ?5, uid = ?6,
+             gid = ?7, size = ?8, rdev = ?9, atime_s = ?10, atime_ns = ?11, mtime_s = ?12,
+             mtime_ns = ?13, ctime_s = ?14, ctime_ns = ?15, etag = ?16, headers_known = ?17,
+             symlink_target = ?18, xattrs = ?19, dirty = ?20, validated_at = ?21, listed_at = ?22
+         WHERE ino = ?1";
+    write_row(conn, SQL, Some(i.ino), i)
+}
+
+/// Runs `sql` with the row's values bound in [`COLUMNS`] order, `ino` first.
+fn write_row(conn: &Connection, sql: &str, ino: Option<u64>, i: &Inode) -> MetaResult<()> {
+    let mut stmt = conn.prepare_cached(sql)?;
     stmt.execute(params![
-        i.ino,
+        ino,
         i.parent,
         i.name,
         i.kind.type_bits(),

@@ -192,6 +192,43 @@ pub struct Inode {
 }
 
 impl Inode {
+    /// A new entry `name` of `parent` with the mount's defaults for its kind and all times
+    /// `at`; the table assigns `ino` when it is inserted.
+    pub fn new_entry(
+        parent: Option<u64>,
+        name: &str,
+        kind: Kind,
+        defaults: &EntryDefaults,
+        at: Timestamp,
+        validated_at: i64,
+    ) -> Inode {
+        Inode {
+            ino: 0,
+            parent,
+            name: name.to_string(),
+            kind,
+            perm: if kind == Kind::Dir {
+                defaults.dir_perm
+            } else {
+                defaults.file_perm
+            },
+            uid: defaults.uid,
+            gid: defaults.gid,
+            size: 0,
+            rdev: 0,
+            atime: at,
+            mtime: at,
+            ctime: at,
+            etag: None,
+            headers_known: false,
+            symlink_target: None,
+            xattrs: BTreeMap::new(),
+            dirty: false,
+            validated_at,
+            listed_at: None,
+        }
+    }
+
     /// The full `st_mode`: type bits and permissions.
     pub fn mode(&self) -> u32 {
         self.kind.type_bits() | self.perm

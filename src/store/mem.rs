@@ -143,6 +143,15 @@ impl MemStore {
     }
 }
 
+/// The upload `upload_id`, which must be one of `key`.
+fn upload_of<'a>(state: &'a mut State, upload_id: &str, key: &str) -> StoreResult<&'a mut Upload> {
+    state
+        .uploads
+        .get_mut(upload_id)
+        .filter(|u| u.key == key)
+        .ok_or_else(|| StoreError::NotFound(format!("upload {upload_id}")))
+}
+
 fn check_etag(obj: &MemObject, key: &str, if_match: Option<&str>) -> StoreResult<()> {
     match if_match {
         Some(etag) if etag != obj.etag => Err(StoreError::PreconditionFailed(key.to_string())),
@@ -252,12 +261,9 @@ impl ObjectStore for MemStore {
     ) -> StoreResult<String> {
         let etag = self.new_etag();
         let mut state = self.enter(Op::UploadPart)?;
-        let upload = state
-            .uploads
-            .get_mut(upload_id)
-            .filter(|u| u.key == key)
-            .ok_or_else(|| StoreError::NotFound(format!("upload {upload_id}")))?;
-        upload.parts.insert(number, (etag.clone(), body));
+        upload_of(&mut state, upload_id, key)?
+            .parts
+            .insert(number, (etag.clone(), body));
         Ok(etag)
     }
 
@@ -281,12 +287,9 @@ impl ObjectStore for MemStore {
             return Err(StoreError::InvalidRange(src_key.to_string()));
         }
         let body = src.data.slice(range.start as usize..range.end as usize);
-        let upload = state
-            .uploads
-            .get_mut(upload_id)
-            .filter(|u| u.key == key)
-            .ok_or_else(|| StoreError::NotFound(format!("upload {upload_id}")))?;
-        upload.parts.insert(number, (etag.clone(), body));
+        upload_of(&mut state, upload_id, key)?
+            .parts
+            .insert(number, (etag.clone(), body));
         Ok(etag)
     }
 
