@@ -484,10 +484,14 @@ impl Fs {
     /// The child `name` of `dir`: from the table while fresh, else asked of the bucket.
     async fn find_child(&self, dir: &Inode, name: &str) -> FsResult<Option<Inode>> {
         let row = self.meta.child(dir.ino, name)?;
-        if let Some(row) = &row
-            && (row.dirty || self.open_file_of(row.ino).is_some() || self.fresh(row.validated_at))
-        {
-            return Ok(Some(row.clone()));
+        if let Some(row) = &row {
+            if let Some(open) = self.open_file_of(row.ino) {
+                // Its live attributes (size, times of unflushed writes) are newer.
+                return Ok(Some(open.attrs()));
+            }
+            if row.dirty || self.fresh(row.validated_at) {
+                return Ok(Some(row.clone()));
+            }
         }
         if dir.listed_at.is_some_and(|t| self.fresh(t))
             || (row.is_none() && self.known_absent(dir.ino, name))

@@ -285,6 +285,21 @@ async fn sparse_writes_truncate_and_append() {
 }
 
 #[tokio::test]
+async fn lookups_see_unflushed_writes() {
+    let s = setup();
+    let (_, fh) = s
+        .fs
+        .create(ROOT, n("f"), 0o644, 0, libc::O_WRONLY, ME)
+        .await
+        .unwrap();
+    s.fs.flush(fh).await.unwrap();
+    s.fs.write(fh, 0, b"12345").await.unwrap();
+    assert_eq!(s.fs.lookup(ROOT, n("f")).await.unwrap().size, 5);
+    s.fs.release(fh).await;
+    assert_eq!(s.body("pre/f").unwrap(), b"12345");
+}
+
+#[tokio::test]
 async fn a_failed_upload_fails_the_flush_and_keeps_the_data() {
     let s = setup();
     let (attr, fh) =
