@@ -144,3 +144,60 @@ fn odd_keys_are_hidden_and_harmless() {
     fs::write(m.p("after"), b"fine").unwrap();
     assert_eq!(b.get("after").unwrap(), b"fine");
 }
+
+#[test]
+fn objects_without_headers_take_the_mount_options() {
+    let m = Mount::with(
+        "defaults",
+        MountOptions {
+            extra: [
+                "--uid",
+                "33",
+                "--gid",
+                "44",
+                "--file-mode",
+                "0600",
+                "--dir-mode",
+                "0750",
+            ]
+            .map(String::from)
+            .to_vec(),
+            ..Default::default()
+        },
+    );
+    let b = m.bucket();
+    b.put("plain.txt", b"x", &[]);
+    b.put("dir/inner", b"y", &[]);
+    let f = fs::metadata(m.p("plain.txt")).unwrap();
+    assert_eq!((f.uid(), f.gid(), f.mode() & 0o7777), (33, 44, 0o600));
+    let d = fs::metadata(m.p("dir")).unwrap();
+    assert_eq!((d.uid(), d.gid(), d.mode() & 0o7777), (33, 44, 0o750));
+    let root = fs::metadata(&m.path).unwrap();
+    assert_eq!(
+        (root.uid(), root.gid(), root.mode() & 0o7777),
+        (33, 44, 0o750)
+    );
+    // Headers win over the defaults.
+    b.put("owned", b"z", &[("uid", "7"), ("mode", "33188")]);
+    let o = fs::metadata(m.p("owned")).unwrap();
+    assert_eq!((o.uid(), o.gid(), o.mode() & 0o7777), (7, 44, 0o644));
+}
+
+#[test]
+fn read_only_mounts_read_and_refuse_changes() {
+    let m = Mount::with(
+        "read-only",
+        MountOptions {
+            extra: vec!["--read-only".into()],
+            ..Default::default()
+        },
+    );
+    let b = m.bucket();
+    b.put("f", b"data", &[]);
+    assert_eq!(fs::read(m.p("f")).unwrap(), b"data");
+    let errno = |r: std::io::Result<()>| r.unwrap_err().raw_os_error();
+    assert_eq!(errno(fs::write(m.p("g"), b"x")), Some(libc::EROFS));
+    assert_eq!(errno(fs::create_dir(m.p("d"))), Some(libc::EROFS));
+    assert_eq!(errno(fs::remove_file(m.p("f"))), Some(libc::EROFS));
+    assert_eq!(b.keys(), ["f"]);
+}

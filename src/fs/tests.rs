@@ -287,11 +287,10 @@ async fn sparse_writes_truncate_and_append() {
 #[tokio::test]
 async fn lookups_see_unflushed_writes() {
     let s = setup();
-    let (_, fh) = s
-        .fs
-        .create(ROOT, n("f"), 0o644, 0, libc::O_WRONLY, ME)
-        .await
-        .unwrap();
+    let (_, fh) =
+        s.fs.create(ROOT, n("f"), 0o644, 0, libc::O_WRONLY, ME)
+            .await
+            .unwrap();
     s.fs.flush(fh).await.unwrap();
     s.fs.write(fh, 0, b"12345").await.unwrap();
     assert_eq!(s.fs.lookup(ROOT, n("f")).await.unwrap().size, 5);
