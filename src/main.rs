@@ -3,6 +3,7 @@
 use std::fs::OpenOptions;
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::fs::DirBuilderExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
@@ -414,12 +415,14 @@ fn serve(
         mountpoint = %mountpoint.display(),
         "mounted"
     );
+    let pid_file = PidFile::create(mountpoint);
     if let Some(pipe) = ready.as_mut() {
         let _ = writeln!(pipe, "ok");
     }
     *ready = None;
     let result = session.run();
     drop(fs);
+    drop(pid_file);
     rt.shutdown_timeout(Duration::from_secs(5));
     match result {
         Ok(()) => {
@@ -431,6 +434,62 @@ fn serve(
             Err(format!("FUSE session ended: {e}"))
         }
     }
+}
+
+/// Records the daemon's pid under a name derived from the mount point, so that
+/// `s3bridge unmount` can wait for the daemon to finish; removed when the daemon ends.
+struct PidFile(Option<PathBuf>);
+
+impl PidFile {
+    fn path(mountpoint: &Path) -> PathBuf {
+        use std::os::unix::ffi::OsStrExt;
+        // SAFETY: geteuid cannot fail.
+        let uid = unsafe { libc::geteuid() };
+        let base = if uid == 0 {
+            PathBuf::from("/run/s3bridge")
+        } else {
+            std::env::var_os("XDG_RUNTIME_DIR")
+                .map(|d| PathBuf::from(d).join("s3bridge"))
+                .unwrap_or_else(|| PathBuf::from(format!("/tmp/s3bridge-{uid}")))
+        };
+        let id = blake3::hash(mountpoint.as_os_str().as_bytes()).to_hex();
+        base.join(format!("{}.pid", &id[..16]))
+    }
+
+    fn create(mountpoint: &Path) -> PidFile {
+        let path = Self::path(mountpoint);
+        let written = path.parent().is_some_and(|dir| {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .is_ok()
+        }) && std::fs::write(&path, std::process::id().to_string()).is_ok();
+        if !written {
+            warn!(
+                "cannot write {}: `s3bridge unmount` will not wait for this process",
+                path.display()
+            );
+        }
+        PidFile(written.then_some(path))
+    }
+}
+
+impl Drop for PidFile {
+    fn drop(&mut self) {
+        if let Some(path) = &self.0 {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+/// Whether process `pid` is a running s3bridge (not gone, not a zombie).
+fn daemon_running(pid: u32) -> bool {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let state = stat.rsplit_once(") ").map(|(_, rest)| rest.chars().next());
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    matches!(state, Some(Some(c)) if c != 'Z' && c != 'X')
+        && String::from_utf8_lossy(&cmdline).contains("s3bridge")
 }
 
 /// Starts this same command in the background and returns once the mount is ready, or with
@@ -487,6 +546,9 @@ fn unmount(mountpoint: &Path) -> Result<(), String> {
     if !is_mount_point(&canonical) {
         return Err(format!("{} is not mounted", canonical.display()));
     }
+    let daemon = std::fs::read_to_string(PidFile::path(&canonical))
+        .ok()
+        .and_then(|p| p.trim().parse::<u32>().ok());
     // SAFETY: geteuid cannot fail.
     let status = if unsafe { libc::geteuid() } == 0 {
         let c = std::ffi::CString::new(canonical.as_os_str().as_encoded_bytes())
@@ -518,7 +580,21 @@ fn unmount(mountpoint: &Path) -> Result<(), String> {
             canonical.display()
         ),
         _ => format!("cannot unmount {}: {e}", canonical.display()),
-    })
+    })?;
+    // The kernel has let go; the daemon still finishes pending uploads and releases its
+    // cache directory. Wait for that, so a new mount of the same cache can follow at once.
+    if let Some(pid) = daemon {
+        let start = std::time::Instant::now();
+        let mut told = false;
+        while daemon_running(pid) {
+            if !told && start.elapsed() > Duration::from_secs(2) {
+                eprintln!("s3bridge: waiting for process {pid} to finish its uploads");
+                told = true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -110,12 +110,27 @@ fn background_mount_returns_when_ready_and_unmount_stops_it() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(!is_mounted(&mnt));
+    // unmount returned after the daemon let go of its cache: it can be mounted again at once.
     let out = run(
-        &["unmount", mnt.to_str().unwrap()],
+        &mount_args(&source, &mnt, &cache, &s.endpoint),
         &s.access_key,
         &s.secret_key,
     );
-    assert_one_line_error(&out, "is not mounted");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(std::fs::read(mnt.join("f")).unwrap(), b"daemon");
+    let unmount = || {
+        run(
+            &["unmount", mnt.to_str().unwrap()],
+            &s.access_key,
+            &s.secret_key,
+        )
+    };
+    assert!(unmount().status.success());
+    assert_one_line_error(&unmount(), "is not mounted");
     // The log went to the cache directory.
     let log = std::fs::read_to_string(cache.join("s3bridge.log")).unwrap();
     assert!(log.contains("mounted"), "{log}");
