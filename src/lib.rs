@@ -4,6 +4,8 @@
 //! [`fs`] holds the filesystem semantics; [`meta`] keeps the inode table in SQLite;
 //! [`cache`] keeps local data; [`store`] is the only code that speaks S3.
 
+#![warn(missing_docs)]
+
 pub mod cache;
 pub mod config;
 pub mod fs;

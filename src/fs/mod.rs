@@ -209,9 +209,12 @@ enum Handle {
     Dir(Arc<tokio::sync::Mutex<Option<Vec<DirEntry>>>>),
 }
 
-/// Entries a negative lookup may remember before the memo is cleared.
+/// Names a negative lookup may remember before the memo is cleared: about 10 MiB at most,
+/// and enough for the misses of a `git status` or a build in a large tree.
 const NEGATIVE_CACHE_MAX: usize = 100_000;
-/// Directory entries returned per readdir call (the kernel takes what fits in its buffer).
+/// Directory entries returned per readdir call. The kernel's buffer (4 KiB, a page) takes
+/// about a hundred entries; 1,024 leaves room for long pages without copying the whole
+/// listing of a 100,000-entry directory on every call.
 const READDIR_BATCH: usize = 1024;
 
 /// The filesystem.

@@ -22,7 +22,9 @@ use crate::meta::names::{self, NameError};
 use crate::meta::{Inode, Kind, ROOT_INO, Timestamp, now_ns};
 use crate::store::{ListedObject, StoreError};
 
-/// Copies in flight during a directory rename.
+/// Copies in flight during a directory rename. A server-side copy costs the server, not our
+/// link, and takes tens of milliseconds: 16 at once moves a 1,000-object directory in a few
+/// seconds without flooding the server.
 const RENAME_CONCURRENCY: usize = 16;
 /// Longest symlink target (PATH_MAX less the NUL).
 const SYMLINK_MAX: usize = 4095;

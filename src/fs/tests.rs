@@ -223,6 +223,23 @@ async fn directories_are_markers_and_empty_ones_persist() {
 }
 
 #[tokio::test]
+async fn nextcloud_directory_markers_are_directories() {
+    let s = setup();
+    s.mem.insert(
+        "pre/files/",
+        b"",
+        WriteHeaders {
+            content_type: Some("httpd/unix-directory".into()),
+            metadata: BTreeMap::new(),
+        },
+    );
+    let d = s.fs.lookup(ROOT, n("files")).await.unwrap();
+    assert_eq!(d.kind, Kind::Dir);
+    assert_eq!(s.names(d.ino).await, Vec::<String>::new());
+    assert_eq!(s.names(ROOT).await, ["files"]);
+}
+
+#[tokio::test]
 async fn rmdir_sees_keys_the_listing_hides() {
     let s = setup();
     s.mem.insert("pre/d/", b"", WriteHeaders::default());

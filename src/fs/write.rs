@@ -19,7 +19,8 @@ use crate::store::{
     StoreError, StoreResult, WriteHeaders,
 };
 
-/// Blocks fetched at once when filling a staging file from its original.
+/// Blocks fetched at once when filling a staging file from its original: 8 × 1 MiB in flight
+/// keeps a 1 Gbit/s link busy at 50 ms of latency, with 8 MiB of memory at most.
 const FETCH_CONCURRENCY: usize = 8;
 
 /// Part size for an object of `size` bytes: at least `min_part`, at least 5 MiB, and large

@@ -17,10 +17,9 @@ use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, percent_decode_str, utf8_perc
 use super::Timestamp;
 use crate::store::UserMetadata;
 
-/// Content-Type of a directory marker written by s3bridge (and s3fs).
+/// Content-Type of a directory marker written by s3bridge (and s3fs). Any key ending in `/`
+/// is a directory whatever its type, Nextcloud's `httpd/unix-directory` markers included.
 pub const DIR_CONTENT_TYPE: &str = "application/x-directory";
-/// Content-Type of directory markers written by Nextcloud's S3 backend; also recognised.
-pub const NEXTCLOUD_DIR_CONTENT_TYPE: &str = "httpd/unix-directory";
 
 /// The POSIX attributes an object's headers carry; each is optional.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
