@@ -11,7 +11,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use futures::stream::{self, StreamExt, TryStreamExt};
+use futures::stream::{self, StreamExt};
 use tracing::{info, instrument, warn};
 
 use super::files::{FileState, OpenFile};
@@ -540,40 +540,55 @@ impl Fs {
     async fn rename_dir(&self, src: &Inode, dst: Option<&Inode>, new_prefix: &str) -> FsResult<()> {
         let _tree = self.tree.write().await;
         let old_prefix = self.key_of(src)?;
-        if dst.is_some() {
-            self.store.delete(new_prefix).await?;
-        }
         let objects = self.list_all(&old_prefix).await?;
         let old_prefix = old_prefix.as_str();
-        let moved: Vec<(String, String)> = stream::iter(objects.iter().cloned())
-            .map(|obj: ListedObject| async move {
-                let new_key = format!("{new_prefix}{}", &obj.key[old_prefix.len()..]);
-                let etag = write::copy_object(
-                    &self.store,
-                    &obj.key,
-                    &new_key,
-                    obj.size,
-                    Some(&obj.etag),
-                    None,
-                    self.upload_tuning(),
-                )
-                .await?;
-                Ok::<_, StoreError>((obj.key, etag))
-            })
-            .buffer_unordered(RENAME_CONCURRENCY)
-            .try_collect()
-            .await
-            .inspect_err(|_| {
-                warn!(
-                    old_prefix,
-                    new_prefix, "directory rename failed while copying; the source is intact"
-                );
-            })?;
+        let results: Vec<Result<(String, String, String), StoreError>> =
+            stream::iter(objects.iter().cloned())
+                .map(|obj: ListedObject| async move {
+                    let new_key = format!("{new_prefix}{}", &obj.key[old_prefix.len()..]);
+                    let etag = write::copy_object(
+                        &self.store,
+                        &obj.key,
+                        &new_key,
+                        obj.size,
+                        Some(&obj.etag),
+                        None,
+                        self.upload_tuning(),
+                    )
+                    .await?;
+                    Ok((obj.key, new_key, etag))
+                })
+                .buffer_unordered(RENAME_CONCURRENCY)
+                .collect()
+                .await;
+        let (copied, failed): (Vec<_>, Vec<_>) = results.into_iter().partition(Result::is_ok);
+        let copied: Vec<(String, String, String)> = copied.into_iter().flatten().collect();
+        if let Some(Err(e)) = failed.into_iter().next() {
+            // The source is untouched; take the partial copy back out of the bucket.
+            let partial: Vec<String> = copied.into_iter().map(|(_, new, _)| new).collect();
+            for chunk in partial.chunks(1000) {
+                if let Err(e) = self.store.delete_many(chunk).await {
+                    warn!(new_prefix, "could not remove a partial directory copy: {e}");
+                }
+            }
+            warn!(
+                old_prefix,
+                new_prefix, "directory rename failed while copying: {e}"
+            );
+            return Err(e.into());
+        }
+        // The replaced (empty) directory's marker goes unless the source's took its place.
+        if dst.is_some() && !objects.iter().any(|o| o.key == old_prefix) {
+            self.store.delete(new_prefix).await?;
+        }
         let old_keys: Vec<String> = objects.iter().map(|o| o.key.clone()).collect();
         for chunk in old_keys.chunks(1000) {
             self.store.delete_many(chunk).await?;
         }
-        let new_etags: HashMap<String, String> = moved.into_iter().collect();
+        let new_etags: HashMap<String, String> = copied
+            .into_iter()
+            .map(|(old, _, etag)| (old, etag))
+            .collect();
         self.retarget_subtree(src.ino, old_prefix, new_prefix, &new_etags)
             .await
     }

@@ -424,6 +424,26 @@ async fn renames_copy_then_delete() {
 }
 
 #[tokio::test]
+async fn a_failed_directory_rename_leaves_the_source_and_no_partial_copy() {
+    let s = setup();
+    let d = s.fs.mkdir(ROOT, n("d"), 0o755, 0, ME).await.unwrap();
+    for i in 0..5 {
+        s.write_file(d.ino, &format!("f{i}"), b"x").await;
+    }
+    let before = s.mem.keys();
+    s.mem.fail_next(Op::Copy, 1);
+    let err =
+        s.fs.rename(ROOT, n("d"), ROOT, n("e"), 0)
+            .await
+            .unwrap_err();
+    assert_eq!(err.errno(), libc::EIO);
+    assert_eq!(s.mem.keys(), before);
+    assert_eq!(s.names(d.ino).await.len(), 5);
+    s.fs.rename(ROOT, n("d"), ROOT, n("e"), 0).await.unwrap();
+    assert!(s.mem.keys().iter().all(|k| k.starts_with("pre/e/")));
+}
+
+#[tokio::test]
 async fn a_file_renamed_before_its_first_upload_lands_under_the_new_name() {
     let s = setup();
     let (_, fh) =
