@@ -355,6 +355,13 @@ fn serve(
     mountpoint: &Path,
     ready: &mut Option<std::fs::File>,
 ) -> Result<(), String> {
+    // Part and read-ahead buffers are megabytes each. glibc raises its mmap threshold after
+    // such buffers are freed and then keeps them in per-thread heaps, which inflated peak RSS
+    // by ~200 MiB in a 1 GiB copy; a fixed threshold hands them back to the kernel on free.
+    // SAFETY: mallopt only changes allocator tuning; it is called before any other thread.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
+    }
     std::fs::create_dir_all(&cfg.cache_dir)
         .map_err(|e| format!("cache directory {}: {e}", cfg.cache_dir.display()))?;
     let log_file = match (&args.log_file, ready.is_some()) {

@@ -40,54 +40,59 @@ pub struct ReadTuning {
     pub part_size: u64,
 }
 
-/// Fetches `range` of `version` as concurrent GETs of `part_size`.
+/// Fetches `range` of `version` as concurrent GETs of `part_size`, returned in order. The
+/// parts are kept as they arrived: concatenating them would double the memory of a window.
 pub async fn fetch_parallel(
     store: &Arc<dyn ObjectStore>,
     version: &ObjectVersion,
     range: Range<u64>,
     part_size: u64,
-) -> StoreResult<Bytes> {
+) -> StoreResult<Vec<Bytes>> {
     let part_size = part_size.max(1);
-    let parts: Vec<Range<u64>> = (range.start..range.end)
+    let parts = (range.start..range.end)
         .step_by(part_size as usize)
-        .map(|s| s..(s + part_size).min(range.end))
-        .collect();
-    if parts.len() == 1 {
-        return store
-            .get_range(&version.key, range, Some(&version.etag))
-            .await;
-    }
-    let chunks = try_join_all(
-        parts
-            .iter()
-            .map(|r| store.get_range(&version.key, r.clone(), Some(&version.etag))),
-    )
-    .await?;
-    let mut buf = BytesMut::with_capacity((range.end - range.start) as usize);
-    for c in chunks {
-        buf.extend_from_slice(&c);
-    }
-    Ok(buf.freeze())
+        .map(|s| s..(s + part_size).min(range.end));
+    try_join_all(parts.map(|r| store.get_range(&version.key, r, Some(&version.etag)))).await
 }
 
+/// Fetched bytes of an object starting at `start`, as consecutive parts.
 struct Window {
     start: u64,
-    data: Bytes,
+    parts: Vec<Bytes>,
 }
 
 impl Window {
     fn end(&self) -> u64 {
-        self.start + self.data.len() as u64
+        self.start + self.parts.iter().map(|p| p.len() as u64).sum::<u64>()
     }
 
     fn covers(&self, offset: u64) -> bool {
         offset >= self.start && offset < self.end()
     }
+
+    /// Appends the window's bytes from `from` up to `to` (absolute offsets) to `out`;
+    /// returns where it stopped.
+    fn copy_out(&self, from: u64, to: u64, out: &mut BytesMut) -> u64 {
+        let mut part_start = self.start;
+        let mut pos = from;
+        for part in &self.parts {
+            let part_end = part_start + part.len() as u64;
+            if pos >= part_start && pos < part_end && pos < to {
+                let end = to.min(part_end);
+                out.extend_from_slice(
+                    &part[(pos - part_start) as usize..(end - part_start) as usize],
+                );
+                pos = end;
+            }
+            part_start = part_end;
+        }
+        pos
+    }
 }
 
 struct Prefetch {
     start: u64,
-    task: JoinHandle<StoreResult<Bytes>>,
+    task: JoinHandle<StoreResult<Vec<Bytes>>>,
 }
 
 /// Read state of one open handle.
@@ -156,10 +161,7 @@ impl Reader {
                 // The object is shorter than the version said: stop at what exists.
                 break;
             }
-            let from = (pos - w.start) as usize;
-            let to = ((end.min(w.end())) - w.start) as usize;
-            out.extend_from_slice(&w.data[from..to]);
-            pos = w.start + to as u64;
+            pos = w.copy_out(pos, end, &mut out);
         }
         self.maybe_prefetch(store, version, tuning);
         Ok(out.freeze())
@@ -188,11 +190,11 @@ impl Reader {
     ) -> StoreResult<()> {
         if let Some(p) = self.prefetch.take() {
             if p.start == pos {
-                let data = p
+                let parts = p
                     .task
                     .await
                     .map_err(|e| StoreError::Other(format!("read-ahead task: {e}")))??;
-                self.current = Some(Window { start: pos, data });
+                self.current = Some(Window { start: pos, parts });
                 return Ok(());
             }
             p.task.abort();
@@ -200,8 +202,8 @@ impl Reader {
         self.window_size =
             (self.window_size * 2).clamp(FIRST_WINDOW, tuning.max_window.max(FIRST_WINDOW));
         let end = (pos + self.window_size).max(want_end).min(version.size);
-        let data = fetch_parallel(store, version, pos..end, tuning.part_size).await?;
-        self.current = Some(Window { start: pos, data });
+        let parts = fetch_parallel(store, version, pos..end, tuning.part_size).await?;
+        self.current = Some(Window { start: pos, parts });
         Ok(())
     }
 
