@@ -88,6 +88,12 @@ pub struct Config {
     pub read_ahead_max: u64,
     /// Size of each ranged GET of a read-ahead window (8 MiB).
     pub read_part_size: u64,
+    /// Most bytes the block cache keeps on disk; 0 turns it off (10 GiB).
+    pub cache_size: u64,
+    /// Free space the block cache leaves on its filesystem (1 GiB).
+    pub cache_min_free: u64,
+    /// Memory for data buffers in flight: read-ahead windows and upload parts (128 MiB).
+    pub max_buffer_memory: u64,
     /// Attempts per S3 request, the first included (5).
     pub max_attempts: u32,
     /// Time allowed to connect to the server (5 s).
@@ -119,6 +125,9 @@ impl Default for Config {
             upload_concurrency: 8,
             read_ahead_max: 64 * 1024 * 1024,
             read_part_size: 8 * 1024 * 1024,
+            cache_size: 10 << 30,
+            cache_min_free: 1 << 30,
+            max_buffer_memory: 128 << 20,
             max_attempts: 5,
             connect_timeout: Duration::from_secs(5),
             request_timeout: Duration::from_secs(60),

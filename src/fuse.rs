@@ -355,7 +355,17 @@ impl fuser::Filesystem for FuseAdapter {
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         self.spawn(move |fs| async move {
-            reply_opened(reply, "open", fs.open(ino.0, flags.0).await);
+            match fs.open(ino.0, flags.0).await {
+                Ok(o) => {
+                    let flags = if o.keep_cache {
+                        FopenFlags::FOPEN_KEEP_CACHE
+                    } else {
+                        FopenFlags::empty()
+                    };
+                    reply.opened(FileHandle(o.fh), flags)
+                }
+                Err(e) => reply.error(errno("open", &e)),
+            }
         });
     }
 

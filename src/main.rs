@@ -137,6 +137,18 @@ struct MountArgs {
     /// Largest read-ahead window of a sequential reader.
     #[arg(long, value_parser = parse_size, default_value = "64M")]
     read_ahead: u64,
+    /// Size of each of the concurrent ranged GETs that fill a read-ahead window.
+    #[arg(long, value_parser = parse_size, default_value = "8M")]
+    read_part_size: u64,
+    /// Most disk space the block cache of downloaded data may use; 0 turns it off.
+    #[arg(long, value_parser = parse_size, default_value = "10G")]
+    cache_size: u64,
+    /// Free space the block cache always leaves on the cache directory's filesystem.
+    #[arg(long, value_parser = parse_size, default_value = "1G")]
+    cache_min_free: u64,
+    /// Memory for data in flight (read-ahead windows and upload parts), shared by all files.
+    #[arg(long, value_parser = parse_size, default_value = "128M")]
+    max_buffer_memory: u64,
     /// Attempts per S3 request before an error is returned.
     #[arg(long, default_value = "5")]
     max_attempts: u32,
@@ -204,6 +216,10 @@ fn build_config(args: &MountArgs) -> Result<Config, String> {
         part_size: args.part_size,
         upload_concurrency: args.upload_concurrency.max(1),
         read_ahead_max: args.read_ahead,
+        read_part_size: args.read_part_size.max(1),
+        cache_size: args.cache_size,
+        cache_min_free: args.cache_min_free,
+        max_buffer_memory: args.max_buffer_memory,
         max_attempts: args.max_attempts.max(1),
         request_timeout: Duration::from_secs(args.request_timeout.max(1)),
         ..Config::default()
@@ -252,13 +268,17 @@ fn check_mountpoint(mountpoint: &Path) -> Result<PathBuf, String> {
 
 /// Whether `path` is a mount point in /proc/self/mountinfo.
 fn is_mount_point(path: &Path) -> bool {
-    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
-        return false;
-    };
+    mount_device(path).is_some()
+}
+
+/// The device (`MAJ:MIN`) mounted at `path`, from /proc/self/mountinfo (the latest mount).
+fn mount_device(path: &Path) -> Option<String> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
     let want = path.to_string_lossy();
-    info.lines()
-        .filter_map(|l| l.split(' ').nth(4))
-        .any(|m| unescape_mountinfo(m) == want)
+    info.lines().rev().find_map(|line| {
+        let fields: Vec<&str> = line.split(' ').collect();
+        (unescape_mountinfo(fields.get(4)?) == want).then(|| fields.get(2).map(|d| d.to_string()))?
+    })
 }
 
 fn unescape_mountinfo(s: &str) -> String {

@@ -1,6 +1,8 @@
-//! Local storage under the cache directory: staging files of files being written.
-//!
-//! The persistent block cache of downloaded data (design.md §5) joins this module later;
-//! reads go through `fs::read` meanwhile, which keeps the seam for it.
+//! Local storage under the cache directory: the block cache of downloaded data
+//! ([`blocks`]) and staging files of files being written ([`staging`]). Both work in blocks of
+//! [`BLOCK_SIZE`], so a block fetched for a write can come from the cache and vice versa.
 
+pub mod blocks;
 pub mod staging;
+
+pub use blocks::BLOCK_SIZE;

@@ -20,8 +20,8 @@ use std::path::{Path, PathBuf};
 
 use crate::meta::StagingRecord;
 
-/// Granularity of fetching and of the presence bitmap.
-pub const BLOCK_SIZE: u64 = 1024 * 1024;
+/// Granularity of fetching and of the presence bitmap: the block cache's block size.
+pub use super::BLOCK_SIZE;
 
 /// The object a staged file started from.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use tracing::{instrument, warn};
 
-use super::read::{ObjectVersion, ReadTuning, Reader};
+use super::read::{ObjectVersion, Reader};
 use super::{Attr, Fs, FsError, FsResult, Handle, write};
 use crate::cache::staging::{Original, Staging};
 use crate::meta::{Inode, Kind, ROOT_INO, Timestamp, now_ns};
@@ -71,6 +71,15 @@ impl OpenFile {
     }
 }
 
+/// An opened file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Opened {
+    /// The handle.
+    pub fh: u64,
+    /// The kernel may keep what it cached of the file at earlier opens (`FOPEN_KEEP_CACHE`).
+    pub keep_cache: bool,
+}
+
 /// One open handle of a file.
 #[derive(Debug)]
 pub(super) struct FileHandle {
@@ -120,13 +129,6 @@ impl Fs {
         match self.handles.lock().unwrap().get(&fh) {
             Some(Handle::File(h)) => Ok(h.clone()),
             _ => Err(FsError::BadHandle),
-        }
-    }
-
-    fn read_tuning(&self) -> ReadTuning {
-        ReadTuning {
-            max_window: self.cfg.read_ahead_max,
-            part_size: self.cfg.read_part_size,
         }
     }
 
@@ -215,9 +217,9 @@ impl Fs {
         }
     }
 
-    /// Opens `ino` with `flags` (`O_ACCMODE`, `O_TRUNC`); returns the handle.
+    /// Opens `ino` with `flags` (`O_ACCMODE`, `O_TRUNC`).
     #[instrument(level = "debug", skip(self))]
-    pub async fn open(&self, ino: u64, flags: i32) -> FsResult<u64> {
+    pub async fn open(&self, ino: u64, flags: i32) -> FsResult<Opened> {
         let inode = self.inode(ino)?;
         match inode.kind {
             Kind::File => {}
@@ -236,7 +238,33 @@ impl Fs {
             self.close_file(&file).await;
             return Err(e);
         }
-        Ok(self.new_file_handle(file, writable))
+        let keep_cache = self.keep_page_cache(&file).await;
+        Ok(Opened {
+            fh: self.new_file_handle(file, writable),
+            keep_cache,
+        })
+    }
+
+    /// Whether the kernel may keep the pages it cached for `file` at an earlier open: only if
+    /// they were read from the very object version that holds the contents now. Otherwise the
+    /// kernel drops them at this open, which is how a change made by another client becomes
+    /// visible.
+    async fn keep_page_cache(&self, file: &OpenFile) -> bool {
+        let current = {
+            let st = file.state.lock().await;
+            match (&st.remote, st.dirty || st.staging.is_some()) {
+                (Some(o), false) => Some(o.etag.clone()),
+                _ => None,
+            }
+        };
+        let mut seen = self.page_cached.lock().unwrap();
+        match current {
+            Some(etag) => seen.insert(file.ino, etag.clone()).as_ref() == Some(&etag),
+            None => {
+                seen.remove(&file.ino);
+                false
+            }
+        }
     }
 
     pub(super) fn new_file_handle(&self, file: Arc<OpenFile>, writable: bool) -> u64 {
@@ -276,9 +304,8 @@ impl Fs {
             }
         };
         let mut reader = h.reader.lock().await;
-        let tuning = self.read_tuning();
         match reader
-            .read(&self.store, &version, offset, size as usize, tuning)
+            .read(&self.blocks, &version, offset, size as usize)
             .await
         {
             Err(e @ StoreError::PreconditionFailed(_)) => {

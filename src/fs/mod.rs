@@ -33,6 +33,7 @@ use std::time::SystemTime;
 
 use tracing::{debug, instrument};
 
+use crate::cache::blocks::{BlockCache, CacheLimits, CacheStats};
 use crate::cache::staging::Original;
 use crate::config::Config;
 use crate::meta::headers::{self, DIR_CONTENT_TYPE, PosixHeaders};
@@ -43,7 +44,7 @@ use crate::meta::{
 };
 use crate::store::{ObjectInfo, ObjectStore, StoreError, WriteHeaders};
 
-pub use files::{OpenFile, SetAttr, TimeSet};
+pub use files::{OpenFile, Opened, SetAttr, TimeSet};
 use locks::LockMap;
 
 /// Errors of filesystem operations, each with the errno the caller sees.
@@ -223,6 +224,7 @@ pub struct Fs {
     store: Arc<dyn ObjectStore>,
     meta: InodeTable,
     staging_dir: PathBuf,
+    blocks: Arc<read::BlockSource>,
     defaults: EntryDefaults,
     hidden: HiddenKeyLog,
     handles: Mutex<HashMap<u64, Handle>>,
@@ -232,6 +234,8 @@ pub struct Fs {
     tree: tokio::sync::RwLock<()>,
     lookups: Mutex<HashMap<u64, u64>>,
     negative: Mutex<HashMap<(u64, String), i64>>,
+    /// Per inode, the ETag of the version whose pages the kernel may have cached.
+    page_cached: Mutex<HashMap<u64, String>>,
     _cache_lock: File,
 }
 
@@ -294,11 +298,23 @@ impl Fs {
         let db = cfg.cache_dir.join("meta.db");
         let meta = InodeTable::open(&db, &root)?;
         restrict_permissions(&db);
+        let blocks = Arc::new(read::BlockSource::new(
+            store.clone(),
+            open_block_cache(&cfg)?,
+            Arc::new(tokio::sync::Semaphore::new(
+                (cfg.max_buffer_memory >> 20) as usize,
+            )),
+            read::ReadTuning {
+                max_window: cfg.read_ahead_max,
+                part_size: cfg.read_part_size,
+            },
+        ));
         Ok(Fs {
             cfg,
             store,
             meta,
             staging_dir,
+            blocks,
             defaults,
             hidden: HiddenKeyLog::default(),
             handles: Mutex::new(HashMap::new()),
@@ -308,6 +324,7 @@ impl Fs {
             tree: tokio::sync::RwLock::new(()),
             lookups: Mutex::new(HashMap::new()),
             negative: Mutex::new(HashMap::new()),
+            page_cached: Mutex::new(HashMap::new()),
             _cache_lock: lock,
         })
     }
@@ -315,6 +332,11 @@ impl Fs {
     /// The mount's configuration.
     pub fn config(&self) -> &Config {
         &self.cfg
+    }
+
+    /// Counters of the block cache (all zero when it is off).
+    pub fn cache_stats(&self) -> CacheStats {
+        self.blocks.cache().map(|c| c.stats()).unwrap_or_default()
     }
 
     fn fresh(&self, at: i64) -> bool {
@@ -869,3 +891,19 @@ fn restrict_permissions(path: &std::path::Path) {
 
 #[cfg(test)]
 mod tests;
+
+/// The block cache under `<cache dir>/blocks`, or `None` when `--cache-size` is 0.
+fn open_block_cache(cfg: &Config) -> FsResult<Option<Arc<BlockCache>>> {
+    if cfg.cache_size == 0 {
+        return Ok(None);
+    }
+    let limits = CacheLimits {
+        max_bytes: cfg.cache_size,
+        min_free: cfg.cache_min_free,
+    };
+    Ok(Some(Arc::new(BlockCache::open(
+        &cfg.cache_dir.join("blocks"),
+        &cfg.bucket,
+        limits,
+    )?)))
+}

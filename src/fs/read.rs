@@ -1,24 +1,41 @@
-//! Reading objects: ranged GETs in parallel, with read-ahead for sequential readers.
+//! Reading objects: the block cache first, then parallel ranged GETs, with read-ahead for
+//! sequential readers.
 //!
-//! Each open handle has a [`Reader`]. A reader whose requests follow each other is sequential:
-//! its window starts at [`FIRST_WINDOW`] and doubles on each refill up to the configured
-//! maximum, and the next window is fetched in the background while the current one is served.
-//! A reader that jumps gets exactly the bytes it asked for — no wasted read-ahead. Windows are
-//! split into parts fetched concurrently, which is how one stream reaches S3's per-connection
-//! throughput many times over. The on-disk block cache will sit under this seam later.
+//! All reads are in blocks of [`BLOCK_SIZE`] pinned to one ETag. [`BlockSource`] (one per
+//! mount) serves a block from the on-disk cache when it can and otherwise fetches it, storing
+//! what it fetched. [`Reader`] (one per open handle) decides how much to fetch:
+//!
+//! - A reader whose requests follow each other is sequential. Its read-ahead window starts at
+//!   [`FIRST_WINDOW`] and doubles each time it is refilled, up to `--read-ahead`; the next
+//!   window is requested once the reader is halfway through the current one, so the bucket
+//!   works while the reader consumes. A window is fetched as concurrent GETs of
+//!   `--read-part-size`, which is how one stream gets many times one connection's throughput.
+//! - A reader that jumps gets the blocks its request touches and nothing more.
+//!
+//! Read-ahead is memory held on behalf of a reader who may never come back for it, so it is
+//! bounded by a budget shared by the whole mount (`--max-buffer-memory`): a window that does not
+//! fit is shrunk or skipped, never waited for, and demand reads (at most one FUSE request's
+//! blocks) never wait on it either.
 
+use std::collections::VecDeque;
 use std::ops::Range;
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 use futures::future::try_join_all;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 
+use crate::cache::BLOCK_SIZE;
+use crate::cache::blocks::{BlockCache, BlockId};
 use crate::store::{ObjectStore, StoreError, StoreResult};
 
-/// First read-ahead window of a sequential reader: 1 MiB is what one FUSE read asks at most,
-/// so a reader that stops early wastes little.
-pub const FIRST_WINDOW: u64 = 1024 * 1024;
+/// First read-ahead window of a sequential reader: one block, so a reader that stops early
+/// (`file`, a thumbnailer reading headers) wastes little.
+pub const FIRST_WINDOW: u64 = BLOCK_SIZE;
+
+/// Unit of the memory budget.
+const MIB: u64 = 1024 * 1024;
 
 /// Which object version to read.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -31,77 +48,231 @@ pub struct ObjectVersion {
     pub size: u64,
 }
 
+impl ObjectVersion {
+    fn block_id(&self, index: u64) -> BlockId<'_> {
+        BlockId {
+            key: &self.key,
+            etag: &self.etag,
+            index,
+        }
+    }
+
+    fn blocks(&self) -> u64 {
+        self.size.div_ceil(BLOCK_SIZE)
+    }
+
+    fn block_len(&self, index: u64) -> usize {
+        (self.size.saturating_sub(index * BLOCK_SIZE)).min(BLOCK_SIZE) as usize
+    }
+}
+
 /// How windows are fetched.
 #[derive(Debug, Clone, Copy)]
 pub struct ReadTuning {
-    /// Largest window.
+    /// Largest read-ahead window.
     pub max_window: u64,
-    /// Size of each concurrent GET within a window.
+    /// Size of each concurrent GET within a window (rounded to whole blocks).
     pub part_size: u64,
 }
 
-/// Fetches `range` of `version` as concurrent GETs of `part_size`, returned in order. The
-/// parts are kept as they arrived: concatenating them would double the memory of a window.
-pub async fn fetch_parallel(
-    store: &Arc<dyn ObjectStore>,
-    version: &ObjectVersion,
-    range: Range<u64>,
-    part_size: u64,
-) -> StoreResult<Vec<Bytes>> {
-    let part_size = part_size.max(1);
-    let parts = (range.start..range.end)
-        .step_by(part_size as usize)
-        .map(|s| s..(s + part_size).min(range.end));
-    try_join_all(parts.map(|r| store.get_range(&version.key, r, Some(&version.etag)))).await
+/// Blocks of objects, from the cache or the bucket. One per mount.
+pub struct BlockSource {
+    store: Arc<dyn ObjectStore>,
+    cache: Option<Arc<BlockCache>>,
+    budget: Arc<Semaphore>,
+    tuning: ReadTuning,
 }
 
-/// Fetched bytes of an object starting at `start`, as consecutive parts.
-struct Window {
-    start: u64,
-    parts: Vec<Bytes>,
+impl std::fmt::Debug for BlockSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BlockSource")
+            .field("cache", &self.cache)
+            .field("tuning", &self.tuning)
+            .finish()
+    }
 }
 
-impl Window {
-    fn end(&self) -> u64 {
-        self.start + self.parts.iter().map(|p| p.len() as u64).sum::<u64>()
-    }
-
-    fn covers(&self, offset: u64) -> bool {
-        offset >= self.start && offset < self.end()
-    }
-
-    /// Appends the window's bytes from `from` up to `to` (absolute offsets) to `out`;
-    /// returns where it stopped.
-    fn copy_out(&self, from: u64, to: u64, out: &mut BytesMut) -> u64 {
-        let mut part_start = self.start;
-        let mut pos = from;
-        for part in &self.parts {
-            let part_end = part_start + part.len() as u64;
-            if pos >= part_start && pos < part_end && pos < to {
-                let end = to.min(part_end);
-                out.extend_from_slice(
-                    &part[(pos - part_start) as usize..(end - part_start) as usize],
-                );
-                pos = end;
-            }
-            part_start = part_end;
+impl BlockSource {
+    /// A source reading through `cache` (if any), with `budget_bytes` of read-ahead memory.
+    pub fn new(
+        store: Arc<dyn ObjectStore>,
+        cache: Option<Arc<BlockCache>>,
+        budget: Arc<Semaphore>,
+        tuning: ReadTuning,
+    ) -> Self {
+        BlockSource {
+            store,
+            cache,
+            budget,
+            tuning,
         }
-        pos
+    }
+
+    /// The cache, if there is one.
+    pub fn cache(&self) -> Option<&Arc<BlockCache>> {
+        self.cache.as_ref()
+    }
+
+    /// Bytes `range` of block `index` from the cache, verified.
+    async fn cached(&self, v: &ObjectVersion, index: u64, range: Range<usize>) -> Option<Bytes> {
+        let cache = self.cache.clone()?;
+        let v = v.clone();
+        tokio::task::spawn_blocking(move || cache.get(&v.block_id(index), range))
+            .await
+            .ok()
+            .flatten()
+    }
+
+    /// Fetches blocks `blocks` from the bucket as concurrent GETs of the part size, stores
+    /// them in the cache and returns them in order.
+    async fn fetch(&self, v: &ObjectVersion, blocks: Range<u64>) -> StoreResult<Vec<Bytes>> {
+        let per_part = (self.tuning.part_size / BLOCK_SIZE).max(1);
+        let parts: Vec<_> = (blocks.start..blocks.end)
+            .step_by(per_part as usize)
+            .map(|first| self.fetch_part(v, first..(first + per_part).min(blocks.end)))
+            .collect();
+        Ok(try_join_all(parts).await?.into_iter().flatten().collect())
+    }
+
+    async fn fetch_part(&self, v: &ObjectVersion, blocks: Range<u64>) -> StoreResult<Vec<Bytes>> {
+        let start = blocks.start * BLOCK_SIZE;
+        let end = (blocks.end * BLOCK_SIZE).min(v.size);
+        let data = self
+            .store
+            .get_range(&v.key, start..end, Some(&v.etag))
+            .await?;
+        if data.len() as u64 != end - start {
+            return Err(StoreError::Other(format!(
+                "{}: asked for {} bytes at {start}, got {}",
+                v.key,
+                end - start,
+                data.len()
+            )));
+        }
+        let split: Vec<Bytes> = (0..data.len())
+            .step_by(BLOCK_SIZE as usize)
+            .map(|s| data.slice(s..(s + BLOCK_SIZE as usize).min(data.len())))
+            .collect();
+        if let Some(cache) = self.cache.clone() {
+            let (v, first, split) = (v.clone(), blocks.start, split.clone());
+            // Storing is best effort: a failure only means a later miss.
+            let _ = tokio::task::spawn_blocking(move || {
+                for (i, b) in split.iter().enumerate() {
+                    cache.put(&v.block_id(first + i as u64), b);
+                }
+            })
+            .await;
+        }
+        Ok(split)
+    }
+
+    /// Exactly bytes `range` of `v`: cached blocks from the cache, the others fetched whole
+    /// (and cached), so the next read near here is a hit.
+    pub async fn read_range(&self, v: &ObjectVersion, range: Range<u64>) -> StoreResult<Bytes> {
+        let mut out = BytesMut::with_capacity((range.end - range.start) as usize);
+        let mut pos = range.start;
+        while pos < range.end {
+            let b = pos / BLOCK_SIZE;
+            let block_start = b * BLOCK_SIZE;
+            let within =
+                (pos - block_start) as usize..(range.end - block_start).min(BLOCK_SIZE) as usize;
+            let data = match self.cached(v, b, within.clone()).await {
+                Some(d) => d,
+                None => {
+                    // Fetch the run of blocks up to the end of the request in one go.
+                    let last = (range.end - 1) / BLOCK_SIZE;
+                    let fetched = self.fetch(v, b..last + 1).await?;
+                    for (i, block) in fetched.iter().enumerate() {
+                        let s = (block_start + i as u64 * BLOCK_SIZE).max(pos);
+                        let e = (block_start + (i as u64 + 1) * BLOCK_SIZE).min(range.end);
+                        let off = block_start + i as u64 * BLOCK_SIZE;
+                        out.extend_from_slice(&block[(s - off) as usize..(e - off) as usize]);
+                    }
+                    return Ok(out.freeze());
+                }
+            };
+            out.extend_from_slice(&data);
+            pos = block_start + within.end as u64;
+        }
+        Ok(out.freeze())
+    }
+
+    /// Whole block `index`: from the cache, else fetched alone.
+    async fn block(&self, v: &ObjectVersion, index: u64) -> StoreResult<Bytes> {
+        if let Some(d) = self.cached(v, index, 0..v.block_len(index)).await {
+            return Ok(d);
+        }
+        Ok(self.fetch(v, index..index + 1).await?.remove(0))
+    }
+
+    /// Whole blocks `blocks`, for read-ahead: cached ones read from disk, the runs of
+    /// missing ones fetched.
+    async fn window(&self, v: &ObjectVersion, blocks: Range<u64>) -> StoreResult<Vec<Bytes>> {
+        // Cached blocks are read concurrently: one 1 MiB read at a time leaves a disk idle
+        // between requests (700 MB/s here, against 2 GB/s for the same disk read ahead).
+        let mut out: Vec<Option<Bytes>> = futures::future::join_all(
+            blocks
+                .clone()
+                .map(|b| self.cached(v, b, 0..v.block_len(b))),
+        )
+        .await;
+        let mut i = 0;
+        while i < out.len() {
+            if out[i].is_some() {
+                i += 1;
+                continue;
+            }
+            let run_end = (i..out.len())
+                .find(|&j| out[j].is_some())
+                .unwrap_or(out.len());
+            let first = blocks.start + i as u64;
+            let fetched = self.fetch(v, first..blocks.start + run_end as u64).await?;
+            for (j, data) in fetched.into_iter().enumerate() {
+                out[i + j] = Some(data);
+            }
+            i = run_end;
+        }
+        Ok(out.into_iter().map(|b| b.expect("filled above")).collect())
+    }
+
+    /// Reserves read-ahead memory for up to `blocks` blocks: as many as the budget has now,
+    /// without waiting.
+    fn reserve(&self, blocks: u64) -> Option<(u64, OwnedSemaphorePermit)> {
+        let per_block = (BLOCK_SIZE / MIB).max(1) as u32;
+        let mut want = blocks;
+        while want > 0 {
+            let permits = u32::try_from(want).unwrap_or(u32::MAX / per_block) * per_block;
+            if let Ok(p) = self.budget.clone().try_acquire_many_owned(permits) {
+                return Some((want, p));
+            }
+            want /= 2;
+        }
+        None
     }
 }
 
-struct Prefetch {
-    start: u64,
-    task: JoinHandle<StoreResult<Vec<Bytes>>>,
+/// A window of read-ahead, fetched in the background.
+struct Ahead {
+    blocks: Range<u64>,
+    state: AheadState,
+}
+
+/// A window's blocks, with the memory reserved for them (released when the window is).
+enum AheadState {
+    Pending(JoinHandle<StoreResult<Vec<Bytes>>>, OwnedSemaphorePermit),
+    Ready {
+        blocks: Vec<Bytes>,
+        _permit: OwnedSemaphorePermit,
+    },
 }
 
 /// Read state of one open handle.
 #[derive(Default)]
 pub struct Reader {
     next_offset: u64,
-    window_size: u64,
-    current: Option<Window>,
-    prefetch: Option<Prefetch>,
+    window: u64,
+    held: Option<(u64, Bytes)>,
+    ahead: VecDeque<Ahead>,
     version: Option<ObjectVersion>,
 }
 
@@ -109,16 +280,14 @@ impl std::fmt::Debug for Reader {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Reader")
             .field("next_offset", &self.next_offset)
-            .field("window_size", &self.window_size)
+            .field("window", &self.window)
             .finish()
     }
 }
 
 impl Drop for Reader {
     fn drop(&mut self) {
-        if let Some(p) = self.prefetch.take() {
-            p.task.abort();
-        }
+        self.drop_ahead();
     }
 }
 
@@ -126,180 +295,158 @@ impl Reader {
     /// Reads up to `len` bytes at `offset` of `version`.
     pub async fn read(
         &mut self,
-        store: &Arc<dyn ObjectStore>,
+        src: &Arc<BlockSource>,
         version: &ObjectVersion,
         offset: u64,
         len: usize,
-        tuning: ReadTuning,
     ) -> StoreResult<Bytes> {
         if self.version.as_ref() != Some(version) {
             // A new version (after an upload or a rename): nothing buffered is valid.
-            self.reset();
+            self.drop_ahead();
+            self.held = None;
+            self.window = 0;
+            self.next_offset = 0;
             self.version = Some(version.clone());
         }
         let end = (offset + len as u64).min(version.size);
         if offset >= end {
             return Ok(Bytes::new());
         }
-        let sequential =
-            offset == self.next_offset || self.current.as_ref().is_some_and(|w| w.covers(offset));
-        self.next_offset = end;
-        if !sequential {
-            self.reset_window();
-            return store
-                .get_range(&version.key, offset..end, Some(&version.etag))
-                .await;
+        if !self.is_sequential(offset) {
+            self.drop_ahead();
+            self.window = 0;
+            self.held = None;
+            self.next_offset = end;
+            return src.read_range(version, offset..end).await;
         }
         let mut out = BytesMut::with_capacity((end - offset) as usize);
         let mut pos = offset;
         while pos < end {
-            if !self.current.as_ref().is_some_and(|w| w.covers(pos)) {
-                self.refill(store, version, pos, end, tuning).await?;
+            let b = pos / BLOCK_SIZE;
+            let data = self.block(src, version, b).await?;
+            let within = (pos - b * BLOCK_SIZE) as usize;
+            if data.len() <= within {
+                break; // the object is shorter than its listing said
             }
-            let w = self.current.as_ref().expect("refilled");
-            if !w.covers(pos) {
-                // The object is shorter than the version said: stop at what exists.
-                break;
-            }
-            pos = w.copy_out(pos, end, &mut out);
+            let take = ((end - pos) as usize).min(data.len() - within);
+            out.extend_from_slice(&data[within..within + take]);
+            pos += take as u64;
         }
-        self.maybe_prefetch(store, version, tuning);
+        self.next_offset = end;
+        self.read_ahead(src, version);
         Ok(out.freeze())
     }
 
-    fn reset(&mut self) {
-        self.reset_window();
-        self.current = None;
-        self.next_offset = 0;
-    }
-
-    fn reset_window(&mut self) {
-        self.window_size = 0;
-        if let Some(p) = self.prefetch.take() {
-            p.task.abort();
+    /// Whether a read at `offset` continues this reader's stream. The kernel sends a
+    /// sequential reader's requests concurrently, so they may arrive slightly out of order:
+    /// anything from the block before the last one read up to the end of the read-ahead counts.
+    fn is_sequential(&self, offset: u64) -> bool {
+        if offset == self.next_offset {
+            return true;
         }
+        let Some((held, _)) = &self.held else {
+            return false;
+        };
+        let ahead_end = self.ahead.back().map_or(held + 1, |a| a.blocks.end);
+        (held.saturating_sub(1) * BLOCK_SIZE..ahead_end * BLOCK_SIZE).contains(&offset)
     }
 
-    async fn refill(
+    /// Block `b` in full: the held block, a read-ahead window, the cache or the bucket.
+    async fn block(
         &mut self,
-        store: &Arc<dyn ObjectStore>,
-        version: &ObjectVersion,
-        pos: u64,
-        want_end: u64,
-        tuning: ReadTuning,
-    ) -> StoreResult<()> {
-        if let Some(p) = self.prefetch.take() {
-            if p.start == pos {
-                let parts = p
-                    .task
-                    .await
-                    .map_err(|e| StoreError::Other(format!("read-ahead task: {e}")))??;
-                self.current = Some(Window { start: pos, parts });
-                return Ok(());
+        src: &Arc<BlockSource>,
+        v: &ObjectVersion,
+        b: u64,
+    ) -> StoreResult<Bytes> {
+        if let Some((i, data)) = &self.held
+            && *i == b
+        {
+            return Ok(data.clone());
+        }
+        while self.ahead.front().is_some_and(|a| a.blocks.end <= b) {
+            self.ahead.pop_front();
+        }
+        let data = match self.take_ahead(b).await {
+            Some(d) => d,
+            None => src.block(v, b).await?,
+        };
+        self.held = Some((b, data.clone()));
+        Ok(data)
+    }
+
+    /// Block `b` from the first read-ahead window, if that window covers it and was fetched
+    /// without error (a failed window is dropped; the caller fetches on demand and sees the
+    /// error itself if it persists).
+    async fn take_ahead(&mut self, b: u64) -> Option<Bytes> {
+        let front = self.ahead.front_mut()?;
+        if !front.blocks.contains(&b) {
+            return None;
+        }
+        let first = front.blocks.start;
+        if let AheadState::Pending(task, _) = &mut front.state {
+            let fetched = task.await;
+            let Some(Ahead {
+                state: AheadState::Pending(_, permit),
+                blocks,
+            }) = self.ahead.pop_front()
+            else {
+                unreachable!("front was pending")
+            };
+            match fetched {
+                Ok(Ok(data)) => self.ahead.push_front(Ahead {
+                    blocks,
+                    state: AheadState::Ready {
+                        blocks: data,
+                        _permit: permit,
+                    },
+                }),
+                _ => return None,
             }
-            p.task.abort();
         }
-        self.window_size =
-            (self.window_size * 2).clamp(FIRST_WINDOW, tuning.max_window.max(FIRST_WINDOW));
-        let end = (pos + self.window_size).max(want_end).min(version.size);
-        let parts = fetch_parallel(store, version, pos..end, tuning.part_size).await?;
-        self.current = Some(Window { start: pos, parts });
-        Ok(())
+        let front = self.ahead.front()?;
+        let AheadState::Ready { blocks: data, .. } = &front.state else {
+            return None;
+        };
+        let block = data.get((b - first) as usize).cloned();
+        if b + 1 == front.blocks.end {
+            self.ahead.pop_front();
+        }
+        block
     }
 
-    /// Starts fetching the next window once the reader is past half of the current one.
-    fn maybe_prefetch(
-        &mut self,
-        store: &Arc<dyn ObjectStore>,
-        version: &ObjectVersion,
-        tuning: ReadTuning,
-    ) {
-        let Some(w) = &self.current else { return };
-        if self.prefetch.is_some() || w.end() >= version.size {
+    /// Starts fetching the next window once the reader is halfway through what is ahead.
+    fn read_ahead(&mut self, src: &Arc<BlockSource>, v: &ObjectVersion) {
+        let Some((held, _)) = &self.held else { return };
+        let ahead_end = self.ahead.back().map_or(held + 1, |a| a.blocks.end);
+        if ahead_end >= v.blocks() {
             return;
         }
-        let half = w.start + (w.end() - w.start) / 2;
-        if self.next_offset < half {
+        self.window = self.window.max(FIRST_WINDOW);
+        if (ahead_end * BLOCK_SIZE).saturating_sub(self.next_offset) > self.window / 2 {
             return;
         }
-        self.window_size =
-            (self.window_size * 2).clamp(FIRST_WINDOW, tuning.max_window.max(FIRST_WINDOW));
-        let start = w.end();
-        let end = (start + self.window_size).min(version.size);
-        let (store, version) = (store.clone(), version.clone());
-        let task = tokio::spawn(async move {
-            fetch_parallel(&store, &version, start..end, tuning.part_size).await
+        self.window = (self.window * 2).min(src.tuning.max_window.max(FIRST_WINDOW));
+        let want = (self.window / BLOCK_SIZE).min(v.blocks() - ahead_end);
+        let Some((granted, permit)) = src.reserve(want) else {
+            return;
+        };
+        let blocks = ahead_end..ahead_end + granted;
+        let (src, v2, range) = (src.clone(), v.clone(), blocks.clone());
+        let task = tokio::spawn(async move { src.window(&v2, range).await });
+        self.ahead.push_back(Ahead {
+            blocks,
+            state: AheadState::Pending(task, permit),
         });
-        self.prefetch = Some(Prefetch { start, task });
+    }
+
+    fn drop_ahead(&mut self) {
+        for a in self.ahead.drain(..) {
+            if let AheadState::Pending(task, _) = a.state {
+                task.abort();
+            }
+        }
     }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::store::WriteHeaders;
-    use crate::store::mem::{MemStore, Op};
-
-    fn setup(len: usize) -> (Arc<MemStore>, Arc<dyn ObjectStore>, ObjectVersion, Vec<u8>) {
-        let mem = Arc::new(MemStore::new());
-        let data: Vec<u8> = (0..len).map(|i| (i * 7 % 251) as u8).collect();
-        mem.insert("k", &data, WriteHeaders::default());
-        let store: Arc<dyn ObjectStore> = mem.clone();
-        let etag = futures::executor::block_on(store.head("k")).unwrap().etag;
-        let v = ObjectVersion {
-            key: "k".into(),
-            etag,
-            size: len as u64,
-        };
-        (mem, store, v, data)
-    }
-
-    const TUNING: ReadTuning = ReadTuning {
-        max_window: 4 * 1024 * 1024,
-        part_size: 512 * 1024,
-    };
-
-    #[tokio::test]
-    async fn sequential_reads_match_and_use_few_large_gets() {
-        let (mem, store, v, data) = setup(9 * 1024 * 1024 + 17);
-        let mut r = Reader::default();
-        let mut got = Vec::new();
-        let mut off = 0u64;
-        loop {
-            let b = r.read(&store, &v, off, 128 * 1024, TUNING).await.unwrap();
-            if b.is_empty() {
-                break;
-            }
-            off += b.len() as u64;
-            got.extend_from_slice(&b);
-        }
-        assert_eq!(got, data);
-        // 72 reads of 128 KiB served by windows of 1, 2, 4, 4 MiB split in 512 KiB parts.
-        assert!(mem.count(Op::Get) <= 20, "{} GETs", mem.count(Op::Get));
-    }
-
-    #[tokio::test]
-    async fn random_reads_fetch_exactly_what_is_asked() {
-        let (mem, store, v, data) = setup(3 * 1024 * 1024);
-        let mut r = Reader::default();
-        for &(off, len) in &[
-            (2_000_000u64, 4096usize),
-            (10, 100),
-            (3 * 1024 * 1024 - 5, 100),
-        ] {
-            let b = r.read(&store, &v, off, len, TUNING).await.unwrap();
-            let end = (off as usize + len).min(data.len());
-            assert_eq!(&b[..], &data[off as usize..end]);
-        }
-        assert_eq!(mem.count(Op::Get), 3);
-    }
-
-    #[tokio::test]
-    async fn a_changed_object_is_stale_not_mixed() {
-        let (mem, store, v, _) = setup(100);
-        mem.insert("k", b"other", WriteHeaders::default());
-        let mut r = Reader::default();
-        let err = r.read(&store, &v, 0, 10, TUNING).await.unwrap_err();
-        assert!(matches!(err, StoreError::PreconditionFailed(_)));
-    }
-}
+mod tests;

@@ -65,7 +65,7 @@ impl Setup {
     }
 
     async fn read_all(&self, ino: u64) -> Vec<u8> {
-        let fh = self.fs.open(ino, libc::O_RDONLY).await.unwrap();
+        let fh = self.fs.open(ino, libc::O_RDONLY).await.unwrap().fh;
         let mut out = Vec::new();
         loop {
             let chunk = self
@@ -257,7 +257,7 @@ async fn random_writes_into_a_large_object_fetch_only_what_they_need() {
     let data: Vec<u8> = (0..(12 << 20)).map(|i| (i % 251) as u8).collect();
     s.mem.insert("pre/big", &data, WriteHeaders::default());
     let big = s.fs.lookup(ROOT, n("big")).await.unwrap();
-    let fh = s.fs.open(big.ino, libc::O_RDWR).await.unwrap();
+    let fh = s.fs.open(big.ino, libc::O_RDWR).await.unwrap().fh;
     let gets = s.mem.count(Op::Get);
     s.fs.write(fh, 5_000_000, b"XYZ").await.unwrap();
     assert_eq!(s.mem.count(Op::Get) - gets, 1, "one block fetched");
@@ -285,7 +285,7 @@ async fn sparse_writes_truncate_and_append() {
     .await
     .unwrap();
     assert_eq!(s.body("pre/f").unwrap(), b"0123");
-    let fh = s.fs.open(ino, libc::O_RDWR).await.unwrap();
+    let fh = s.fs.open(ino, libc::O_RDWR).await.unwrap().fh;
     s.fs.write(fh, 8, b"AB").await.unwrap();
     assert_eq!(s.fs.getattr(ino).await.unwrap().size, 10);
     s.fs.flush(fh).await.unwrap();
@@ -295,7 +295,8 @@ async fn sparse_writes_truncate_and_append() {
     let fh =
         s.fs.open(ino, libc::O_WRONLY | libc::O_TRUNC)
             .await
-            .unwrap();
+            .unwrap()
+            .fh;
     s.fs.write(fh, 0, b"new").await.unwrap();
     s.fs.release(fh).await;
     assert_eq!(s.body("pre/f").unwrap(), b"new");
@@ -364,7 +365,7 @@ async fn an_unlinked_open_file_stays_readable() {
     s.mem
         .insert("pre/f", b"still here", WriteHeaders::default());
     let f = s.fs.lookup(ROOT, n("f")).await.unwrap();
-    let fh = s.fs.open(f.ino, libc::O_RDONLY).await.unwrap();
+    let fh = s.fs.open(f.ino, libc::O_RDONLY).await.unwrap().fh;
     s.fs.unlink(ROOT, n("f")).await.unwrap();
     assert!(s.mem.object("pre/f").is_none());
     assert_eq!(s.fs.read(fh, 0, 100).await.unwrap(), &b"still here"[..]);
@@ -669,4 +670,49 @@ async fn read_only_mounts_refuse_changes() {
         libc::EROFS
     );
     assert!(fs.open(f.ino, libc::O_RDONLY).await.is_ok());
+}
+
+#[tokio::test]
+async fn the_kernel_keeps_its_page_cache_only_for_an_unchanged_object() {
+    let s = setup_with(
+        Arc::new(MemStore::new()),
+        MetadataTtl::For(Duration::from_millis(100)),
+        tempfile::tempdir().unwrap(),
+    );
+    let ino = s.write_file(ROOT, "f", b"one").await;
+    let keep = |o: Opened| o.keep_cache;
+    let open = || async {
+        let o = s.fs.open(ino, libc::O_RDONLY).await.unwrap();
+        s.fs.release(o.fh).await;
+        o
+    };
+    assert!(!keep(open().await), "first open: nothing cached yet");
+    assert!(keep(open().await), "same version");
+    s.mem.insert("pre/f", b"two", WriteHeaders::default());
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    assert!(!keep(open().await), "changed by another client");
+    assert!(keep(open().await));
+    let o = s.fs.open(ino, libc::O_RDWR).await.unwrap();
+    s.fs.write(o.fh, 0, b"3").await.unwrap();
+    s.fs.release(o.fh).await;
+    assert!(!keep(open().await), "changed through the mount: a new version");
+}
+
+#[tokio::test]
+async fn the_block_cache_serves_a_remount_without_requests() {
+    let mem = Arc::new(MemStore::new());
+    let ttl = MetadataTtl::Forever;
+    let data: Vec<u8> = (0..3_500_000u32).map(|i| (i % 253) as u8).collect();
+    mem.insert("pre/big", &data, WriteHeaders::default());
+    let s = setup_with(mem.clone(), ttl, tempfile::tempdir().unwrap());
+    let ino = s.fs.lookup(ROOT, n("big")).await.unwrap().ino;
+    assert_eq!(s.read_all(ino).await, data);
+    let Setup { fs, dir, .. } = s;
+    drop(fs);
+    let s = setup_with(mem.clone(), ttl, dir);
+    let gets = mem.count(Op::Get);
+    let ino = s.fs.lookup(ROOT, n("big")).await.unwrap().ino;
+    assert_eq!(s.read_all(ino).await, data);
+    assert_eq!(mem.count(Op::Get), gets, "served from the cache");
+    assert_eq!(s.fs.cache_stats().blocks, 4);
 }

@@ -61,6 +61,7 @@ struct State {
     uploads: HashMap<String, Upload>,
     faults: HashMap<Op, u32>,
     counts: HashMap<Op, u64>,
+    bytes_read: u64,
 }
 
 /// An object store held in memory.
@@ -90,6 +91,11 @@ impl MemStore {
             .get(&op)
             .copied()
             .unwrap_or(0)
+    }
+
+    /// Bytes returned by GETs so far.
+    pub fn bytes_read(&self) -> u64 {
+        self.state.lock().unwrap().bytes_read
     }
 
     /// Stores an object directly, as another S3 client would.
@@ -190,13 +196,15 @@ impl ObjectStore for MemStore {
         range: Range<u64>,
         if_match: Option<&str>,
     ) -> StoreResult<Bytes> {
-        let state = self.enter(Op::Get)?;
+        let mut state = self.enter(Op::Get)?;
         let obj = state
             .objects
             .get(key)
             .ok_or_else(|| StoreError::NotFound(key.to_string()))?;
         check_etag(obj, key, if_match)?;
-        Ok(obj.data.slice(clip(range, obj.data.len())))
+        let data = obj.data.slice(clip(range, obj.data.len()));
+        state.bytes_read += data.len() as u64;
+        Ok(data)
     }
 
     async fn put(&self, key: &str, body: Bytes, headers: &WriteHeaders) -> StoreResult<String> {
