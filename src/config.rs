@@ -88,6 +88,9 @@ pub struct Config {
     pub read_ahead_max: u64,
     /// Size of each ranged GET of a read-ahead window (8 MiB).
     pub read_part_size: u64,
+    /// Read every object's POSIX headers (one HEAD) before showing its attributes, instead of
+    /// the listing's attributes and the defaults until it is opened (false).
+    pub exact_attributes: bool,
     /// Most bytes the block cache keeps on disk; 0 turns it off (10 GiB).
     pub cache_size: u64,
     /// Free space the block cache leaves on its filesystem (1 GiB).
@@ -125,6 +128,7 @@ impl Default for Config {
             upload_concurrency: 8,
             read_ahead_max: 64 * 1024 * 1024,
             read_part_size: 8 * 1024 * 1024,
+            exact_attributes: false,
             cache_size: 10 << 30,
             cache_min_free: 1 << 30,
             max_buffer_memory: 128 << 20,

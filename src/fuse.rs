@@ -353,9 +353,10 @@ impl fuser::Filesystem for FuseAdapter {
         reply_entry(reply, self.ttl, "link", self.fs.link());
     }
 
-    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+    fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let who = caller(req);
         self.spawn(move |fs| async move {
-            match fs.open(ino.0, flags.0).await {
+            match fs.open(ino.0, flags.0, who).await {
                 Ok(o) => {
                     let flags = if o.keep_cache {
                         FopenFlags::FOPEN_KEEP_CACHE

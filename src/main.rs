@@ -116,6 +116,12 @@ struct MountArgs {
     /// bucket, or `forever` for a bucket only this mount writes.
     #[arg(long, default_value = "5")]
     metadata_ttl: MetadataTtl,
+    /// Read each object's POSIX headers (one HEAD per file) before showing its attributes, as
+    /// s3fs does. Without it, files listed but not yet opened show the listing's size and
+    /// Last-Modified with the default owner and mode: `ls -l` of a cold directory then costs
+    /// LIST requests only. Opens always read the headers and check permissions against them.
+    #[arg(long)]
+    exact_attributes: bool,
     /// Stay in the foreground (otherwise s3bridge returns once the mount is ready).
     #[arg(short, long)]
     foreground: bool,
@@ -217,6 +223,7 @@ fn build_config(args: &MountArgs) -> Result<Config, String> {
         upload_concurrency: args.upload_concurrency.max(1),
         read_ahead_max: args.read_ahead,
         read_part_size: args.read_part_size.max(1),
+        exact_attributes: args.exact_attributes,
         cache_size: args.cache_size,
         cache_min_free: args.cache_min_free,
         max_buffer_memory: args.max_buffer_memory,
@@ -277,7 +284,8 @@ fn mount_device(path: &Path) -> Option<String> {
     let want = path.to_string_lossy();
     info.lines().rev().find_map(|line| {
         let fields: Vec<&str> = line.split(' ').collect();
-        (unescape_mountinfo(fields.get(4)?) == want).then(|| fields.get(2).map(|d| d.to_string()))?
+        (unescape_mountinfo(fields.get(4)?) == want)
+            .then(|| fields.get(2).map(|d| d.to_string()))?
     })
 }
 

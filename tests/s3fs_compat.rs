@@ -99,9 +99,26 @@ fn a_tree_written_by_s3fs_reads_the_same_in_s3bridge() {
         want.contains("d/file f 640 1234 5678 1500000000.2500000000 8"),
         "{want}"
     );
-    let m = Mount::of_prefix(&prefix, MountOptions::default());
+    // With --exact-attributes every header is read at once: the same view as s3fs's.
+    let exact = MountOptions {
+        extra: vec!["--exact-attributes".into()],
+        ..MountOptions::default()
+    };
+    let m = Mount::of_prefix(&prefix, exact);
     assert_eq!(describe(&m.path), want);
     assert_eq!(std::fs::read(m.p("link")).unwrap(), b"content\n");
+    drop(m);
+    // By default a listing shows listed files with the defaults until they are opened; the
+    // symlink, listed as a file, is found to be a symlink when opened (ESTALE, the kernel
+    // looks it up again) and then everything reads as s3fs wrote it.
+    let m = Mount::of_prefix(&prefix, MountOptions::default());
+    let listed = sh(&m.path, "ls -l . d");
+    assert!(listed.contains("-rw-r--r--"), "listing view: {listed}");
+    assert_eq!(std::fs::read(m.p("link")).unwrap(), b"content\n");
+    assert_eq!(std::fs::read(m.p("d/file")).unwrap(), b"content\n");
+    assert_eq!(std::fs::read(m.p("exec")).unwrap(), b"x");
+    std::thread::sleep(std::time::Duration::from_secs(6)); // the kernel's attribute TTL
+    assert_eq!(describe(&m.path), want);
 }
 
 #[test]

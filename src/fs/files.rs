@@ -14,7 +14,7 @@ use bytes::Bytes;
 use tracing::{instrument, warn};
 
 use super::read::{ObjectVersion, Reader};
-use super::{Attr, Fs, FsError, FsResult, Handle, write};
+use super::{Attr, Caller, Fs, FsError, FsResult, Handle, write};
 use crate::cache::staging::{Original, Staging};
 use crate::meta::{Inode, Kind, ROOT_INO, Timestamp, now_ns};
 use crate::store::StoreError;
@@ -219,7 +219,7 @@ impl Fs {
 
     /// Opens `ino` with `flags` (`O_ACCMODE`, `O_TRUNC`).
     #[instrument(level = "debug", skip(self))]
-    pub async fn open(&self, ino: u64, flags: i32) -> FsResult<Opened> {
+    pub async fn open(&self, ino: u64, flags: i32, caller: Caller) -> FsResult<Opened> {
         let inode = self.inode(ino)?;
         match inode.kind {
             Kind::File => {}
@@ -231,6 +231,12 @@ impl Fs {
             self.check_writable()?;
         }
         let file = self.acquire_file(ino).await?;
+        if !inode.headers_known
+            && let Err(e) = self.check_opened(&file, flags, caller)
+        {
+            self.close_file(&file).await;
+            return Err(e);
+        }
         if flags & libc::O_TRUNC != 0
             && writable
             && let Err(e) = self.truncate_locked(&file, 0).await
@@ -243,6 +249,23 @@ impl Fs {
             fh: self.new_file_handle(file, writable),
             keep_cache,
         })
+    }
+
+    /// Checks an open against attributes the kernel did not know when it checked: those of
+    /// an object listed but never HEADed get the mount's defaults until it is opened. If the
+    /// headers make it something other than a file (an s3fs symlink), the open is ESTALE, so
+    /// the kernel looks the name up again and finds what it really is.
+    fn check_opened(&self, file: &OpenFile, flags: i32, caller: Caller) -> FsResult<()> {
+        let inode = file.attrs();
+        if inode.kind != Kind::File {
+            return Err(FsError::Stale);
+        }
+        let mask = match flags & libc::O_ACCMODE {
+            libc::O_RDONLY => libc::R_OK,
+            libc::O_WRONLY => libc::W_OK,
+            _ => libc::R_OK | libc::W_OK,
+        };
+        self.access(file.ino, mask, caller)
     }
 
     /// Whether the kernel may keep the pages it cached for `file` at an earlier open: only if

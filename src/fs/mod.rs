@@ -92,6 +92,9 @@ pub enum FsError {
     /// EBADF.
     #[error("bad file handle")]
     BadHandle,
+    /// ESTALE: the entry is not what the kernel was told; it should look it up again.
+    #[error("stale file handle")]
+    Stale,
     /// The object store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -121,6 +124,7 @@ impl FsError {
             FsError::TooBig => libc::E2BIG,
             FsError::Access => libc::EACCES,
             FsError::BadHandle => libc::EBADF,
+            FsError::Stale => libc::ESTALE,
             FsError::Store(e) => e.errno(),
             FsError::Meta(e) => e.errno(),
             FsError::Io(e) => e.raw_os_error().unwrap_or(libc::EIO),
@@ -482,7 +486,7 @@ impl Fs {
             .find_child(&dir, name)
             .await?
             .ok_or(FsError::NotFound)?;
-        let inode = self.ensure_headers(inode).await?;
+        let inode = self.stat_view(inode).await?;
         let attr = self.attr(&inode)?;
         self.remember(inode.ino);
         Ok(attr)
@@ -502,8 +506,22 @@ impl Fs {
         } else {
             inode
         };
-        let inode = self.ensure_headers(inode).await?;
+        let inode = self.stat_view(inode).await?;
         self.attr(&inode)
+    }
+
+    /// `inode` as `stat` shows it. A listed file's attributes come from the listing (size,
+    /// Last-Modified) and the mount's defaults until its headers are read, at open or by a
+    /// change of attributes, so `ls -l` of a cold directory costs LIST pages and no HEAD per
+    /// file. Directories are few and their modes gate every lookup beneath them, so their
+    /// markers are read at once; `--exact-attributes` reads every file's headers too, as
+    /// s3fs does.
+    async fn stat_view(&self, inode: Inode) -> FsResult<Inode> {
+        if inode.kind == Kind::Dir || self.cfg.exact_attributes {
+            self.ensure_headers(inode).await
+        } else {
+            Ok(inode)
+        }
     }
 
     /// The child `name` of `dir`: from the table while fresh, else asked of the bucket.

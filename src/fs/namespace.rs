@@ -135,7 +135,7 @@ impl Fs {
             }
             drop(_g);
             let existing = self.ensure_headers(existing).await?;
-            let fh = self.open(existing.ino, flags).await?.fh;
+            let fh = self.open(existing.ino, flags, caller).await?.fh;
             let attr = self.attr(&self.inode(existing.ino)?)?;
             self.remember(existing.ino);
             return Ok((attr, fh));

@@ -10,6 +10,8 @@ use crate::config::MetadataTtl;
 use crate::store::mem::{MemStore, Op};
 
 const ROOT: u64 = ROOT_INO;
+/// Root: opens in these tests are about contents, not permissions.
+const ROOT_CALLER: Caller = Caller { uid: 0, gid: 0 };
 const ME: Caller = Caller {
     uid: 1000,
     gid: 1000,
@@ -65,7 +67,12 @@ impl Setup {
     }
 
     async fn read_all(&self, ino: u64) -> Vec<u8> {
-        let fh = self.fs.open(ino, libc::O_RDONLY).await.unwrap().fh;
+        let fh = self
+            .fs
+            .open(ino, libc::O_RDONLY, ROOT_CALLER)
+            .await
+            .unwrap()
+            .fh;
         let mut out = Vec::new();
         loop {
             let chunk = self
@@ -82,15 +89,20 @@ impl Setup {
         out
     }
 
+    /// All names in `dir`, read as the kernel does: batch after batch until an empty one.
     async fn names(&self, dir: u64) -> Vec<String> {
         let fh = self.fs.opendir(dir).await.unwrap();
-        let entries = self.fs.readdir(dir, fh, 0).await.unwrap();
+        let mut names = Vec::new();
+        let mut offset = 0;
+        loop {
+            let batch = self.fs.readdir(dir, fh, offset).await.unwrap();
+            let Some(last) = batch.last() else { break };
+            offset = last.next_offset;
+            names.extend(batch.into_iter().map(|e| e.name));
+        }
         self.fs.releasedir(fh);
-        entries
-            .into_iter()
-            .map(|e| e.name)
-            .filter(|n| n != "." && n != "..")
-            .collect()
+        names.retain(|n| n != "." && n != "..");
+        names
     }
 
     fn body(&self, key: &str) -> Option<Vec<u8>> {
@@ -257,7 +269,11 @@ async fn random_writes_into_a_large_object_fetch_only_what_they_need() {
     let data: Vec<u8> = (0..(12 << 20)).map(|i| (i % 251) as u8).collect();
     s.mem.insert("pre/big", &data, WriteHeaders::default());
     let big = s.fs.lookup(ROOT, n("big")).await.unwrap();
-    let fh = s.fs.open(big.ino, libc::O_RDWR).await.unwrap().fh;
+    let fh =
+        s.fs.open(big.ino, libc::O_RDWR, ROOT_CALLER)
+            .await
+            .unwrap()
+            .fh;
     let gets = s.mem.count(Op::Get);
     s.fs.write(fh, 5_000_000, b"XYZ").await.unwrap();
     assert_eq!(s.mem.count(Op::Get) - gets, 1, "one block fetched");
@@ -285,7 +301,7 @@ async fn sparse_writes_truncate_and_append() {
     .await
     .unwrap();
     assert_eq!(s.body("pre/f").unwrap(), b"0123");
-    let fh = s.fs.open(ino, libc::O_RDWR).await.unwrap().fh;
+    let fh = s.fs.open(ino, libc::O_RDWR, ROOT_CALLER).await.unwrap().fh;
     s.fs.write(fh, 8, b"AB").await.unwrap();
     assert_eq!(s.fs.getattr(ino).await.unwrap().size, 10);
     s.fs.flush(fh).await.unwrap();
@@ -293,7 +309,7 @@ async fn sparse_writes_truncate_and_append() {
     assert_eq!(s.body("pre/f").unwrap(), b"0123\0\0\0\0AB");
     // O_TRUNC empties it.
     let fh =
-        s.fs.open(ino, libc::O_WRONLY | libc::O_TRUNC)
+        s.fs.open(ino, libc::O_WRONLY | libc::O_TRUNC, ROOT_CALLER)
             .await
             .unwrap()
             .fh;
@@ -365,7 +381,11 @@ async fn an_unlinked_open_file_stays_readable() {
     s.mem
         .insert("pre/f", b"still here", WriteHeaders::default());
     let f = s.fs.lookup(ROOT, n("f")).await.unwrap();
-    let fh = s.fs.open(f.ino, libc::O_RDONLY).await.unwrap().fh;
+    let fh =
+        s.fs.open(f.ino, libc::O_RDONLY, ROOT_CALLER)
+            .await
+            .unwrap()
+            .fh;
     s.fs.unlink(ROOT, n("f")).await.unwrap();
     assert!(s.mem.object("pre/f").is_none());
     assert_eq!(s.fs.read(fh, 0, 100).await.unwrap(), &b"still here"[..]);
@@ -659,7 +679,10 @@ async fn read_only_mounts_refuse_changes() {
     let fs = Fs::new(cfg, mem).unwrap();
     let f = fs.lookup(ROOT, n("f")).await.unwrap();
     assert_eq!(
-        fs.open(f.ino, libc::O_RDWR).await.unwrap_err().errno(),
+        fs.open(f.ino, libc::O_RDWR, ROOT_CALLER)
+            .await
+            .unwrap_err()
+            .errno(),
         libc::EROFS
     );
     assert_eq!(
@@ -669,7 +692,7 @@ async fn read_only_mounts_refuse_changes() {
             .errno(),
         libc::EROFS
     );
-    assert!(fs.open(f.ino, libc::O_RDONLY).await.is_ok());
+    assert!(fs.open(f.ino, libc::O_RDONLY, ROOT_CALLER).await.is_ok());
 }
 
 #[tokio::test]
@@ -682,7 +705,7 @@ async fn the_kernel_keeps_its_page_cache_only_for_an_unchanged_object() {
     let ino = s.write_file(ROOT, "f", b"one").await;
     let keep = |o: Opened| o.keep_cache;
     let open = || async {
-        let o = s.fs.open(ino, libc::O_RDONLY).await.unwrap();
+        let o = s.fs.open(ino, libc::O_RDONLY, ROOT_CALLER).await.unwrap();
         s.fs.release(o.fh).await;
         o
     };
@@ -692,10 +715,13 @@ async fn the_kernel_keeps_its_page_cache_only_for_an_unchanged_object() {
     tokio::time::sleep(Duration::from_millis(150)).await;
     assert!(!keep(open().await), "changed by another client");
     assert!(keep(open().await));
-    let o = s.fs.open(ino, libc::O_RDWR).await.unwrap();
+    let o = s.fs.open(ino, libc::O_RDWR, ROOT_CALLER).await.unwrap();
     s.fs.write(o.fh, 0, b"3").await.unwrap();
     s.fs.release(o.fh).await;
-    assert!(!keep(open().await), "changed through the mount: a new version");
+    assert!(
+        !keep(open().await),
+        "changed through the mount: a new version"
+    );
 }
 
 #[tokio::test]
@@ -715,4 +741,123 @@ async fn the_block_cache_serves_a_remount_without_requests() {
     assert_eq!(s.read_all(ino).await, data);
     assert_eq!(mem.count(Op::Get), gets, "served from the cache");
     assert_eq!(s.fs.cache_stats().blocks, 4);
+}
+
+fn s3fs_headers(mode: u32, uid: u32) -> WriteHeaders {
+    let mut meta = BTreeMap::new();
+    meta.insert("mode".to_string(), mode.to_string());
+    meta.insert("uid".to_string(), uid.to_string());
+    WriteHeaders {
+        content_type: None,
+        metadata: meta,
+    }
+}
+
+/// readdir, then lookup and getattr of every entry: what `ls -l` does.
+async fn ls_l(s: &Setup, dir: u64) -> Vec<Attr> {
+    let mut out = Vec::new();
+    for name in s.names(dir).await {
+        let a = s.fs.lookup(dir, n(&name)).await.unwrap();
+        out.push(s.fs.getattr(a.ino).await.unwrap());
+    }
+    out
+}
+
+#[tokio::test]
+async fn a_cold_ls_l_costs_list_pages_only() {
+    let s = setup();
+    for i in 0..2500 {
+        s.mem
+            .insert(&format!("pre/d/f{i:05}"), b"abcd", WriteHeaders::default());
+    }
+    let d = s.fs.lookup(ROOT, n("d")).await.unwrap();
+    let (lists, heads) = (s.mem.count(Op::List), s.mem.count(Op::Head));
+    let attrs = ls_l(&s, d.ino).await;
+    assert_eq!(attrs.len(), 2500);
+    assert!(
+        attrs
+            .iter()
+            .all(|a| a.size == 4 && a.perm == 0o644 && a.uid == 7)
+    );
+    assert_eq!(s.mem.count(Op::Head), heads, "no HEAD per file");
+    assert_eq!(
+        s.mem.count(Op::List) - lists,
+        3,
+        "2,500 keys are 3 pages of 1,000"
+    );
+    // Warm: no request at all.
+    let before = (s.mem.count(Op::List), s.mem.count(Op::Head));
+    assert_eq!(ls_l(&s, d.ino).await.len(), 2500);
+    assert_eq!((s.mem.count(Op::List), s.mem.count(Op::Head)), before);
+}
+
+#[tokio::test]
+async fn opening_a_listed_file_applies_its_real_mode() {
+    let s = setup();
+    s.mem
+        .insert("pre/secret", b"x", s3fs_headers(libc::S_IFREG | 0o600, 33));
+    let attrs = ls_l(&s, ROOT).await;
+    assert_eq!((attrs[0].perm, attrs[0].uid), (0o644, 7), "listing view");
+    let err =
+        s.fs.open(attrs[0].ino, libc::O_RDONLY, ME)
+            .await
+            .unwrap_err();
+    assert_eq!(err.errno(), libc::EACCES);
+    let a = s.fs.getattr(attrs[0].ino).await.unwrap();
+    assert_eq!(
+        (a.perm, a.uid),
+        (0o600, 33),
+        "the headers were read at open"
+    );
+    let owner = Caller { uid: 33, gid: 1 };
+    let o = s.fs.open(a.ino, libc::O_RDONLY, owner).await.unwrap();
+    s.fs.release(o.fh).await;
+}
+
+#[tokio::test]
+async fn a_listed_s3fs_symlink_turns_out_stale_at_open_then_is_a_symlink() {
+    let s = setup();
+    s.mem.insert(
+        "pre/link",
+        b"target",
+        s3fs_headers(libc::S_IFLNK | 0o777, 0),
+    );
+    let attrs = ls_l(&s, ROOT).await;
+    assert_eq!(
+        attrs[0].kind,
+        Kind::File,
+        "not known before its headers are read"
+    );
+    let err =
+        s.fs.open(attrs[0].ino, libc::O_RDONLY, ROOT_CALLER)
+            .await
+            .unwrap_err();
+    assert_eq!(err.errno(), libc::ESTALE);
+    let a = s.fs.lookup(ROOT, n("link")).await.unwrap();
+    assert_eq!(a.kind, Kind::Symlink);
+    assert_eq!(s.fs.readlink(a.ino).await.unwrap(), b"target");
+}
+
+#[tokio::test]
+async fn exact_attributes_read_every_files_headers() {
+    let dir = tempfile::tempdir().unwrap();
+    let mem = Arc::new(MemStore::new());
+    let cfg = Config {
+        bucket: "b".into(),
+        prefix: "pre/".into(),
+        cache_dir: dir.path().to_path_buf(),
+        exact_attributes: true,
+        ..Config::default()
+    };
+    let s = Setup {
+        fs: Fs::new(cfg, mem.clone()).unwrap(),
+        mem,
+        dir,
+    };
+    s.mem
+        .insert("pre/a", b"x", s3fs_headers(libc::S_IFREG | 0o600, 33));
+    s.mem.insert("pre/b", b"x", WriteHeaders::default());
+    let attrs = ls_l(&s, ROOT).await;
+    assert_eq!((attrs[0].perm, attrs[0].uid), (0o600, 33));
+    assert_eq!(s.mem.count(Op::Head), 2);
 }
