@@ -43,6 +43,19 @@ pub struct Staging {
     size: u64,
 }
 
+/// Reads ranges of a staging file from any task (the parts of an upload).
+#[derive(Debug, Clone)]
+pub struct StagingReader(std::sync::Arc<File>);
+
+impl StagingReader {
+    /// Bytes `range`, which must lie within the file.
+    pub fn read(&self, range: Range<u64>) -> io::Result<Vec<u8>> {
+        let mut buf = vec![0u8; (range.end - range.start) as usize];
+        self.0.read_exact_at(&mut buf, range.start)?;
+        Ok(buf)
+    }
+}
+
 /// Path of the staging file of inode `ino` under `dir`.
 pub fn staging_path(dir: &Path, ino: u64) -> PathBuf {
     dir.join(format!("{ino}.data"))
@@ -248,6 +261,11 @@ impl Staging {
         let mut buf = vec![0u8; (end - offset) as usize];
         self.file.read_exact_at(&mut buf, offset)?;
         Ok(buf)
+    }
+
+    /// A handle other tasks can read ranges with while this one goes on writing elsewhere.
+    pub fn reader(&self) -> io::Result<StagingReader> {
+        Ok(StagingReader(std::sync::Arc::new(self.file.try_clone()?)))
     }
 
     /// Sets the size; bytes past a shrink read as zeros if the file grows again.

@@ -11,9 +11,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use tracing::{instrument, warn};
+use tracing::{debug, instrument, warn};
 
 use super::read::{ObjectVersion, Reader};
+use super::stream::{Stream, StreamContext};
 use super::{Attr, Caller, Fs, FsError, FsResult, Handle, write};
 use crate::cache::staging::{Original, Staging};
 use crate::meta::{Inode, Kind, ROOT_INO, Timestamp, now_ns};
@@ -46,6 +47,12 @@ pub(super) struct FileState {
     pub retry_at: Option<Instant>,
     /// Backoff before the attempt after that.
     pub retry_delay: Duration,
+    /// The multipart upload fed while the file is written front to back.
+    pub stream: Option<Stream>,
+    /// A stream was abandoned: none starts again before the next upload.
+    pub no_stream: bool,
+    /// mtime given to the last write; an mtime that differs was set explicitly.
+    pub last_write: Option<Timestamp>,
 }
 
 impl OpenFile {
@@ -202,6 +209,7 @@ impl Fs {
     /// Removes a file nobody holds from the open-file table and deletes its staging.
     pub(super) fn retire(&self, file: &Arc<OpenFile>, st: &mut FileState) {
         st.closed = true;
+        self.abandon_stream(st);
         if let Some(staging) = st.staging.take()
             && let Err(e) = staging.remove()
         {
@@ -361,17 +369,84 @@ impl Fs {
         let file = &h.file;
         let mut st = file.state.lock().await;
         let staging = self.staging_of(file, &mut st)?;
+        let appended = offset == staging.size();
         let missing = staging.missing_for_write(offset..end);
         write::fetch_blocks(&self.store, staging, missing).await?;
         staging.write(offset, data)?;
         let size = staging.size();
+        let now = Timestamp::now();
         self.mark_dirty(file, &mut st, |a| {
             a.size = size;
-            let now = Timestamp::now();
             a.mtime = now;
             a.ctime = now;
         })?;
+        st.last_write = Some(now);
+        self.feed_stream(file, &mut st, offset, appended).await;
         Ok(data.len() as u32)
+    }
+
+    /// After a write at `offset`: starts a streaming upload when a file written front to back
+    /// from empty passes the multipart threshold, sends the parts the writer has completed,
+    /// and abandons the stream when the write went behind what was sent. Never fails the
+    /// write: the staging file has the data whatever happens to the stream.
+    async fn feed_stream(&self, file: &OpenFile, st: &mut FileState, offset: u64, appended: bool) {
+        let Some(staging) = st.staging.as_ref() else {
+            return;
+        };
+        let size = staging.size();
+        if st.stream.as_ref().is_some_and(|s| offset < s.sent_end()) {
+            self.abandon_stream(st);
+            return;
+        }
+        if st.stream.is_none() {
+            let eligible = appended
+                && !st.no_stream
+                && !st.unlinked
+                && staging.orig_len() == 0
+                && size > self.cfg.multipart_threshold;
+            if !eligible {
+                return;
+            }
+            let inode = file.attrs();
+            let Ok(key) = self.key_of(&inode) else { return };
+            let headers = self.headers_of(&inode);
+            match Stream::start(&self.store, key, &headers, self.cfg.part_size).await {
+                Ok(s) => st.stream = Some(s),
+                Err(e) => {
+                    debug!(ino = file.ino, "no streaming upload: {e}");
+                    st.no_stream = true;
+                    return;
+                }
+            }
+        }
+        let ctx = self.stream_context();
+        let sent = match (st.staging.as_ref().map(|s| s.reader()), st.stream.as_mut()) {
+            (Some(Ok(reader)), Some(stream)) => stream.send_ready(ctx, &reader, size).await,
+            _ => Err(StoreError::Other("staging file unreadable".into())),
+        };
+        if let Err(e) = sent {
+            warn!(
+                ino = file.ino,
+                "streaming upload stopped; the file goes up at close instead: {e}"
+            );
+            self.abandon_stream(st);
+        }
+    }
+
+    fn stream_context(&self) -> StreamContext<'_> {
+        StreamContext {
+            store: &self.store,
+            budget: &self.buffers,
+            concurrency: self.cfg.upload_concurrency,
+        }
+    }
+
+    /// Drops the file's stream (its upload is aborted); the file goes up the ordinary way.
+    pub(super) fn abandon_stream(&self, st: &mut FileState) {
+        if let Some(s) = st.stream.take() {
+            s.abandon(&self.store);
+            st.no_stream = true;
+        }
     }
 
     /// The staging file of an open file, created (empty, nothing fetched) on first use.
@@ -412,6 +487,7 @@ impl Fs {
             // Nothing of the old contents is needed.
             st.staging = Some(Staging::create(&self.staging_dir, file.ino, None, 0)?);
         }
+        self.abandon_stream(&mut st);
         let staging = self.staging_of(file, &mut st)?;
         staging.truncate(size)?;
         self.mark_dirty(file, &mut st, |a| {
@@ -478,20 +554,56 @@ impl Fs {
             Err(e) => return Err(e),
         };
         let headers = self.headers_of(&inode);
+        let streamed = match self.finish_stream(st, &key, &headers).await {
+            Some(Ok(etag)) => Some(etag),
+            Some(Err(e)) => {
+                warn!(
+                    key,
+                    "streaming upload failed; uploading the file again: {e}"
+                );
+                None
+            }
+            None => None,
+        };
+        let was_streamed = streamed.is_some();
         let tuning = self.upload_tuning();
         let staging = self.staging_of(file, st)?;
-        match write::upload(&self.store, staging, &key, &headers, tuning).await {
+        let result = match streamed {
+            Some(etag) => Ok(etag),
+            None => {
+                write::upload(&self.store, staging, &key, &headers, tuning, &self.buffers).await
+            }
+        };
+        match result {
             Ok(etag) => {
                 let uploaded = Original { key, etag };
                 let size = staging.size();
                 staging.mark_uploaded(uploaded.clone(), size);
                 st.remote = Some(uploaded.clone());
                 st.dirty = false;
+                st.no_stream = false;
                 let mut attrs = file.attrs();
-                attrs.etag = Some(uploaded.etag);
+                attrs.etag = Some(uploaded.etag.clone());
                 attrs.dirty = false;
                 attrs.headers_known = true;
                 attrs.validated_at = now_ns();
+                if was_streamed {
+                    self.after_stream(&mut attrs, st.last_write).await?;
+                    if let Some(etag) = &attrs.etag
+                        && etag != &uploaded.etag
+                    {
+                        let rewritten = Original {
+                            key: uploaded.key.clone(),
+                            etag: etag.clone(),
+                        };
+                        if let Some(staging) = st.staging.as_mut() {
+                            staging.mark_uploaded(rewritten.clone(), size);
+                        }
+                        st.remote = Some(rewritten);
+                    }
+                    file.set_attrs(attrs.clone());
+                }
+                st.last_write = None;
                 self.save(&attrs)?;
                 self.meta.delete_staging(file.ino)?;
                 Ok(())
@@ -507,6 +619,50 @@ impl Fs {
                 Err(e.into())
             }
         }
+    }
+
+    /// Completes the file's stream if it still fits the file (same key, same headers but for
+    /// times); `None` if there was no usable stream.
+    async fn finish_stream(
+        &self,
+        st: &mut FileState,
+        key: &str,
+        headers: &crate::store::WriteHeaders,
+    ) -> Option<crate::store::StoreResult<String>> {
+        let stream = st.stream.take()?;
+        let staging = st.staging.as_ref()?;
+        if !stream.is_for(key, headers) || staging.orig_len() != 0 {
+            stream.abandon(&self.store);
+            return None;
+        }
+        let reader = match staging.reader() {
+            Ok(r) => r,
+            Err(_) => {
+                stream.abandon(&self.store);
+                return None;
+            }
+        };
+        Some(
+            stream
+                .finish(self.stream_context(), &reader, staging.size())
+                .await,
+        )
+    }
+
+    /// After a streamed upload, which carries no time headers: times set explicitly while
+    /// the file was written are written now (one CopyObject onto itself); otherwise the
+    /// object's Last-Modified is the file's mtime, as a remount will show it.
+    async fn after_stream(&self, attrs: &mut Inode, last_write: Option<Timestamp>) -> FsResult<()> {
+        if last_write.is_some_and(|t| t != attrs.mtime) {
+            return self.rewrite_headers(attrs).await;
+        }
+        let key = self.key_of(attrs)?;
+        if let Ok(info) = self.store.head(&key).await {
+            attrs.mtime = Timestamp::from(info.last_modified);
+            attrs.ctime = attrs.mtime;
+            attrs.atime = attrs.mtime;
+        }
+        Ok(())
     }
 
     /// Closes a handle (the kernel's release): the last close of a file drops its staging.

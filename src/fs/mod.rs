@@ -14,10 +14,12 @@
 //! 3. the content lock of one open file ([`OpenFile::state`]);
 //! 4. short synchronous locks (the inode table, the handle table), never held across `.await`.
 
+pub mod budget;
 mod files;
 mod locks;
 mod namespace;
 pub mod read;
+pub mod stream;
 mod sync;
 pub mod write;
 mod xattr;
@@ -44,6 +46,7 @@ use crate::meta::{
 };
 use crate::store::{ObjectInfo, ObjectStore, StoreError, WriteHeaders};
 
+use budget::MemoryBudget;
 pub use files::{OpenFile, Opened, SetAttr, TimeSet};
 use locks::LockMap;
 
@@ -229,6 +232,7 @@ pub struct Fs {
     meta: InodeTable,
     staging_dir: PathBuf,
     blocks: Arc<read::BlockSource>,
+    buffers: MemoryBudget,
     defaults: EntryDefaults,
     hidden: HiddenKeyLog,
     handles: Mutex<HashMap<u64, Handle>>,
@@ -302,12 +306,11 @@ impl Fs {
         let db = cfg.cache_dir.join("meta.db");
         let meta = InodeTable::open(&db, &root)?;
         restrict_permissions(&db);
+        let buffers = MemoryBudget::new(cfg.max_buffer_memory);
         let blocks = Arc::new(read::BlockSource::new(
             store.clone(),
             open_block_cache(&cfg)?,
-            Arc::new(tokio::sync::Semaphore::new(
-                (cfg.max_buffer_memory >> 20) as usize,
-            )),
+            buffers.clone(),
             read::ReadTuning {
                 max_window: cfg.read_ahead_max,
                 part_size: cfg.read_part_size,
@@ -319,6 +322,7 @@ impl Fs {
             meta,
             staging_dir,
             blocks,
+            buffers,
             defaults,
             hidden: HiddenKeyLog::default(),
             handles: Mutex::new(HashMap::new()),

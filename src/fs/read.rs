@@ -23,9 +23,10 @@ use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 use futures::future::try_join_all;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::OwnedSemaphorePermit;
 use tokio::task::JoinHandle;
 
+use super::budget::MemoryBudget;
 use crate::cache::BLOCK_SIZE;
 use crate::cache::blocks::{BlockCache, BlockId};
 use crate::store::{ObjectStore, StoreError, StoreResult};
@@ -33,9 +34,6 @@ use crate::store::{ObjectStore, StoreError, StoreResult};
 /// First read-ahead window of a sequential reader: one block, so a reader that stops early
 /// (`file`, a thumbnailer reading headers) wastes little.
 pub const FIRST_WINDOW: u64 = BLOCK_SIZE;
-
-/// Unit of the memory budget.
-const MIB: u64 = 1024 * 1024;
 
 /// Which object version to read.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -79,7 +77,7 @@ pub struct ReadTuning {
 pub struct BlockSource {
     store: Arc<dyn ObjectStore>,
     cache: Option<Arc<BlockCache>>,
-    budget: Arc<Semaphore>,
+    budget: MemoryBudget,
     tuning: ReadTuning,
 }
 
@@ -93,11 +91,11 @@ impl std::fmt::Debug for BlockSource {
 }
 
 impl BlockSource {
-    /// A source reading through `cache` (if any), with `budget_bytes` of read-ahead memory.
+    /// A source reading through `cache` (if any), taking read-ahead memory from `budget`.
     pub fn new(
         store: Arc<dyn ObjectStore>,
         cache: Option<Arc<BlockCache>>,
-        budget: Arc<Semaphore>,
+        budget: MemoryBudget,
         tuning: ReadTuning,
     ) -> Self {
         BlockSource {
@@ -230,21 +228,6 @@ impl BlockSource {
             i = run_end;
         }
         Ok(out.into_iter().map(|b| b.expect("filled above")).collect())
-    }
-
-    /// Reserves read-ahead memory for up to `blocks` blocks: as many as the budget has now,
-    /// without waiting.
-    fn reserve(&self, blocks: u64) -> Option<(u64, OwnedSemaphorePermit)> {
-        let per_block = (BLOCK_SIZE / MIB).max(1) as u32;
-        let mut want = blocks;
-        while want > 0 {
-            let permits = u32::try_from(want).unwrap_or(u32::MAX / per_block) * per_block;
-            if let Ok(p) = self.budget.clone().try_acquire_many_owned(permits) {
-                return Some((want, p));
-            }
-            want /= 2;
-        }
-        None
     }
 }
 
@@ -424,7 +407,7 @@ impl Reader {
         }
         self.window = (self.window * 2).min(src.tuning.max_window.max(FIRST_WINDOW));
         let want = (self.window / BLOCK_SIZE).min(v.blocks() - ahead_end);
-        let Some((granted, permit)) = src.reserve(want) else {
+        let Some((granted, permit)) = src.budget.try_reserve_units(want, BLOCK_SIZE) else {
             return;
         };
         let blocks = ahead_end..ahead_end + granted;

@@ -861,3 +861,112 @@ async fn exact_attributes_read_every_files_headers() {
     assert_eq!((attrs[0].perm, attrs[0].uid), (0o600, 33));
     assert_eq!(s.mem.count(Op::Head), 2);
 }
+
+/// Creates `name` and writes `len` bytes front to back in 1 MiB writes, without closing it.
+async fn write_streaming(s: &Setup, name: &str, data: &[u8]) -> (u64, u64) {
+    let (attr, fh) =
+        s.fs.create(ROOT, n(name), 0o640, 0o022, libc::O_WRONLY, ME)
+            .await
+            .unwrap();
+    for (i, chunk) in data.chunks(1 << 20).enumerate() {
+        s.fs.write(fh, (i << 20) as u64, chunk).await.unwrap();
+    }
+    (attr.ino, fh)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_written_front_to_back_streams_its_parts_while_written() {
+    let s = setup();
+    let data: Vec<u8> = (0..23 * 1024 * 1024 + 11)
+        .map(|i| (i % 239) as u8)
+        .collect();
+    let (ino, fh) = write_streaming(&s, "big", &data).await;
+    // Parts of 5 MiB are cut as soon as the writer passes them (the threshold is 6 MiB).
+    assert_eq!(s.mem.count(Op::Multipart), 1, "started while writing");
+    let mut waited = 0;
+    while s.mem.count(Op::UploadPart) < 4 && waited < 500 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        waited += 1;
+    }
+    assert_eq!(
+        s.mem.count(Op::UploadPart),
+        4,
+        "whole parts go up before close"
+    );
+    s.fs.flush(fh).await.unwrap();
+    s.fs.release(fh).await;
+    assert_eq!(s.mem.count(Op::UploadPart), 5, "nothing sent twice");
+    assert_eq!(s.mem.count(Op::Put), 0);
+    let (body, h) = s.mem.object("pre/big").unwrap();
+    assert!(body[..] == data[..]);
+    assert_eq!(h.metadata["mode"], (libc::S_IFREG | 0o640).to_string());
+    assert!(
+        !h.metadata.contains_key("mtime"),
+        "Last-Modified is the mtime"
+    );
+    assert_eq!(s.mem.pending_uploads(), 0);
+    assert!(s.read_all(ino).await == data);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_behind_the_streamed_parts_falls_back_to_a_whole_upload() {
+    let s = setup();
+    let mut data: Vec<u8> = (0..13 * 1024 * 1024).map(|i| (i % 241) as u8).collect();
+    let (_, fh) = write_streaming(&s, "f", &data).await;
+    assert_eq!(s.mem.count(Op::Multipart), 1, "a stream started");
+    s.fs.write(fh, 100, b"patched").await.unwrap();
+    data[100..107].copy_from_slice(b"patched");
+    s.fs.flush(fh).await.unwrap();
+    s.fs.release(fh).await;
+    assert!(s.mem.object("pre/f").unwrap().0[..] == data[..]);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(
+        s.mem.pending_uploads(),
+        0,
+        "the abandoned upload was aborted"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_streamed_part_falls_back_to_a_whole_upload() {
+    let s = setup();
+    let data: Vec<u8> = (0..17 * 1024 * 1024).map(|i| (i % 233) as u8).collect();
+    s.mem.fail_next(Op::UploadPart, 1);
+    let (_, fh) = write_streaming(&s, "f", &data).await;
+    s.fs.flush(fh).await.unwrap();
+    s.fs.release(fh).await;
+    assert!(s.mem.object("pre/f").unwrap().0[..] == data[..]);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(s.mem.pending_uploads(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn times_set_while_streaming_are_stored() {
+    let s = setup();
+    let data = vec![7u8; 12 * 1024 * 1024];
+    let (ino, fh) = write_streaming(&s, "f", &data).await;
+    let t = Timestamp {
+        sec: 1_500_000_000,
+        nsec: 0,
+    };
+    s.fs.setattr(
+        ino,
+        Some(fh),
+        SetAttr {
+            mtime: Some(TimeSet::At(t)),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    s.fs.flush(fh).await.unwrap();
+    s.fs.release(fh).await;
+    let (body, h) = s.mem.object("pre/f").unwrap();
+    assert_eq!(body.len(), data.len());
+    assert_eq!(h.metadata["mtime"], "1500000000");
+    let mtime = s.fs.getattr(ino).await.unwrap().mtime;
+    assert_eq!(
+        mtime,
+        std::time::UNIX_EPOCH + Duration::from_secs(1_500_000_000)
+    );
+}

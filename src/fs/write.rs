@@ -13,7 +13,8 @@ use bytes::Bytes;
 use futures::stream::{self, StreamExt, TryStreamExt};
 use tracing::{debug, warn};
 
-use crate::cache::staging::Staging;
+use super::budget::MemoryBudget;
+use crate::cache::staging::{Staging, StagingReader};
 use crate::store::{
     CompletedPart, MAX_PART_SIZE, MAX_PARTS, MAX_SINGLE_OBJECT, MIN_PART_SIZE, ObjectStore,
     StoreError, StoreResult, WriteHeaders,
@@ -73,15 +74,36 @@ enum PartSource<'a> {
     },
 }
 
+/// Reads `range` of a staging file and sends it as part `number`, holding its size of the
+/// memory budget while the bytes are in memory.
+pub(super) async fn send_local_part(
+    store: &Arc<dyn ObjectStore>,
+    key: &str,
+    upload_id: &str,
+    number: i32,
+    reader: &StagingReader,
+    range: Range<u64>,
+    budget: &MemoryBudget,
+) -> StoreResult<CompletedPart> {
+    let _memory = budget.reserve(range.end - range.start).await;
+    let body = reader
+        .read(range)
+        .map_err(|e| StoreError::Other(format!("staging file: {e}")))?;
+    let etag = store
+        .upload_part(key, upload_id, number, Bytes::from(body))
+        .await?;
+    Ok(CompletedPart { number, etag })
+}
+
 /// Creates a multipart upload of `key`, sends its parts `concurrency` at a time (reading
-/// local parts from `staging`) and completes it. If anything fails the upload is aborted,
+/// local parts with `local`) and completes it. If anything fails the upload is aborted,
 /// so no parts are left behind.
 async fn run_multipart(
     store: &Arc<dyn ObjectStore>,
     key: &str,
     headers: &WriteHeaders,
     parts: Vec<PartSource<'_>>,
-    staging: Option<&Staging>,
+    local: Option<(&StagingReader, &MemoryBudget)>,
     concurrency: usize,
 ) -> StoreResult<String> {
     let upload_id = store.create_multipart(key, headers).await?;
@@ -94,27 +116,22 @@ async fn run_multipart(
             let number = i as i32 + 1;
             let upload_id = &upload_id;
             async move {
-                let etag = match part {
+                match part {
                     PartSource::Local(r) => {
-                        let staging = staging.expect("local parts need a staging file");
-                        let body = staging
-                            .read(r.start, (r.end - r.start) as usize)
-                            .map_err(|e| StoreError::Other(format!("staging file: {e}")))?;
-                        store
-                            .upload_part(key, upload_id, number, Bytes::from(body))
-                            .await?
+                        let (reader, budget) = local.expect("local parts need a staging file");
+                        send_local_part(store, key, upload_id, number, reader, r, budget).await
                     }
                     PartSource::Copy {
                         key: src,
                         etag,
                         range,
                     } => {
-                        store
+                        let etag = store
                             .upload_part_copy(key, upload_id, number, src, range, etag)
-                            .await?
+                            .await?;
+                        Ok(CompletedPart { number, etag })
                     }
-                };
-                Ok::<_, StoreError>(CompletedPart { number, etag })
+                }
             }
         })
         .collect();
@@ -153,6 +170,7 @@ pub async fn upload(
     key: &str,
     headers: &WriteHeaders,
     tuning: UploadTuning,
+    budget: &MemoryBudget,
 ) -> StoreResult<String> {
     let size = staging.size();
     if size <= tuning.multipart_threshold.min(MAX_SINGLE_OBJECT) {
@@ -190,12 +208,15 @@ pub async fn upload(
             _ => PartSource::Local(r),
         })
         .collect();
+    let reader = staging
+        .reader()
+        .map_err(|e| StoreError::Other(format!("staging file: {e}")))?;
     run_multipart(
         store,
         key,
         headers,
         parts,
-        Some(staging),
+        Some((&reader, budget)),
         tuning.concurrency,
     )
     .await
@@ -243,6 +264,10 @@ pub async fn copy_object(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn budget() -> MemoryBudget {
+        MemoryBudget::new(64 << 20)
+    }
     use crate::cache::staging::{BLOCK_SIZE, Original};
     use crate::store::mem::{MemStore, Op};
 
@@ -281,9 +306,16 @@ mod tests {
         fetch_blocks(&store, &mut s, missing).await.unwrap();
         s.write(at, b"EDIT").unwrap();
         let gets_before = mem.count(Op::Get);
-        upload(&store, &mut s, "big", &WriteHeaders::default(), TUNING)
-            .await
-            .unwrap();
+        upload(
+            &store,
+            &mut s,
+            "big",
+            &WriteHeaders::default(),
+            TUNING,
+            &budget(),
+        )
+        .await
+        .unwrap();
         let (body, _) = mem.object("big").unwrap();
         let mut want = data.clone();
         want[at as usize..at as usize + 4].copy_from_slice(b"EDIT");
@@ -303,13 +335,28 @@ mod tests {
         let mut s = Staging::create(dir.path(), 1, None, 0).unwrap();
         s.write(0, &vec![9u8; (12 * MIB) as usize]).unwrap();
         mem.fail_next(Op::UploadPart, 1);
-        let err = upload(&store, &mut s, "g", &WriteHeaders::default(), TUNING).await;
+        let err = upload(
+            &store,
+            &mut s,
+            "g",
+            &WriteHeaders::default(),
+            TUNING,
+            &budget(),
+        )
+        .await;
         assert!(err.is_err());
         assert!(mem.object("g").is_none());
         assert_eq!(mem.pending_uploads(), 0, "the failed upload was aborted");
-        upload(&store, &mut s, "g", &WriteHeaders::default(), TUNING)
-            .await
-            .unwrap();
+        upload(
+            &store,
+            &mut s,
+            "g",
+            &WriteHeaders::default(),
+            TUNING,
+            &budget(),
+        )
+        .await
+        .unwrap();
         assert_eq!(mem.object("g").unwrap().0.len() as u64, 12 * MIB);
         assert_eq!(s.read(0, 4).unwrap(), vec![9u8; 4]);
     }

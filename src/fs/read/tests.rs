@@ -1,4 +1,6 @@
 use super::*;
+
+const MIB: u64 = 1024 * 1024;
 use crate::cache::blocks::CacheLimits;
 use crate::store::WriteHeaders;
 use crate::store::mem::{MemStore, Op};
@@ -52,7 +54,7 @@ async fn setup_with(len: usize, cache_blocks: u64, budget_mib: usize) -> Setup {
     let src = Arc::new(BlockSource::new(
         store,
         cache,
-        Arc::new(Semaphore::new(budget_mib)),
+        MemoryBudget::new(budget_mib as u64 * MIB),
         TUNING,
     ));
     Setup {
@@ -229,7 +231,7 @@ async fn without_a_cache_or_a_budget_reads_still_work() {
     assert_eq!(read_all(&s, 200_000).await, s.data);
     // No budget: no read-ahead, one GET per block.
     assert_eq!(s.mem.count(Op::Get), 6);
-    assert_eq!(s.src.budget.available_permits(), 0);
+    assert_eq!(s.src.budget.available_mib(), 0);
 }
 
 #[tokio::test]
@@ -238,17 +240,14 @@ async fn read_ahead_memory_is_returned() {
     let mut r = Reader::default();
     r.read(&s.src, &s.version, 0, 1 << 20).await.unwrap();
     r.read(&s.src, &s.version, 1 << 20, 1 << 20).await.unwrap();
-    assert!(
-        s.src.budget.available_permits() < 6,
-        "read-ahead holds memory"
-    );
+    assert!(s.src.budget.available_mib() < 6, "read-ahead holds memory");
     drop(r);
-    assert_eq!(s.src.budget.available_permits(), 6);
+    assert_eq!(s.src.budget.available_mib(), 6);
     // Two readers at once share the budget and both read correctly.
     let (a, b) = tokio::join!(read_all(&s, 1 << 20), read_all(&s, 300_000));
     assert_eq!(a, s.data);
     assert_eq!(b, s.data);
-    assert_eq!(s.src.budget.available_permits(), 6);
+    assert_eq!(s.src.budget.available_mib(), 6);
 }
 
 #[tokio::test]
