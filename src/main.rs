@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 use tracing_subscriber::EnvFilter;
 
 use s3bridge::config::{Config, MetadataTtl, parse_source};
@@ -383,12 +383,18 @@ fn serve(
     mountpoint: &Path,
     ready: &mut Option<std::fs::File>,
 ) -> Result<(), String> {
-    // Part and read-ahead buffers are megabytes each. glibc raises its mmap threshold after
-    // such buffers are freed and then keeps them in per-thread heaps, which inflated peak RSS
-    // by ~200 MiB in a 1 GiB copy; a fixed threshold hands them back to the kernel on free.
+    // Upload parts are megabytes each. glibc raises its mmap threshold after such buffers
+    // are freed and then keeps them in per-thread heaps, which inflated peak RSS by ~200 MiB
+    // in a 1 GiB copy; a fixed threshold hands them back to the kernel on free. It sits just
+    // above one cache block (1 MiB), so the blocks of reads, allocated and freed by the
+    // thousand, are reused from the heap instead of being mapped and page-faulted afresh
+    // (that cost ~15% of the daemon's CPU in a cold read).
     // SAFETY: mallopt only changes allocator tuning; it is called before any other thread.
     unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
+        libc::mallopt(
+            libc::M_MMAP_THRESHOLD,
+            (s3bridge::cache::BLOCK_SIZE + 64 * 1024) as i32,
+        );
     }
     std::fs::create_dir_all(&cfg.cache_dir)
         .map_err(|e| format!("cache directory {}: {e}", cfg.cache_dir.display()))?;
@@ -450,6 +456,7 @@ fn serve(
         mountpoint = %mountpoint.display(),
         "mounted"
     );
+    raise_kernel_read_ahead(mountpoint);
     let pid_file = PidFile::create(mountpoint);
     if let Some(pipe) = ready.as_mut() {
         let _ = writeln!(pipe, "ok");
@@ -468,6 +475,27 @@ fn serve(
             error!("FUSE session ended: {e}");
             Err(format!("FUSE session ended: {e}"))
         }
+    }
+}
+
+/// Kernel read-ahead of the mount, in KiB. At the kernel's default of 128 KiB a sequential
+/// reader costs one FUSE round trip per 128 KiB; at 1 MiB (one cache block per request) a
+/// 1 GiB read took 1.26 s instead of 1.51 s cold and 0.49 s instead of 0.72 s from the block
+/// cache, with a fifth less daemon CPU.
+const KERNEL_READ_AHEAD_KIB: u32 = 1024;
+
+/// Sets the read-ahead of the mount's backing device (`/sys/class/bdi/MAJ:MIN`), found in
+/// /proc/self/mountinfo since a `stat` of the mount point would wait for the request loop,
+/// which has not started yet. Best effort: only root may write there, and only speed
+/// depends on it.
+fn raise_kernel_read_ahead(mountpoint: &Path) {
+    let Some(dev) = mount_device(mountpoint) else {
+        return;
+    };
+    let knob = format!("/sys/class/bdi/{dev}/read_ahead_kb");
+    match std::fs::write(&knob, KERNEL_READ_AHEAD_KIB.to_string()) {
+        Ok(()) => debug!("kernel read-ahead of {dev} set to {KERNEL_READ_AHEAD_KIB} KiB"),
+        Err(e) => debug!("kernel read-ahead left at its default ({knob}: {e})"),
     }
 }
 

@@ -135,22 +135,18 @@ impl BlockSource {
     async fn fetch_part(&self, v: &ObjectVersion, blocks: Range<u64>) -> StoreResult<Vec<Bytes>> {
         let start = blocks.start * BLOCK_SIZE;
         let end = (blocks.end * BLOCK_SIZE).min(v.size);
-        let data = self
+        let split = self
             .store
-            .get_range(&v.key, start..end, Some(&v.etag))
+            .get_range_pieces(&v.key, start..end, Some(&v.etag), BLOCK_SIZE as usize)
             .await?;
-        if data.len() as u64 != end - start {
+        let got: u64 = split.iter().map(|b| b.len() as u64).sum();
+        if got != end - start || split.len() as u64 != blocks.end - blocks.start {
             return Err(StoreError::Other(format!(
-                "{}: asked for {} bytes at {start}, got {}",
+                "{}: asked for {} bytes at {start}, got {got}",
                 v.key,
                 end - start,
-                data.len()
             )));
         }
-        let split: Vec<Bytes> = (0..data.len())
-            .step_by(BLOCK_SIZE as usize)
-            .map(|s| data.slice(s..(s + BLOCK_SIZE as usize).min(data.len())))
-            .collect();
         if let Some(cache) = self.cache.clone() {
             let (v, first, split) = (v.clone(), blocks.start, split.clone());
             // Storing is best effort: a failure only means a later miss.
@@ -299,7 +295,8 @@ impl Reader {
             self.next_offset = end;
             return src.read_range(version, offset..end).await;
         }
-        let mut out = BytesMut::with_capacity((end - offset) as usize);
+        // Most requests lie within one block: their bytes are a slice of it, not a copy.
+        let mut pieces: Vec<Bytes> = Vec::with_capacity(2);
         let mut pos = offset;
         while pos < end {
             let b = pos / BLOCK_SIZE;
@@ -309,12 +306,16 @@ impl Reader {
                 break; // the object is shorter than its listing said
             }
             let take = ((end - pos) as usize).min(data.len() - within);
-            out.extend_from_slice(&data[within..within + take]);
+            pieces.push(data.slice(within..within + take));
             pos += take as u64;
         }
         self.next_offset = end;
         self.read_ahead(src, version);
-        Ok(out.freeze())
+        Ok(match pieces.len() {
+            0 => Bytes::new(),
+            1 => pieces.pop().expect("one piece"),
+            _ => pieces.concat().into(),
+        })
     }
 
     /// Whether a read at `offset` continues this reader's stream. The kernel sends a

@@ -19,7 +19,7 @@ use aws_sdk_s3::types::{CompletedMultipartUpload, Delete, MetadataDirective, Obj
 use aws_smithy_runtime_api::http::Response as HttpResponse;
 use aws_smithy_types::retry::RetryConfig;
 use aws_smithy_types::timeout::TimeoutConfig;
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use tracing::debug;
 
 use super::{
@@ -97,12 +97,14 @@ impl S3Store {
         }
     }
 
+    /// One GET of `range`, its body read into buffers of `piece` bytes as it arrives.
     async fn get_once(
         &self,
         key: &str,
         range: &Range<u64>,
         if_match: Option<&str>,
-    ) -> StoreResult<Bytes> {
+        piece: usize,
+    ) -> StoreResult<Vec<Bytes>> {
         let header = format!("bytes={}-{}", range.start, range.end - 1);
         let resp = self
             .client
@@ -116,14 +118,39 @@ impl S3Store {
         let resp = match resp {
             Ok(resp) => resp,
             // A range starting at or past the end of the object.
-            Err(e) if status_of(&e) == Some(416) => return Ok(Bytes::new()),
+            Err(e) if status_of(&e) == Some(416) => return Ok(Vec::new()),
             Err(e) => return Err(classify(e, key)),
         };
-        let body = tokio::time::timeout(self.attempt_timeout, resp.body.collect())
+        let total = resp
+            .content_length()
+            .and_then(|l| usize::try_from(l).ok())
+            .unwrap_or((range.end - range.start) as usize);
+        let mut body = resp.body;
+        let read = async {
+            let mut pieces = Vec::with_capacity(total.div_ceil(piece));
+            let mut current = BytesMut::with_capacity(piece.min(total));
+            let mut left = total;
+            while let Some(chunk) = body.next().await {
+                let mut chunk =
+                    chunk.map_err(|e| StoreError::Unavailable(format!("GET {key}: body: {e}")))?;
+                while !chunk.is_empty() {
+                    let take = chunk.len().min(piece - current.len());
+                    current.extend_from_slice(&chunk.split_to(take));
+                    left = left.saturating_sub(take);
+                    if current.len() == piece {
+                        pieces.push(current.freeze());
+                        current = BytesMut::with_capacity(piece.min(left.max(1)));
+                    }
+                }
+            }
+            if !current.is_empty() {
+                pieces.push(current.freeze());
+            }
+            Ok(pieces)
+        };
+        tokio::time::timeout(self.attempt_timeout, read)
             .await
             .map_err(|_| StoreError::Unavailable(format!("GET {key}: body timed out")))?
-            .map_err(|e| StoreError::Unavailable(format!("GET {key}: body: {e}")))?;
-        Ok(body.into_bytes())
     }
 }
 
@@ -225,9 +252,31 @@ impl ObjectStore for S3Store {
         if range.start >= range.end {
             return Ok(Bytes::new());
         }
+        let pieces = self
+            .get_range_pieces(
+                key,
+                range.clone(),
+                if_match,
+                (range.end - range.start) as usize,
+            )
+            .await?;
+        Ok(pieces.into_iter().next().unwrap_or_default())
+    }
+
+    async fn get_range_pieces(
+        &self,
+        key: &str,
+        range: Range<u64>,
+        if_match: Option<&str>,
+        piece: usize,
+    ) -> StoreResult<Vec<Bytes>> {
+        if range.start >= range.end {
+            return Ok(Vec::new());
+        }
+        // The SDK retries sending the request; a body that breaks off is retried here.
         let mut attempt = 1;
         loop {
-            match self.get_once(key, &range, if_match).await {
+            match self.get_once(key, &range, if_match, piece.max(1)).await {
                 Err(StoreError::Unavailable(msg)) if attempt < self.max_attempts => {
                     debug!(key, attempt, "GET failed, retrying: {msg}");
                     tokio::time::sleep(Duration::from_millis(100 << attempt.min(6))).await;

@@ -1,0 +1,167 @@
+//! The raw S3 references of the benchmark: what a direct client (aws-sdk-s3, through the
+//! same `store::s3` layer, no FUSE, no cache) achieves against the same server, so the mount's
+//! figures can be read as ratios of what the server allows.
+//!
+//! Run by `benches/run.sh`; by hand:
+//! `cargo bench --bench raw_s3 -- put KEY SIZE_MIB` (and `get`, `copy SRC DST`,
+//! `put-many PREFIX COUNT`, `delete-prefix PREFIX`). Endpoint, bucket and credentials come
+//! from the environment that `tests/support/garage.sh start` prints. Each command prints
+//! one line: `seconds=<elapsed>`.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures::StreamExt;
+use s3bridge::store::s3::{S3Options, S3Store};
+use s3bridge::store::{CompletedPart, ObjectStore, WriteHeaders};
+
+/// The part size and concurrency the mount uses by default, so both sides move the same
+/// requests: 8 MiB parts, 8 uploads or 16 GETs in flight (two read-ahead windows' worth).
+const PART: u64 = 8 << 20;
+const PUT_CONCURRENCY: usize = 8;
+const GET_CONCURRENCY: usize = 16;
+
+fn env(k: &str) -> String {
+    std::env::var(k).unwrap_or_else(|_| panic!("{k} is not set (source garage.sh's output)"))
+}
+
+#[tokio::main]
+async fn main() {
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| a != "--bench")
+        .collect();
+    let store: Arc<dyn ObjectStore> = Arc::new(
+        S3Store::connect(&S3Options {
+            bucket: env("S3BRIDGE_TEST_BUCKET"),
+            endpoint_url: Some(env("S3BRIDGE_TEST_ENDPOINT")),
+            region: Some("us-east-1".into()),
+            force_path_style: true,
+            max_attempts: 5,
+            connect_timeout: Duration::from_secs(5),
+            attempt_timeout: Duration::from_secs(120),
+        })
+        .await,
+    );
+    let arg = |i: usize| -> &str {
+        args.get(i)
+            .map(String::as_str)
+            .unwrap_or_else(|| panic!("usage: raw_s3 put|get|copy|put-many|delete-prefix ARGS"))
+    };
+    let started = Instant::now();
+    match arg(0) {
+        "put" => put(&store, arg(1), arg(2).parse::<u64>().unwrap() << 20).await,
+        "get" => get(&store, arg(1)).await,
+        "copy" => {
+            let info = store.head(arg(1)).await.unwrap();
+            store
+                .copy(arg(1), arg(2), Some(&info.etag), &WriteHeaders::default())
+                .await
+                .unwrap();
+        }
+        "put-many" => put_many(&store, arg(1), arg(2).parse().unwrap()).await,
+        "delete-prefix" => {
+            let keys = list_all(&store, arg(1)).await;
+            for chunk in keys.chunks(1000) {
+                store.delete_many(chunk).await.unwrap();
+            }
+        }
+        other => panic!("unknown command {other}"),
+    }
+    println!("seconds={:.3}", started.elapsed().as_secs_f64());
+}
+
+/// Multipart upload of `size` pseudo-random bytes, parts sent concurrently.
+async fn put(store: &Arc<dyn ObjectStore>, key: &str, size: u64) {
+    let body: Bytes = (0..size as usize)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect::<Vec<u8>>()
+        .into();
+    let started = Instant::now();
+    let id = store
+        .create_multipart(key, &WriteHeaders::default())
+        .await
+        .unwrap();
+    let sends: Vec<_> = (0..size)
+        .step_by(PART as usize)
+        .enumerate()
+        .map(|(i, start)| {
+            let part = body.slice(start as usize..(start + PART).min(size) as usize);
+            let (store, id) = (store.clone(), id.clone());
+            async move {
+                let number = i as i32 + 1;
+                let etag = store.upload_part(key, &id, number, part).await.unwrap();
+                CompletedPart { number, etag }
+            }
+        })
+        .collect();
+    let parts: Vec<CompletedPart> = futures::stream::iter(sends)
+        .buffered(PUT_CONCURRENCY)
+        .collect()
+        .await;
+    store.complete_multipart(key, &id, &parts).await.unwrap();
+    // Only the transfer is timed, not making up the bytes.
+    println!("transfer_seconds={:.3}", started.elapsed().as_secs_f64());
+}
+
+/// Ranged GETs of the whole object, concurrently.
+async fn get(store: &Arc<dyn ObjectStore>, key: &str) {
+    let info = store.head(key).await.unwrap();
+    let gets: Vec<_> = (0..info.size)
+        .step_by(PART as usize)
+        .map(|start| {
+            let (store, etag) = (store.clone(), info.etag.clone());
+            async move {
+                let range = start..(start + PART).min(info.size);
+                store
+                    .get_range(key, range, Some(&etag))
+                    .await
+                    .unwrap()
+                    .len() as u64
+            }
+        })
+        .collect();
+    let total: u64 = futures::stream::iter(gets)
+        .buffer_unordered(GET_CONCURRENCY)
+        .collect::<Vec<u64>>()
+        .await
+        .into_iter()
+        .sum();
+    assert_eq!(total, info.size);
+}
+
+/// `count` objects of 1 KiB under `prefix`, 64 at a time.
+async fn put_many(store: &Arc<dyn ObjectStore>, prefix: &str, count: usize) {
+    let body = Bytes::from(vec![b'x'; 1024]);
+    futures::stream::iter(0..count)
+        .map(|i| {
+            let (store, body) = (store.clone(), body.clone());
+            let key = format!("{prefix}f{i:05}");
+            async move {
+                store
+                    .put(&key, body, &WriteHeaders::default())
+                    .await
+                    .unwrap();
+            }
+        })
+        .buffer_unordered(64)
+        .collect::<Vec<()>>()
+        .await;
+}
+
+async fn list_all(store: &Arc<dyn ObjectStore>, prefix: &str) -> Vec<String> {
+    let mut keys = Vec::new();
+    let mut token = None;
+    loop {
+        let page = store
+            .list(prefix, None, token.as_deref(), None)
+            .await
+            .unwrap();
+        keys.extend(page.objects.into_iter().map(|o| o.key));
+        match page.next_token {
+            Some(t) => token = Some(t),
+            None => return keys,
+        }
+    }
+}
