@@ -3,8 +3,8 @@
 //! figures can be read as ratios of what the server allows.
 //!
 //! Run by `benches/run.sh`; by hand:
-//! `cargo bench --bench raw_s3 -- put KEY SIZE_MIB` (and `get`, `copy SRC DST`,
-//! `put-many PREFIX COUNT`, `delete-prefix PREFIX`). Endpoint, bucket and credentials come
+//! `cargo bench --bench raw_s3 -- put KEY SIZE_MIB` (and `get KEY`, `copy SRC DST`,
+//! `size KEY`, `put-many PREFIX COUNT`, `delete-prefix PREFIX`). Endpoint, bucket and credentials come
 //! from the environment that `tests/support/garage.sh start` prints. Each command prints
 //! one line: `seconds=<elapsed>`.
 
@@ -32,6 +32,13 @@ async fn main() {
         .skip(1)
         .filter(|a| a != "--bench")
         .collect();
+    if args.first().is_none_or(|a| a.starts_with("--")) {
+        // `cargo test --all-targets` runs this with test-harness flags: nothing to measure.
+        println!(
+            "usage: raw_s3 put KEY MIB | get KEY | copy SRC DST | size KEY | put-many PREFIX N"
+        );
+        return;
+    }
     let store: Arc<dyn ObjectStore> = Arc::new(
         S3Store::connect(&S3Options {
             bucket: env("S3BRIDGE_TEST_BUCKET"),
@@ -59,6 +66,12 @@ async fn main() {
                 .copy(arg(1), arg(2), Some(&info.etag), &WriteHeaders::default())
                 .await
                 .unwrap();
+        }
+        "size" => {
+            // Size of an object, or -1: used to see when an upload after close() landed.
+            let size = store.head(arg(1)).await.map_or(-1, |i| i.size as i64);
+            println!("size={size}");
+            return;
         }
         "put-many" => put_many(&store, arg(1), arg(2).parse().unwrap()).await,
         "delete-prefix" => {

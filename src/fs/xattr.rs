@@ -14,6 +14,12 @@ use crate::meta::Timestamp;
 
 const USER_PREFIX: &str = "user.";
 
+/// Whether attribute `name` can exist here (a `user.*` name); reading any other answers
+/// "no such attribute" without looking at the entry.
+pub fn is_stored_xattr(name: &OsStr) -> bool {
+    user_name(name).is_some()
+}
+
 fn user_name(name: &OsStr) -> Option<&str> {
     std::str::from_utf8(name.as_bytes())
         .ok()

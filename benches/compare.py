@@ -1,0 +1,451 @@
+#!/usr/bin/env python3
+"""s3bridge against s3fs and rclone mount, and against raw S3 and the local disk, in one run.
+
+Started by benches/run.sh, which installs what is missing, builds s3bridge (release) and the
+raw S3 client, and starts Garage on 127.0.0.1 (the environment of tests/support/garage.sh).
+Every filesystem runs the same workloads on its own prefix of the same bucket:
+
+  write       cp of a 1 GiB file into the mount (close included); for rclone, whose close
+              returns before the upload, the time until the object is in the bucket is shown
+  cold read   the file read on a fresh mount with an empty cache and the page cache dropped
+  warm read   read again after dropping the page cache: from the filesystem's own cache
+  hot read    read again: from the kernel's page cache where the filesystem allows it
+  rand 4K     fio, 4 KiB random reads of the 1 GiB file, cold and then warm (same offsets)
+  1000 files  cp -r of 1,000 files of 1-16 KiB
+  untar       tar x of a real source tree (tokio's crate)
+  ls -l       of 10,000 objects written with the S3 API, cold (fresh mount) and warm
+  rename      mv of the 1 GiB file
+
+References in the same run: raw multipart PUT and parallel ranged GET of 1 GiB and a raw
+server-side copy (benches/raw_s3.rs), and reading the same bytes from the local disk. Peak
+RSS is each daemon's VmHWM, the largest over its mounts.
+
+Writes results/latest.{md,json,svg} next to this script and prints the table.
+"""
+
+import argparse
+import glob
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+MIB = 1 << 20
+ENV = os.environ
+BUCKET = ENV["S3BRIDGE_TEST_BUCKET"]
+ENDPOINT = ENV["S3BRIDGE_TEST_ENDPOINT"]
+
+
+def log(msg):
+    print(f"bench: {msg}", file=sys.stderr, flush=True)
+
+
+def run(cmd, **kw):
+    kw.setdefault("stderr", subprocess.PIPE)
+    return subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True, **kw).stdout
+
+
+def timed(cmd, **kw):
+    start = time.monotonic()
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, **kw)
+    return time.monotonic() - start
+
+
+def drop_caches():
+    os.sync()
+    Path("/proc/sys/vm/drop_caches").write_text("3\n")
+
+
+def is_mounted(path):
+    target = str(Path(path).resolve())
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        if line.split(" ")[4].replace("\\040", " ") == target:
+            return True
+    return False
+
+
+def wait_for(pred, what, timeout=60):
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+class Raw:
+    """The raw S3 client of benches/raw_s3.rs."""
+
+    def __init__(self, binary):
+        self.binary = binary
+
+    def __call__(self, *args):
+        out = run([self.binary, *args])
+        return dict(l.split("=", 1) for l in out.split() if "=" in l)
+
+    def size(self, key):
+        return int(self(f"size", key)["size"])
+
+
+class Mount:
+    """A FUSE filesystem under test, mounted in the foreground so its pid is known."""
+
+    name = ""
+
+    def __init__(self, work, prefix):
+        self.work = Path(work) / self.name
+        self.prefix = prefix
+        self.path = self.work / "mnt"
+        self.cache = self.work / "cache"
+        self.proc = None
+        self.peak_rss_kib = 0
+        self.path.mkdir(parents=True, exist_ok=True)
+
+    def command(self):
+        raise NotImplementedError
+
+    def mount(self, clear_cache=False):
+        if clear_cache:
+            shutil.rmtree(self.cache, ignore_errors=True)
+        self.cache.mkdir(parents=True, exist_ok=True)
+        logf = open(self.work / "daemon.log", "a")
+        self.proc = subprocess.Popen(self.command(), stdout=logf, stderr=logf, env=self.env())
+        wait_for(lambda: is_mounted(self.path) or self.proc.poll() is not None, f"{self.name} mount")
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"{self.name} exited; see {self.work / 'daemon.log'}")
+        # The mount point answers once the daemon serves requests.
+        wait_for(lambda: os.path.isdir(self.path), f"{self.name} ready")
+
+    def env(self):
+        return dict(ENV)
+
+    def rss_kib(self):
+        try:
+            for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+        except OSError:
+            pass
+        return 0
+
+    def unmount(self):
+        if self.proc is None:
+            return
+        self.peak_rss_kib = max(self.peak_rss_kib, self.rss_kib())
+        subprocess.run(["umount", str(self.path)], check=False)
+        try:
+            self.proc.wait(timeout=300)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            subprocess.run(["umount", "-l", str(self.path)], check=False)
+        self.proc = None
+
+    def remount_cold(self):
+        self.unmount()
+        self.mount(clear_cache=True)
+        drop_caches()
+
+    def p(self, rel):
+        return str(self.path / rel)
+
+
+class S3bridge(Mount):
+    name = "s3bridge"
+
+    def command(self):
+        return [str(ROOT / "target/release/s3bridge"), "mount", f"{BUCKET}:{self.prefix}",
+                str(self.path), "--endpoint-url", ENDPOINT, "--cache-dir", str(self.cache),
+                "-f", "--log-level", "warn"]
+
+
+class S3fs(Mount):
+    name = "s3fs"
+
+    def command(self):
+        passwd = self.work / "passwd"
+        passwd.write_text(f"{ENV['AWS_ACCESS_KEY_ID']}:{ENV['AWS_SECRET_ACCESS_KEY']}\n")
+        passwd.chmod(0o600)
+        return ["s3fs", f"{BUCKET}:/{self.prefix.rstrip('/')}", str(self.path), "-f",
+                "-o", f"passwd_file={passwd},url={ENDPOINT},use_path_request_style",
+                "-o", f"endpoint=us-east-1,use_cache={self.cache}"]
+
+
+class Rclone(Mount):
+    name = "rclone"
+
+    def env(self):
+        e = dict(ENV)
+        # rclone's S3 client refuses a custom CA bundle with its own HTTP transport.
+        e.pop("AWS_CA_BUNDLE", None)
+        e.update(RCLONE_CONFIG_BENCH_TYPE="s3", RCLONE_CONFIG_BENCH_PROVIDER="Other",
+                 RCLONE_CONFIG_BENCH_ENDPOINT=ENDPOINT, RCLONE_CONFIG_BENCH_REGION="us-east-1",
+                 RCLONE_CONFIG_BENCH_ACCESS_KEY_ID=ENV["AWS_ACCESS_KEY_ID"],
+                 RCLONE_CONFIG_BENCH_SECRET_ACCESS_KEY=ENV["AWS_SECRET_ACCESS_KEY"])
+        return e
+
+    def command(self):
+        return ["rclone", "mount", f"bench:{BUCKET}/{self.prefix.rstrip('/')}", str(self.path),
+                "--vfs-cache-mode", "writes", "--cache-dir", str(self.cache)]
+
+
+def fio_iops(path, ios, size):
+    out = run(["fio", "--name=rand", f"--filename={path}", "--rw=randread", "--bs=4k",
+               "--ioengine=psync", f"--size={size}", f"--number_ios={ios}", "--randrepeat=1",
+               "--norandommap", "--invalidate=1", "--output-format=json"])
+    job = json.loads(out)["jobs"][0]["read"]
+    return job["iops"]
+
+
+def small_tree(dest, count=1000):
+    rnd = random.Random(42)
+    dest.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        (dest / f"file{i:04}.txt").write_bytes(rnd.randbytes(rnd.randint(1024, 16 * 1024)))
+
+
+def source_tarball():
+    found = sorted(glob.glob(os.path.expanduser("~/.cargo/registry/cache/*/tokio-1.*.crate")))
+    if not found:
+        raise RuntimeError("no tokio crate in ~/.cargo/registry/cache (run cargo build first)")
+    return found[-1]
+
+
+def run_filesystem(fs, raw, local, size_mib, tree, tarball):
+    r = {}
+    log(f"{fs.name}: write {size_mib} MiB")
+    fs.mount(clear_cache=True)
+    r["write"] = timed(["cp", str(local), fs.p("big")])
+    start = time.monotonic()
+    wait_for(lambda: raw.size(fs.prefix + "big") == size_mib * MIB, "upload", timeout=600)
+    r["write_in_bucket"] = r["write"] + (time.monotonic() - start)
+    # rclone keeps uploading after close: let it finish before measuring reads.
+    log(f"{fs.name}: reads")
+    fs.remount_cold()
+    dd = ["dd", f"if={fs.p('big')}", "of=/dev/null", "bs=1M"]
+    r["cold_read"] = timed(dd, stderr=subprocess.DEVNULL)
+    drop_caches()
+    r["warm_read"] = timed(dd, stderr=subprocess.DEVNULL)
+    r["hot_read"] = timed(dd, stderr=subprocess.DEVNULL)
+    log(f"{fs.name}: random 4K reads")
+    fs.remount_cold()
+    r["rand_cold_iops"] = fio_iops(fs.p("big"), 2000, size_mib * MIB)
+    drop_caches()
+    r["rand_warm_iops"] = fio_iops(fs.p("big"), 2000, size_mib * MIB)
+    log(f"{fs.name}: small files and untar")
+    r["small_files"] = timed(["cp", "-r", str(tree), fs.p("small")])
+    os.mkdir(fs.p("untar"))
+    r["untar"] = timed(["tar", "xzf", tarball, "-C", fs.p("untar")])
+    log(f"{fs.name}: ls -l of 10,000 objects")
+    raw("put-many", fs.prefix + "list/", "10000")
+    fs.remount_cold()
+    ls = ["ls", "-l", fs.p("list")]
+    r["ls_cold"] = timed(ls)
+    r["ls_warm"] = timed(ls)
+    log(f"{fs.name}: rename")
+    r["rename"] = timed(["mv", fs.p("big"), fs.p("big-renamed")])
+    fs.unmount()
+    r["peak_rss_mib"] = fs.peak_rss_kib / 1024
+    return r
+
+
+def references(raw, local, work, size_mib):
+    r = {}
+    log("raw S3 and local disk references")
+    r["write"] = float(raw("put", "raw/big", str(size_mib))["transfer_seconds"])
+    r["cold_read"] = float(raw("get", "raw/big")["seconds"])
+    r["rename"] = float(raw("copy", "raw/big", "raw/big-copy")["seconds"])
+    drop_caches()
+    r["warm_read"] = timed(["dd", f"if={local}", "of=/dev/null", "bs=1M"], stderr=subprocess.DEVNULL)
+    r["hot_read"] = timed(["dd", f"if={local}", "of=/dev/null", "bs=1M"], stderr=subprocess.DEVNULL)
+    return r
+
+
+def memory_run(work, size_mib, prefix):
+    """Peak RSS of s3bridge while copying a large file in and out."""
+    fs = S3bridge(work, prefix)
+    src = Path(work) / "mem-src"
+    log(f"memory: {size_mib} MiB in and out of s3bridge")
+    run(["dd", "if=/dev/urandom", f"of={src}", "bs=1M", f"count={size_mib}"], stderr=subprocess.DEVNULL)
+    fs.mount(clear_cache=True)
+    t_in = timed(["cp", str(src), fs.p("big")])
+    fs.remount_cold()
+    t_out = timed(["cp", fs.p("big"), str(src) + ".out"])
+    fs.unmount()
+    same = run(["cmp", str(src), str(src) + ".out"]) == ""
+    os.remove(src)
+    os.remove(str(src) + ".out")
+    return {"size_mib": size_mib, "in": t_in, "out": t_out, "peak_rss_mib": fs.peak_rss_kib / 1024,
+            "identical": same}
+
+
+ROWS = [
+    # key, label, unit, higher_is_better
+    ("write", "write 1 GiB (close included)", "s", False),
+    ("write_in_bucket", "  ... until in the bucket", "s", False),
+    ("cold_read", "cold sequential read", "s", False),
+    ("warm_read", "warm read (page cache dropped)", "s", False),
+    ("hot_read", "hot read (page cache)", "s", False),
+    ("rand_cold_iops", "random 4K reads, cold", "IOPS", True),
+    ("rand_warm_iops", "random 4K reads, warm", "IOPS", True),
+    ("small_files", "cp -r 1,000 small files", "s", False),
+    ("untar", "untar tokio source tree", "s", False),
+    ("ls_cold", "ls -l 10,000 objects, cold", "s", False),
+    ("ls_warm", "ls -l 10,000 objects, warm", "s", False),
+    ("rename", "rename 1 GiB", "s", False),
+    ("peak_rss_mib", "peak RSS of the daemon", "MiB", False),
+]
+
+PEERS = ["s3fs", "rclone"]
+
+
+def fmt(v, unit):
+    if v is None:
+        return "-"
+    if unit == "IOPS":
+        return f"{v:,.0f}"
+    if unit == "MiB":
+        return f"{v:.0f}"
+    return f"{v:.3f}" if v < 10 else f"{v:.1f}"
+
+
+def advantage(ours, other, higher_is_better):
+    """How many times better s3bridge is than `other` (>1: s3bridge wins)."""
+    if ours is None or other is None or ours == 0 or other == 0:
+        return None
+    return ours / other if higher_is_better else other / ours
+
+
+def table(results, refs, title):
+    lines = [f"### {title}", "",
+             "| workload | unit | s3bridge | s3fs | rclone | raw/local | vs best peer | vs raw |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for key, label, unit, hib in ROWS:
+        ours = results["s3bridge"].get(key)
+        peers = [results[p].get(key) for p in PEERS if results.get(p)]
+        peers = [p for p in peers if p is not None]
+        best = (max(peers) if hib else min(peers)) if peers else None
+        ref = refs.get(key)
+        vs_peer = advantage(ours, best, hib)
+        # Against the raw client the ratio is throughput: raw time / our time.
+        vs_raw = advantage(ours, ref, hib)
+        cells = [fmt(results[n].get(key), unit) if results.get(n) else "-" for n in ["s3bridge"] + PEERS]
+        lines.append(f"| {label} | {unit} | " + " | ".join(cells) +
+                     f" | {fmt(ref, unit)} | {'-' if vs_peer is None else f'{vs_peer:.2f}x'}"
+                     f" | {'-' if vs_raw is None else f'{vs_raw:.2f}x'} |")
+    lines.append("")
+    return "\n".join(lines)
+
+
+def svg(all_runs, path):
+    """Horizontal bars: each filesystem's speed relative to s3bridge (log scale), per workload."""
+    colors = {"s3bridge": "#1f77b4", "s3fs": "#ff7f0e", "rclone": "#2ca02c"}
+    rows = [r for r in ROWS if r[0] not in ("write_in_bucket", "peak_rss_mib")]
+    import math
+    bar, gap, left, width = 9, 10, 250, 420
+    blocks = []
+    y = 40
+    for title, results in all_runs:
+        blocks.append(f'<text x="10" y="{y}" font-weight="bold">{title}</text>')
+        y += 12
+        for key, label, unit, hib in rows:
+            ours = results["s3bridge"].get(key)
+            blocks.append(f'<text x="{left - 8}" y="{y + 14}" text-anchor="end">{label.strip()}</text>')
+            for i, name in enumerate(["s3bridge"] + PEERS):
+                v = results.get(name, {}).get(key)
+                rel = advantage(v, ours, hib) if v is not None else None  # >1: faster than s3bridge
+                if rel is None:
+                    continue
+                # log scale from 1/100 to 10 (s3bridge = 1 at the 2/3 mark)
+                x = max(0.0, min(1.0, (math.log10(rel) + 2) / 3)) * width
+                by = y + i * bar
+                blocks.append(f'<rect x="{left}" y="{by}" width="{x:.1f}" height="{bar - 1}" fill="{colors[name]}"/>')
+                blocks.append(f'<text x="{left + x + 3:.1f}" y="{by + 8}" font-size="9">{rel:.2f}</text>')
+            y += 3 * bar + gap
+        y += 20
+    axis = [f'<line x1="{left + width * 2 / 3:.1f}" y1="30" x2="{left + width * 2 / 3:.1f}" y2="{y - 20}" stroke="#888" stroke-dasharray="3,3"/>']
+    legend = "".join(f'<rect x="{left + 120 * i}" y="8" width="10" height="10" fill="{c}"/>'
+                     f'<text x="{left + 14 + 120 * i}" y="17">{n}</text>' for i, (n, c) in enumerate(colors.items()))
+    head = (f'<svg xmlns="http://www.w3.org/2000/svg" width="{left + width + 60}" height="{y + 20}" '
+            f'font-family="sans-serif" font-size="11"><rect width="100%" height="100%" fill="white"/>')
+    foot = (f'<text x="{left}" y="{y + 5}" font-size="10">speed relative to s3bridge (log scale, dashed line = 1; '
+            f'left of it: slower than s3bridge)</text></svg>')
+    path.write_text(head + legend + "".join(axis + blocks) + foot)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--work", required=True, help="scratch directory (mounts, caches, files)")
+    ap.add_argument("--raw", required=True, help="the raw_s3 bench binary")
+    ap.add_argument("--size-mib", type=int, default=1024)
+    ap.add_argument("--latency-ms", type=float, default=5.0,
+                    help="one-way delay added on lo with netem for the second pass (0: skip it)")
+    ap.add_argument("--memory-mib", type=int, default=4096, help="size of the in-and-out copy (0: skip)")
+    ap.add_argument("--only", default="s3bridge,s3fs,rclone")
+    args = ap.parse_args()
+
+    work = Path(args.work)
+    raw = Raw(args.raw)
+    local = work / "big.bin"
+    log(f"making {args.size_mib} MiB of test data")
+    run(["dd", "if=/dev/urandom", f"of={local}", "bs=1M", f"count={args.size_mib}"], stderr=subprocess.DEVNULL)
+    tree = work / "small"
+    small_tree(tree)
+    tarball = source_tarball()
+    names = args.only.split(",")
+    classes = {"s3bridge": S3bridge, "s3fs": S3fs, "rclone": Rclone}
+
+    passes = [("no added latency", 0.0)]
+    if args.latency_ms > 0:
+        passes.append((f"{args.latency_ms:g} ms added each way on lo (netem)", args.latency_ms))
+    all_runs, md, everything = [], [], {"machine": os.uname().nodename, "cpus": os.cpu_count(),
+                                        "size_mib": args.size_mib, "passes": []}
+    stamp = time.strftime("%Y%m%d%H%M%S")
+    for title, delay in passes:
+        if delay:
+            try:
+                run(["tc", "qdisc", "add", "dev", "lo", "root", "netem", "delay", f"{delay}ms"])
+            except subprocess.CalledProcessError as e:
+                md.append(f"### {title}\n\nskipped: this machine does not allow netem ({e.stderr.strip()})\n")
+                continue
+        try:
+            refs = references(raw, local, work, args.size_mib)
+            results = {}
+            for n in names:
+                fs = classes[n](work / f"pass{int(delay * 1000)}", f"bench-{stamp}-{int(delay * 1000)}-{n}/")
+                try:
+                    results[n] = run_filesystem(fs, raw, local, args.size_mib, tree, tarball)
+                finally:
+                    fs.unmount()
+        finally:
+            if delay:
+                run(["tc", "qdisc", "del", "dev", "lo", "root"])
+        all_runs.append((title, results))
+        md.append(table(results, refs, title))
+        everything["passes"].append({"title": title, "references": refs, "results": results})
+        print(md[-1], flush=True)
+
+    if args.memory_mib and "s3bridge" in names:
+        mem = memory_run(work / "memory", args.memory_mib, f"bench-{stamp}-memory/")
+        everything["memory"] = mem
+        md.append(f"### Memory\n\nPeak RSS of s3bridge copying {mem['size_mib']} MiB in ({mem['in']:.1f} s) "
+                  f"and out ({mem['out']:.1f} s) on a fresh mount: **{mem['peak_rss_mib']:.0f} MiB**; "
+                  f"bytes identical: {mem['identical']}.\n")
+        print(md[-1])
+
+    out = Path(__file__).resolve().parent / "results"
+    out.mkdir(exist_ok=True)
+    header = (f"Run of {time.strftime('%Y-%m-%d %H:%M')} on {os.cpu_count()} CPUs, Garage on 127.0.0.1, "
+              f"{args.size_mib} MiB file. Ratios: how many times better s3bridge is "
+              f"(time or IOPS; >1 = s3bridge wins); vs raw = raw client or local disk.\n")
+    (out / "latest.md").write_text(header + "\n" + "\n".join(md))
+    (out / "latest.json").write_text(json.dumps(everything, indent=1))
+    svg(all_runs, out / "latest.svg")
+    log(f"wrote {out}/latest.md, latest.json, latest.svg")
+
+
+if __name__ == "__main__":
+    main()
