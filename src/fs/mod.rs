@@ -217,8 +217,11 @@ pub struct Caller {
 
 enum Handle {
     File(Arc<files::FileHandle>),
-    Dir(Arc<tokio::sync::Mutex<Option<Vec<(DirEntry, Inode)>>>>),
+    Dir(Arc<tokio::sync::Mutex<Option<DirSnapshot>>>),
 }
+
+/// A directory's entries as listed at offset 0 of a handle, with their rows.
+type DirSnapshot = Vec<(DirEntry, Inode)>;
 
 /// Names a negative lookup may remember before the memo is cleared: about 10 MiB at most,
 /// and enough for the misses of a `git status` or a build in a large tree.
