@@ -6,8 +6,8 @@
 #
 # Installs what is missing (fio, s3fs, rclone, Garage), builds s3bridge and the raw client
 # in release mode once, runs benches/compare.py and writes benches/results/latest.{md,json,svg}.
-# Takes 20-40 minutes on 2 cores (most of it the peers with added latency). Root: it mounts,
-# drops the page cache between runs and adds latency on lo with tc netem.
+# Root: it mounts, drops the page cache between runs and adds latency on lo with tc netem
+# (or, without sch_netem, through benches/latency_proxy.rs).
 set -euo pipefail
 
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -28,14 +28,18 @@ if [ ${#missing[@]} -gt 0 ]; then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${pkgs[@]}" >/dev/null
 fi
 
-echo "bench: building s3bridge and the raw S3 client (release)" >&2
+echo "bench: building s3bridge, the raw S3 client and the latency proxy (release)" >&2
 cargo build --release --quiet --bin s3bridge
-raw=$(cargo bench --no-run --bench raw_s3 --message-format=json 2>/dev/null |
-    python3 -c 'import json,sys
+bench_binary() {
+    cargo bench --no-run --bench "$1" --message-format=json 2>/dev/null |
+        python3 -c 'import json,sys
 for l in sys.stdin:
     m = json.loads(l)
-    if m.get("reason") == "compiler-artifact" and m["target"]["name"] == "raw_s3" and m.get("executable"):
-        print(m["executable"])')
+    if m.get("reason") == "compiler-artifact" and m["target"]["name"] == sys.argv[1] and m.get("executable"):
+        print(m["executable"])' "$1"
+}
+raw=$(bench_binary raw_s3)
+proxy=$(bench_binary latency_proxy)
 
 work=$(mktemp -d "${TMPDIR:-/tmp}/s3bridge-bench.XXXXXX")
 cleanup() {
@@ -51,4 +55,4 @@ cleanup() {
 }
 trap cleanup EXIT INT TERM
 eval "$(tests/support/garage.sh start "$work/garage")"
-python3 benches/compare.py --work "$work" --raw "$raw" "$@"
+python3 benches/compare.py --work "$work" --raw "$raw" --proxy "$proxy" "$@"

@@ -122,6 +122,11 @@ struct MountArgs {
     /// LIST requests only. Opens always read the headers and check permissions against them.
     #[arg(long)]
     exact_attributes: bool,
+    /// Serve user.* extended attributes, stored as s3fs stores them (s3fs's use_xattr).
+    /// Without it the mount has no xattrs (EOPNOTSUPP), which spares `ls -l` two round trips
+    /// to the daemon per file.
+    #[arg(long)]
+    xattr: bool,
     /// Stay in the foreground (otherwise s3bridge returns once the mount is ready).
     #[arg(short, long)]
     foreground: bool,
@@ -224,6 +229,7 @@ fn build_config(args: &MountArgs) -> Result<Config, String> {
         read_ahead_max: args.read_ahead,
         read_part_size: args.read_part_size.max(1),
         exact_attributes: args.exact_attributes,
+        xattrs: args.xattr,
         cache_size: args.cache_size,
         cache_min_free: args.cache_min_free,
         max_buffer_memory: args.max_buffer_memory,

@@ -404,8 +404,26 @@ fn renames_of_files_and_directories() {
 }
 
 #[test]
+fn without_xattr_the_mount_has_no_xattrs() {
+    let m = Mount::new("no-xattr");
+    fs::write(m.p("f"), b"x").unwrap();
+    assert_eq!(
+        errno_of(setxattr(&m.p("f"), "user.k", b"v")),
+        libc::EOPNOTSUPP
+    );
+    assert_eq!(errno_of(getxattr(&m.p("f"), "user.k")), libc::EOPNOTSUPP);
+    assert!(!m.bucket().head("f").unwrap().0.contains_key("xattr"));
+}
+
+#[test]
 fn symlinks_xattrs_access_and_links() {
-    let m = Mount::new("misc");
+    let m = Mount::with(
+        "misc",
+        MountOptions {
+            extra: vec!["--xattr".into()],
+            ..Default::default()
+        },
+    );
     let b = m.bucket();
     fs::write(m.p("target"), b"t").unwrap();
     std::os::unix::fs::symlink("target", m.p("link")).unwrap();

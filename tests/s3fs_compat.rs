@@ -84,6 +84,14 @@ const DESCRIBE: &str = "
     python3 -c \"import os; print(os.getxattr('d/file', 'user.tag'))\"
 ";
 
+/// s3bridge serves xattrs with --xattr, as s3fs does with use_xattr.
+fn with_xattrs() -> MountOptions {
+    MountOptions {
+        extra: vec!["--xattr".into()],
+        ..MountOptions::default()
+    }
+}
+
 fn describe(dir: &Path) -> String {
     sh(dir, DESCRIBE)
 }
@@ -101,7 +109,7 @@ fn a_tree_written_by_s3fs_reads_the_same_in_s3bridge() {
     );
     // With --exact-attributes every header is read at once: the same view as s3fs's.
     let exact = MountOptions {
-        extra: vec!["--exact-attributes".into()],
+        extra: vec!["--exact-attributes".into(), "--xattr".into()],
         ..MountOptions::default()
     };
     let m = Mount::of_prefix(&prefix, exact);
@@ -111,7 +119,7 @@ fn a_tree_written_by_s3fs_reads_the_same_in_s3bridge() {
     // By default a listing shows listed files with the defaults until they are opened; the
     // symlink, listed as a file, is found to be a symlink when opened (ESTALE, the kernel
     // looks it up again) and then everything reads as s3fs wrote it.
-    let m = Mount::of_prefix(&prefix, MountOptions::default());
+    let m = Mount::of_prefix(&prefix, with_xattrs());
     let listed = sh(&m.path, "ls -l . d");
     assert!(listed.contains("-rw-r--r--"), "listing view: {listed}");
     assert_eq!(std::fs::read(m.p("link")).unwrap(), b"content\n");
@@ -126,7 +134,7 @@ fn a_tree_written_by_s3bridge_reads_the_same_in_s3fs() {
     let server = Server::from_env();
     let prefix = format!("{}/", unique("to-s3fs"));
     let want = {
-        let m = Mount::of_prefix(&prefix, MountOptions::default());
+        let m = Mount::of_prefix(&prefix, with_xattrs());
         sh(&m.path, MAKE_TREE);
         describe(&m.path)
     };

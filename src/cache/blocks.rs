@@ -100,8 +100,9 @@ struct Index {
     checked_at: Option<Instant>,
 }
 
-/// Open block files kept for reads: opening a file per 4 KiB read cost more than reading it.
-/// 256 stays well inside the usual limit of 1,024 descriptors per process.
+/// Open block files kept for reads, with their verified headers: opening a file and reading
+/// its header per 4 KiB read cost more than reading the 4 KiB. 256 stays well inside the
+/// usual limit of 1,024 descriptors per process.
 const OPEN_FILES: usize = 256;
 
 /// The block cache under `<cache dir>/blocks`.
@@ -110,7 +111,7 @@ pub struct BlockCache {
     namespace: String,
     limits: CacheLimits,
     index: Mutex<Index>,
-    open_files: Mutex<LruCache<Digest, std::sync::Arc<File>>>,
+    open_files: Mutex<LruCache<Digest, std::sync::Arc<OpenBlock>>>,
     hits: AtomicU64,
     misses: AtomicU64,
     corrupt: AtomicU64,
@@ -231,20 +232,19 @@ impl BlockCache {
         }
     }
 
-    fn open_block(&self, d: &Digest) -> io::Result<std::sync::Arc<File>> {
+    /// The open block `d`, from the open-file LRU or opened (and its header verified) now.
+    fn open_block(&self, d: &Digest) -> io::Result<std::sync::Arc<OpenBlock>> {
         if let Some(f) = self.open_files.lock().unwrap().get(d) {
             return Ok(f.clone());
         }
-        let f = std::sync::Arc::new(File::open(self.path_of(d))?);
+        let f = std::sync::Arc::new(OpenBlock::open(&self.path_of(d), d)?);
         self.open_files.lock().unwrap().put(*d, f.clone());
         Ok(f)
     }
 
     fn read(&self, d: &Digest, range: std::ops::Range<usize>) -> Option<Bytes> {
         let path = self.path_of(d);
-        let verified = self
-            .open_block(d)
-            .and_then(|f| read_verified(&f, d, range.clone()));
+        let verified = self.open_block(d).and_then(|f| f.read(range.clone()));
         match verified {
             Ok(Some(b)) => Some(b),
             Ok(None) => None,
@@ -403,39 +403,58 @@ fn corrupt(what: &str) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, what.to_string())
 }
 
-/// Reads `range` of the block in `f`, verifying its header and the sectors `range` touches.
-/// `Ok(None)`: the block is shorter than `range` (a caller's mistake, not corruption).
-fn read_verified(f: &File, d: &Digest, range: std::ops::Range<usize>) -> io::Result<Option<Bytes>> {
-    let mut head = [0u8; HEADER_LEN];
-    f.read_exact_at(&mut head, 0)
-        .map_err(|_| corrupt("short header"))?;
-    let (body, crc) = head.split_at(HEADER_LEN - 4);
-    if crc32c::crc32c(body).to_le_bytes() != crc {
-        return Err(corrupt("header checksum mismatch"));
-    }
-    if &body[..8] != MAGIC || &body[8..40] != d {
-        return Err(corrupt("not the block it is named after"));
-    }
-    let len = u32::from_le_bytes(body[40..44].try_into().unwrap()) as usize;
-    if range.start > range.end || range.end > len {
-        return Ok(None);
-    }
-    let first = range.start / SECTOR_SIZE;
-    let last = range.end.div_ceil(SECTOR_SIZE).max(first + 1).min(SECTORS);
-    let span = (first * SECTOR_SIZE)..(last * SECTOR_SIZE).min(len);
-    let mut buf = vec![0u8; span.len()];
-    f.read_exact_at(&mut buf, (HEADER_LEN + span.start) as u64)
-        .map_err(|_| corrupt("short block"))?;
-    for (i, sector) in buf.chunks(SECTOR_SIZE).enumerate() {
-        let at = 44 + 4 * (first + i);
-        if crc32c::crc32c(sector).to_le_bytes() != body[at..at + 4] {
-            return Err(corrupt("sector checksum mismatch"));
+/// An open block file whose header was verified when it was opened.
+struct OpenBlock {
+    file: File,
+    header: [u8; HEADER_LEN],
+}
+
+impl OpenBlock {
+    /// Opens the block file at `path`, which must be the block `d`.
+    fn open(path: &Path, d: &Digest) -> io::Result<OpenBlock> {
+        let file = File::open(path)?;
+        let mut header = [0u8; HEADER_LEN];
+        file.read_exact_at(&mut header, 0)
+            .map_err(|_| corrupt("short header"))?;
+        let (body, crc) = header.split_at(HEADER_LEN - 4);
+        if crc32c::crc32c(body).to_le_bytes() != crc {
+            return Err(corrupt("header checksum mismatch"));
         }
+        if &body[..8] != MAGIC || &body[8..40] != d {
+            return Err(corrupt("not the block it is named after"));
+        }
+        Ok(OpenBlock { file, header })
     }
-    let buf = Bytes::from(buf);
-    Ok(Some(
-        buf.slice(range.start - span.start..range.end - span.start),
-    ))
+
+    fn len(&self) -> usize {
+        u32::from_le_bytes(self.header[40..44].try_into().expect("4 bytes")) as usize
+    }
+
+    /// Bytes `range` of the block, verifying the sectors it touches. `Ok(None)`: the block
+    /// is shorter than `range` (a caller's mistake, not corruption).
+    fn read(&self, range: std::ops::Range<usize>) -> io::Result<Option<Bytes>> {
+        let len = self.len();
+        if range.start > range.end || range.end > len {
+            return Ok(None);
+        }
+        let first = range.start / SECTOR_SIZE;
+        let last = range.end.div_ceil(SECTOR_SIZE).max(first + 1).min(SECTORS);
+        let span = (first * SECTOR_SIZE)..(last * SECTOR_SIZE).min(len);
+        let mut buf = vec![0u8; span.len()];
+        self.file
+            .read_exact_at(&mut buf, (HEADER_LEN + span.start) as u64)
+            .map_err(|_| corrupt("short block"))?;
+        for (i, sector) in buf.chunks(SECTOR_SIZE).enumerate() {
+            let at = 44 + 4 * (first + i);
+            if crc32c::crc32c(sector).to_le_bytes() != self.header[at..at + 4] {
+                return Err(corrupt("sector checksum mismatch"));
+            }
+        }
+        let buf = Bytes::from(buf);
+        Ok(Some(
+            buf.slice(range.start - span.start..range.end - span.start),
+        ))
+    }
 }
 
 fn free_bytes(dir: &Path) -> io::Result<u64> {

@@ -210,8 +210,12 @@ fn error_chain(err: &dyn std::error::Error) -> String {
     parts.join(": ")
 }
 
+/// A Last-Modified as a time, in whole seconds. HEAD gives it as an HTTP date (seconds) and
+/// ListObjectsV2 with milliseconds: cut to seconds, both agree, so a file's mtime does not
+/// change when it is opened, which would make the kernel drop its cached pages.
 fn to_system_time(t: Option<&aws_smithy_types::DateTime>) -> SystemTime {
-    t.and_then(|t| SystemTime::try_from(*t).ok())
+    t.and_then(|t| u64::try_from(t.secs()).ok())
+        .map(|secs| SystemTime::UNIX_EPOCH + Duration::from_secs(secs))
         .unwrap_or(SystemTime::UNIX_EPOCH)
 }
 
