@@ -100,10 +100,22 @@ struct Index {
     checked_at: Option<Instant>,
 }
 
-/// Open block files kept for reads, with their verified headers: opening a file and reading
-/// its header per 4 KiB read cost more than reading the 4 KiB. 256 stays well inside the
-/// usual limit of 1,024 descriptors per process.
-const OPEN_FILES: usize = 256;
+/// Open block files kept for reads, with their verified headers (1 KiB each): opening a file
+/// and reading its header per 4 KiB read cost more than reading the 4 KiB. A quarter of the
+/// process's descriptor limit, at most 4,096 (a 4 GiB working set of random reads).
+fn open_files_capacity() -> std::num::NonZeroUsize {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit only writes the struct it is given.
+    let soft = if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0 {
+        lim.rlim_cur as usize
+    } else {
+        1024
+    };
+    std::num::NonZeroUsize::new((soft / 4).clamp(64, 4096)).expect("nonzero")
+}
 
 /// The block cache under `<cache dir>/blocks`.
 pub struct BlockCache {
@@ -175,9 +187,7 @@ impl BlockCache {
                 written_since_check: 0,
                 checked_at: None,
             }),
-            open_files: Mutex::new(LruCache::new(
-                std::num::NonZeroUsize::new(OPEN_FILES).expect("nonzero"),
-            )),
+            open_files: Mutex::new(LruCache::new(open_files_capacity())),
             hits: AtomicU64::new(0),
             misses: AtomicU64::new(0),
             corrupt: AtomicU64::new(0),

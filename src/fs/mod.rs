@@ -231,6 +231,10 @@ const NEGATIVE_CACHE_MAX: usize = 100_000;
 /// listing of a 100,000-entry directory on every call.
 const READDIR_BATCH: usize = 1024;
 
+/// Directories with fewer entries than one LIST page are listed again, rather than probed,
+/// when a lookup in them finds their listing stale.
+const RELIST_MAX_ENTRIES: u64 = 1000;
+
 /// Entries prepared per READDIRPLUS request: the kernel's 4 KiB buffer holds about 25 with
 /// their attributes, and each one prepared but not sent is wasted work.
 const READDIRPLUS_BATCH: usize = 32;
@@ -554,6 +558,13 @@ impl Fs {
             || (row.is_none() && self.known_absent(dir.ino, name))
         {
             return Ok(row);
+        }
+        if dir.listed_at.is_some() && self.meta.child_count(dir.ino)? < RELIST_MAX_ENTRIES {
+            // A small directory that was listed before: listing it again costs what probing
+            // this one name would (one round trip) and answers the next lookups in it for
+            // the TTL — `cp -r` or `tar x` into it make one lookup per new file.
+            self.refresh_dir(dir.ino).await?;
+            return Ok(self.meta.child(dir.ino, name)?);
         }
         self.probe_child(dir, name).await
     }

@@ -225,6 +225,14 @@ impl InodeTable {
         Ok(n as u64)
     }
 
+    /// Number of entries of directory `parent`.
+    pub fn child_count(&self, parent: u64) -> MetaResult<u64> {
+        let conn = self.conn.lock().unwrap();
+        let mut stmt = conn.prepare_cached("SELECT COUNT(*) FROM inodes WHERE parent = ?1")?;
+        let n: i64 = stmt.query_row(params![parent], |r| r.get(0))?;
+        Ok(n as u64)
+    }
+
     /// Inserts a new entry and sets `inode.ino` to its new, never reused, number.
     pub fn insert(&self, inode: &mut Inode) -> MetaResult<()> {
         let conn = self.conn.lock().unwrap();
