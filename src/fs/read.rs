@@ -10,7 +10,8 @@
 //!   window is requested once the reader is halfway through the current one, so the bucket
 //!   works while the reader consumes. A window is fetched as concurrent GETs of
 //!   `--read-part-size`, which is how one stream gets many times one connection's throughput.
-//! - A reader that jumps gets the blocks its request touches and nothing more.
+//! - A reader that jumps gets no read-ahead: a miss fetches the block it touches, and the
+//!   aligned chunk around the next misses grows up to [`MAX_RANDOM_SPAN`] blocks.
 //!
 //! Read-ahead is memory held on behalf of a reader who may never come back for it, so it is
 //! bounded by a budget shared by the whole mount (`--max-buffer-memory`): a window that does not
@@ -30,6 +31,12 @@ use super::budget::MemoryBudget;
 use crate::cache::BLOCK_SIZE;
 use crate::cache::blocks::{BlockCache, BlockId};
 use crate::store::{ObjectStore, StoreError, StoreResult};
+
+/// Most blocks fetched around one random miss: a reader that keeps missing at random (a
+/// database, an archive, a disk image) fetches aligned chunks of 1, 2, 4 and then 8 blocks, so
+/// the file it works in is soon cached in few requests, while one random read still costs
+/// one block. 8 MiB is where a GET's transfer time passes its latency on a 1 Gbit/s link.
+const MAX_RANDOM_SPAN: u64 = 8;
 
 /// First read-ahead window of a sequential reader: one block, so a reader that stops early
 /// (`file`, a thumbnailer reading headers) wastes little.
@@ -160,9 +167,16 @@ impl BlockSource {
         Ok(split)
     }
 
-    /// Exactly bytes `range` of `v`: cached blocks from the cache, the others fetched whole
-    /// (and cached), so the next read near here is a hit.
-    pub async fn read_range(&self, v: &ObjectVersion, range: Range<u64>) -> StoreResult<Bytes> {
+    /// Exactly bytes `range` of `v`, for a random read. Blocks in the cache come from it; on
+    /// a miss, the aligned chunk of `span` blocks around it is made present (cached blocks
+    /// read, missing ones fetched) so that the reader's next misses nearby are hits. Also
+    /// says whether anything had to be fetched.
+    pub async fn read_range(
+        &self,
+        v: &ObjectVersion,
+        range: Range<u64>,
+        span: u64,
+    ) -> StoreResult<(Bytes, bool)> {
         let mut out = BytesMut::with_capacity((range.end - range.start) as usize);
         let mut pos = range.start;
         while pos < range.end {
@@ -170,25 +184,28 @@ impl BlockSource {
             let block_start = b * BLOCK_SIZE;
             let within =
                 (pos - block_start) as usize..(range.end - block_start).min(BLOCK_SIZE) as usize;
-            let data = match self.cached(v, b, within.clone()).await {
-                Some(d) => d,
-                None => {
-                    // Fetch the run of blocks up to the end of the request in one go.
-                    let last = (range.end - 1) / BLOCK_SIZE;
-                    let fetched = self.fetch(v, b..last + 1).await?;
-                    for (i, block) in fetched.iter().enumerate() {
-                        let s = (block_start + i as u64 * BLOCK_SIZE).max(pos);
-                        let e = (block_start + (i as u64 + 1) * BLOCK_SIZE).min(range.end);
-                        let off = block_start + i as u64 * BLOCK_SIZE;
-                        out.extend_from_slice(&block[(s - off) as usize..(e - off) as usize]);
-                    }
-                    return Ok(out.freeze());
+            if let Some(d) = self.cached(v, b, within.clone()).await {
+                out.extend_from_slice(&d);
+                pos = block_start + within.end as u64;
+                continue;
+            }
+            let span = span.max(1);
+            let first = b / span * span;
+            let last = (range.end - 1) / BLOCK_SIZE;
+            let end = (last + 1).max(first + span).min(v.blocks());
+            let blocks = self.window(v, first..end).await?;
+            for (i, block) in blocks.iter().enumerate().skip((b - first) as usize) {
+                let off = (first + i as u64) * BLOCK_SIZE;
+                if off >= range.end {
+                    break;
                 }
-            };
-            out.extend_from_slice(&data);
-            pos = block_start + within.end as u64;
+                let e = (off + block.len() as u64).min(range.end);
+                out.extend_from_slice(&block[(pos - off) as usize..(e - off) as usize]);
+                pos = e;
+            }
+            return Ok((out.freeze(), true));
         }
-        Ok(out.freeze())
+        Ok((out.freeze(), false))
     }
 
     /// Whole block `index`: from the cache, else fetched alone.
@@ -247,6 +264,8 @@ enum AheadState {
 pub struct Reader {
     next_offset: u64,
     window: u64,
+    /// Blocks fetched around the next random miss.
+    random_span: u64,
     held: Option<(u64, Bytes)>,
     ahead: VecDeque<Ahead>,
     version: Option<ObjectVersion>,
@@ -281,6 +300,7 @@ impl Reader {
             self.drop_ahead();
             self.held = None;
             self.window = 0;
+            self.random_span = 0;
             self.next_offset = 0;
             self.version = Some(version.clone());
         }
@@ -293,7 +313,19 @@ impl Reader {
             self.window = 0;
             self.held = None;
             self.next_offset = end;
-            return src.read_range(version, offset..end).await;
+            // The chunk is memory until cached: it comes out of the budget, or shrinks to the
+            // one block the request needs.
+            let reserved = src
+                .budget
+                .try_reserve_units(self.random_span.max(1), BLOCK_SIZE);
+            let span = reserved.as_ref().map_or(1, |(granted, _)| *granted);
+            let (data, missed) = src.read_range(version, offset..end, span).await?;
+            drop(reserved);
+            let span = self.random_span.max(1);
+            if missed {
+                self.random_span = (span * 2).min(MAX_RANDOM_SPAN);
+            }
+            return Ok(data);
         }
         // Most requests lie within one block: their bytes are a slice of it, not a copy.
         let mut pieces: Vec<Bytes> = Vec::with_capacity(2);

@@ -150,26 +150,32 @@ async fn reads_at_every_offset_and_size_match_the_object() {
 }
 
 #[tokio::test]
-async fn random_reads_fetch_only_the_blocks_they_touch() {
+async fn random_misses_fetch_growing_aligned_chunks() {
     let s = setup(8 * MIB as usize).await;
     let mut r = Reader::default();
+    // Misses at blocks 5, 0 and 7 fetch chunks of 1, 2 and 4 blocks: [5], [0, 1], [4..8)
+    // without block 5, which is cached.
     for &(off, len) in &[(5 * MIB + 10, 4096usize), (10, 100), (8 * MIB - 5, 100)] {
         let b = r.read(&s.src, &s.version, off, len).await.unwrap();
         let end = (off as usize + len).min(s.data.len());
         assert_eq!(&b[..], &s.data[off as usize..end]);
     }
-    assert_eq!(s.mem.count(Op::Get), 3);
-    assert_eq!(s.mem.bytes_read(), 3 * MIB, "one whole block per read");
-    // Warm: served from the cache, no request.
-    let b = r
-        .read(&s.src, &s.version, 5 * MIB + 100, 4096)
+    assert_eq!(s.mem.bytes_read(), 6 * MIB);
+    assert_eq!(s.mem.count(Op::Get), 4);
+    // Hits cost nothing: blocks 0, 1 and 4 to 7 are cached.
+    for off in [MIB + 100, 4 * MIB + 100, 6 * MIB] {
+        let b = r.read(&s.src, &s.version, off, 4096).await.unwrap();
+        assert_eq!(&b[..], &s.data[off as usize..off as usize + 4096]);
+    }
+    assert_eq!(s.mem.count(Op::Get), 4);
+    // A single random read of a fresh handle costs one block.
+    let s = setup(8 * MIB as usize).await;
+    let b = Reader::default()
+        .read(&s.src, &s.version, 3 * MIB + 1, 10)
         .await
         .unwrap();
-    assert_eq!(
-        &b[..],
-        &s.data[(5 * MIB + 100) as usize..(5 * MIB + 4196) as usize]
-    );
-    assert_eq!(s.mem.count(Op::Get), 3);
+    assert_eq!(&b[..], &s.data[3 * MIB as usize + 1..3 * MIB as usize + 11]);
+    assert_eq!(s.mem.bytes_read(), MIB);
 }
 
 #[tokio::test]
