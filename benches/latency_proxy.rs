@@ -13,17 +13,14 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
+mod support;
+
 #[tokio::main]
 async fn main() {
-    let args: Vec<String> = std::env::args()
-        .skip(1)
-        .filter(|a| a != "--bench")
-        .collect();
-    if args.len() < 3 || args[0].starts_with("--") {
-        // `cargo test --all-targets` runs this with test-harness flags: nothing to do.
-        println!("usage: latency_proxy LISTEN_ADDR TARGET_ADDR DELAY_MS");
+    let Some(args) = support::args_or_usage("latency_proxy LISTEN_ADDR TARGET_ADDR DELAY_MS", 3)
+    else {
         return;
-    }
+    };
     let delay = Duration::from_secs_f64(args[2].parse::<f64>().expect("DELAY_MS") / 1000.0);
     let listener = TcpListener::bind(&args[0]).await.expect("bind");
     println!("listening={}", listener.local_addr().unwrap());

@@ -16,6 +16,8 @@ use futures::StreamExt;
 use s3bridge::store::s3::{S3Options, S3Store};
 use s3bridge::store::{CompletedPart, ObjectStore, WriteHeaders};
 
+mod support;
+
 /// The part size and concurrency the mount uses by default, so both sides move the same
 /// requests: 8 MiB parts, 8 uploads or 16 GETs in flight (two read-ahead windows' worth).
 const PART: u64 = 8 << 20;
@@ -28,17 +30,12 @@ fn env(k: &str) -> String {
 
 #[tokio::main]
 async fn main() {
-    let args: Vec<String> = std::env::args()
-        .skip(1)
-        .filter(|a| a != "--bench")
-        .collect();
-    if args.first().is_none_or(|a| a.starts_with("--")) {
-        // `cargo test --all-targets` runs this with test-harness flags: nothing to measure.
-        println!(
-            "usage: raw_s3 put KEY MIB | get KEY | copy SRC DST | size KEY | put-many PREFIX N"
-        );
+    let Some(args) = support::args_or_usage(
+        "raw_s3 put KEY MIB | get KEY | copy SRC DST | size KEY | put-many PREFIX N",
+        1,
+    ) else {
         return;
-    }
+    };
     let store: Arc<dyn ObjectStore> = Arc::new(
         S3Store::connect(&S3Options {
             bucket: env("S3BRIDGE_TEST_BUCKET"),

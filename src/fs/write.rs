@@ -265,8 +265,14 @@ pub async fn copy_object(
 mod tests {
     use super::*;
 
-    fn budget() -> MemoryBudget {
-        MemoryBudget::new(64 << 20)
+    /// Uploads `s` to `key` with no headers and the test tuning.
+    async fn upload_to(
+        store: &Arc<dyn ObjectStore>,
+        s: &mut Staging,
+        key: &str,
+    ) -> StoreResult<String> {
+        let budget = MemoryBudget::new(64 << 20);
+        upload(store, s, key, &WriteHeaders::default(), TUNING, &budget).await
     }
     use crate::cache::staging::{BLOCK_SIZE, Original};
     use crate::store::mem::{MemStore, Op};
@@ -306,16 +312,7 @@ mod tests {
         fetch_blocks(&store, &mut s, missing).await.unwrap();
         s.write(at, b"EDIT").unwrap();
         let gets_before = mem.count(Op::Get);
-        upload(
-            &store,
-            &mut s,
-            "big",
-            &WriteHeaders::default(),
-            TUNING,
-            &budget(),
-        )
-        .await
-        .unwrap();
+        upload_to(&store, &mut s, "big").await.unwrap();
         let (body, _) = mem.object("big").unwrap();
         let mut want = data.clone();
         want[at as usize..at as usize + 4].copy_from_slice(b"EDIT");
@@ -335,28 +332,11 @@ mod tests {
         let mut s = Staging::create(dir.path(), 1, None, 0).unwrap();
         s.write(0, &vec![9u8; (12 * MIB) as usize]).unwrap();
         mem.fail_next(Op::UploadPart, 1);
-        let err = upload(
-            &store,
-            &mut s,
-            "g",
-            &WriteHeaders::default(),
-            TUNING,
-            &budget(),
-        )
-        .await;
+        let err = upload_to(&store, &mut s, "g").await;
         assert!(err.is_err());
         assert!(mem.object("g").is_none());
         assert_eq!(mem.pending_uploads(), 0, "the failed upload was aborted");
-        upload(
-            &store,
-            &mut s,
-            "g",
-            &WriteHeaders::default(),
-            TUNING,
-            &budget(),
-        )
-        .await
-        .unwrap();
+        upload_to(&store, &mut s, "g").await.unwrap();
         assert_eq!(mem.object("g").unwrap().0.len() as u64, 12 * MIB);
         assert_eq!(s.read(0, 4).unwrap(), vec![9u8; 4]);
     }
