@@ -43,6 +43,7 @@ MIB = 1 << 20
 ENV = os.environ
 BUCKET = ENV["S3BRIDGE_TEST_BUCKET"]
 ENDPOINT = ENV["S3BRIDGE_TEST_ENDPOINT"]
+S3BRIDGE = "s3bridge"  # set from --s3bridge
 
 
 def log(msg):
@@ -161,7 +162,7 @@ class S3bridge(Mount):
     name = "s3bridge"
 
     def command(self):
-        return [str(ROOT / "target/release/s3bridge"), "mount", f"{BUCKET}:{self.prefix}",
+        return [S3BRIDGE, "mount", f"{BUCKET}:{self.prefix}",
                 str(self.path), "--endpoint-url", ENDPOINT, "--cache-dir", str(self.cache),
                 "-f", "--log-level", "warn"]
 
@@ -383,6 +384,7 @@ def svg(all_runs, path):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", required=True, help="scratch directory (mounts, caches, files)")
+    ap.add_argument("--s3bridge", required=True, help="the s3bridge binary (release build)")
     ap.add_argument("--raw", required=True, help="the raw_s3 bench binary")
     ap.add_argument("--proxy", required=True, help="the latency_proxy bench binary")
     ap.add_argument("--size-mib", type=int, default=1024)
@@ -392,6 +394,8 @@ def main():
     ap.add_argument("--only", default="s3bridge,s3fs,rclone")
     args = ap.parse_args()
 
+    global S3BRIDGE
+    S3BRIDGE = args.s3bridge
     work = Path(args.work)
     raw = Raw(args.raw)
     local = work / "big.bin"

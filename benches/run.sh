@@ -38,6 +38,8 @@ for l in sys.stdin:
     if m.get("reason") == "compiler-artifact" and m["target"]["name"] == sys.argv[1] and m.get("executable"):
         print(m["executable"])' "$1"
 }
+target_dir=$(cargo metadata --format-version 1 --no-deps |
+    python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
 raw=$(bench_binary raw_s3)
 proxy=$(bench_binary latency_proxy)
 
@@ -55,4 +57,5 @@ cleanup() {
 }
 trap cleanup EXIT INT TERM
 eval "$(tests/support/garage.sh start "$work/garage")"
-python3 benches/compare.py --work "$work" --raw "$raw" --proxy "$proxy" "$@"
+python3 benches/compare.py --work "$work" --s3bridge "$target_dir/release/s3bridge" \
+    --raw "$raw" --proxy "$proxy" "$@"
