@@ -44,6 +44,7 @@ ENV = os.environ
 BUCKET = ENV["S3BRIDGE_TEST_BUCKET"]
 ENDPOINT = ENV["S3BRIDGE_TEST_ENDPOINT"]
 S3BRIDGE = "s3bridge"  # set from --s3bridge
+SIZE_LABEL = "1 GiB"  # set from --size-mib
 
 
 def log(msg):
@@ -289,7 +290,7 @@ def memory_run(work, size_mib, prefix):
 
 ROWS = [
     # key, label, unit, higher_is_better
-    ("write", "write 1 GiB (close included)", "s", False),
+    ("write", "write {size} (close included)", "s", False),
     ("write_in_bucket", "  ... until in the bucket", "s", False),
     ("cold_read", "cold sequential read", "s", False),
     ("warm_read", "warm read (page cache dropped)", "s", False),
@@ -300,7 +301,7 @@ ROWS = [
     ("untar", "untar tokio source tree", "s", False),
     ("ls_cold", "ls -l 10,000 objects, cold", "s", False),
     ("ls_warm", "ls -l 10,000 objects, warm", "s", False),
-    ("rename", "rename 1 GiB", "s", False),
+    ("rename", "rename {size}", "s", False),
     ("peak_rss_mib", "peak RSS of the daemon", "MiB", False),
 ]
 
@@ -324,6 +325,14 @@ def advantage(ours, other, higher_is_better):
     return ours / other if higher_is_better else other / ours
 
 
+def size_label(mib):
+    return f"{mib // 1024} GiB" if mib % 1024 == 0 else f"{mib} MiB"
+
+
+def label_of(label):
+    return label.replace("{size}", SIZE_LABEL)
+
+
 def table(results, refs, title):
     lines = [f"### {title}", "",
              "| workload | unit | s3bridge | s3fs | rclone | raw/local | vs best peer | vs raw |",
@@ -338,7 +347,7 @@ def table(results, refs, title):
         # Against the raw client the ratio is throughput: raw time / our time.
         vs_raw = advantage(ours, ref, hib)
         cells = [fmt(results[n].get(key), unit) if results.get(n) else "-" for n in ["s3bridge"] + PEERS]
-        lines.append(f"| {label} | {unit} | " + " | ".join(cells) +
+        lines.append(f"| {label_of(label)} | {unit} | " + " | ".join(cells) +
                      f" | {fmt(ref, unit)} | {'-' if vs_peer is None else f'{vs_peer:.2f}x'}"
                      f" | {'-' if vs_raw is None else f'{vs_raw:.2f}x'} |")
     lines.append("")
@@ -358,7 +367,7 @@ def svg(all_runs, path):
         y += 12
         for key, label, unit, hib in rows:
             ours = results["s3bridge"].get(key)
-            blocks.append(f'<text x="{left - 8}" y="{y + 14}" text-anchor="end">{label.strip()}</text>')
+            blocks.append(f'<text x="{left - 8}" y="{y + 14}" text-anchor="end">{label_of(label).strip()}</text>')
             for i, name in enumerate(["s3bridge"] + PEERS):
                 v = results.get(name, {}).get(key)
                 rel = advantage(v, ours, hib) if v is not None else None  # >1: faster than s3bridge
@@ -394,8 +403,9 @@ def main():
     ap.add_argument("--only", default="s3bridge,s3fs,rclone")
     args = ap.parse_args()
 
-    global S3BRIDGE
+    global S3BRIDGE, SIZE_LABEL
     S3BRIDGE = args.s3bridge
+    SIZE_LABEL = size_label(args.size_mib)
     work = Path(args.work)
     raw = Raw(args.raw)
     local = work / "big.bin"
