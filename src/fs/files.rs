@@ -322,7 +322,7 @@ impl Fs {
             let mut st = h.file.state.lock().await;
             if let Some(staging) = st.staging.as_mut() {
                 let missing = staging.missing_for_read(offset..offset + size as u64);
-                write::fetch_blocks(&self.store, staging, missing).await?;
+                write::fetch_blocks(&self.store, self.blocks.cache(), staging, missing).await?;
                 return Ok(Bytes::from(staging.read(offset, size as usize)?));
             }
             match &st.remote {
@@ -371,7 +371,7 @@ impl Fs {
         let staging = self.staging_of(file, &mut st)?;
         let appended = offset == staging.size();
         let missing = staging.missing_for_write(offset..end);
-        write::fetch_blocks(&self.store, staging, missing).await?;
+        write::fetch_blocks(&self.store, self.blocks.cache(), staging, missing).await?;
         staging.write(offset, data)?;
         let size = staging.size();
         let now = Timestamp::now();
@@ -571,7 +571,16 @@ impl Fs {
         let result = match streamed {
             Some(etag) => Ok(etag),
             None => {
-                write::upload(&self.store, staging, &key, &headers, tuning, &self.buffers).await
+                write::upload(
+                    &self.store,
+                    self.blocks.cache(),
+                    staging,
+                    &key,
+                    &headers,
+                    tuning,
+                    &self.buffers,
+                )
+                .await
             }
         };
         match result {

@@ -270,7 +270,7 @@ impl Fs {
         }
         let staging = st.staging.as_mut().expect("created above");
         let missing = staging.missing_for_read(0..size);
-        write::fetch_blocks(&self.store, staging, missing).await?;
+        write::fetch_blocks(&self.store, self.blocks.cache(), staging, missing).await?;
         Ok(())
     }
 

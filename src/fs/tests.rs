@@ -970,3 +970,24 @@ async fn times_set_while_streaming_are_stored() {
         std::time::UNIX_EPOCH + Duration::from_secs(1_500_000_000)
     );
 }
+
+#[tokio::test]
+async fn editing_a_file_that_was_read_fetches_nothing_again() {
+    let s = setup();
+    let mut data: Vec<u8> = (0..14 * 1024 * 1024).map(|i| (i % 229) as u8).collect();
+    s.mem.insert("pre/big", &data, WriteHeaders::default());
+    let ino = s.fs.lookup(ROOT, n("big")).await.unwrap().ino;
+    assert!(s.read_all(ino).await == data);
+    let gets = s.mem.count(Op::Get);
+    let fh = s.fs.open(ino, libc::O_RDWR, ROOT_CALLER).await.unwrap().fh;
+    s.fs.write(fh, 7 * 1024 * 1024 + 3, b"edit").await.unwrap();
+    data[7 * 1024 * 1024 + 3..7 * 1024 * 1024 + 7].copy_from_slice(b"edit");
+    s.fs.flush(fh).await.unwrap();
+    s.fs.release(fh).await;
+    assert_eq!(
+        s.mem.count(Op::Get),
+        gets,
+        "blocks came from the block cache"
+    );
+    assert!(s.mem.object("pre/big").unwrap().0[..] == data[..]);
+}

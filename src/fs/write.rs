@@ -14,6 +14,8 @@ use futures::stream::{self, StreamExt, TryStreamExt};
 use tracing::{debug, warn};
 
 use super::budget::MemoryBudget;
+use crate::cache::BLOCK_SIZE;
+use crate::cache::blocks::{BlockCache, BlockId};
 use crate::cache::staging::{Staging, StagingReader};
 use crate::store::{
     CompletedPart, MAX_PART_SIZE, MAX_PARTS, MAX_SINGLE_OBJECT, MIN_PART_SIZE, ObjectStore,
@@ -32,16 +34,35 @@ pub fn part_size_for(size: u64, min_part: u64) -> u64 {
     needed.max(min_part).clamp(MIN_PART_SIZE, MAX_PART_SIZE)
 }
 
-/// Fetches `blocks` of the staging file's original into it.
+/// Fetches `blocks` of the staging file's original into it: from the block cache when it has
+/// them (editing a file that was read costs no GET), else with ranged GETs, whose whole
+/// blocks are then cached too.
 pub async fn fetch_blocks(
     store: &Arc<dyn ObjectStore>,
+    cache: Option<&Arc<BlockCache>>,
     staging: &mut Staging,
     blocks: Vec<u64>,
 ) -> StoreResult<()> {
     let Some(orig) = staging.original().cloned() else {
         return Ok(());
     };
-    for chunk in blocks.chunks(FETCH_CONCURRENCY) {
+    let id = |index| BlockId {
+        key: &orig.key,
+        etag: &orig.etag,
+        index,
+    };
+    let mut missing = Vec::with_capacity(blocks.len());
+    for b in blocks {
+        let want = staging.fetch_range(b);
+        let len = (want.end - want.start) as usize;
+        match cache.and_then(|c| c.get(&id(b), 0..len)) {
+            Some(data) => staging
+                .fill_block(b, &data)
+                .map_err(|e| StoreError::Other(format!("staging file: {e}")))?,
+            None => missing.push(b),
+        }
+    }
+    for chunk in missing.chunks(FETCH_CONCURRENCY) {
         let fetched = futures::future::try_join_all(chunk.iter().map(|&b| {
             let range = staging.fetch_range(b);
             let (store, orig) = (store.clone(), orig.clone());
@@ -54,6 +75,11 @@ pub async fn fetch_blocks(
         }))
         .await?;
         for (b, data) in fetched {
+            if data.len() as u64 == BLOCK_SIZE
+                && let Some(c) = cache
+            {
+                c.put(&id(b), &data);
+            }
             staging
                 .fill_block(b, &data)
                 .map_err(|e| StoreError::Other(format!("staging file: {e}")))?;
@@ -166,6 +192,7 @@ pub struct UploadTuning {
 /// is left behind (a started multipart upload is aborted) and the staging file is intact.
 pub async fn upload(
     store: &Arc<dyn ObjectStore>,
+    cache: Option<&Arc<BlockCache>>,
     staging: &mut Staging,
     key: &str,
     headers: &WriteHeaders,
@@ -175,7 +202,7 @@ pub async fn upload(
     let size = staging.size();
     if size <= tuning.multipart_threshold.min(MAX_SINGLE_OBJECT) {
         let missing = staging.missing_for_read(0..size);
-        fetch_blocks(store, staging, missing).await?;
+        fetch_blocks(store, cache, staging, missing).await?;
         let body = staging
             .read(0, size as usize)
             .map_err(|e| StoreError::Other(format!("staging file: {e}")))?;
@@ -194,7 +221,7 @@ pub async fn upload(
             missing.extend(staging.missing_for_read(r.clone()));
         }
     }
-    fetch_blocks(store, staging, missing).await?;
+    fetch_blocks(store, cache, staging, missing).await?;
     let staging = &*staging;
     let original = staging.original();
     let parts = ranges
@@ -272,7 +299,16 @@ mod tests {
         key: &str,
     ) -> StoreResult<String> {
         let budget = MemoryBudget::new(64 << 20);
-        upload(store, s, key, &WriteHeaders::default(), TUNING, &budget).await
+        upload(
+            store,
+            None,
+            s,
+            key,
+            &WriteHeaders::default(),
+            TUNING,
+            &budget,
+        )
+        .await
     }
     use crate::cache::staging::{BLOCK_SIZE, Original};
     use crate::store::mem::{MemStore, Op};
@@ -309,7 +345,7 @@ mod tests {
         let mut s = Staging::create(dir.path(), 1, Some(orig), data.len() as u64).unwrap();
         let at = 12 * MIB + 5;
         let missing = s.missing_for_write(at..at + 4);
-        fetch_blocks(&store, &mut s, missing).await.unwrap();
+        fetch_blocks(&store, None, &mut s, missing).await.unwrap();
         s.write(at, b"EDIT").unwrap();
         let gets_before = mem.count(Op::Get);
         upload_to(&store, &mut s, "big").await.unwrap();
