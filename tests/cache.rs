@@ -158,3 +158,24 @@ EOF"#,
     assert_eq!(sh(&m.path, &script).trim(), "ok");
     fs::remove_file(local).unwrap();
 }
+
+#[test]
+fn a_file_written_through_the_mount_is_cached_for_reading_back() {
+    let mut m = Mount::with("cache-seed", ttl("forever"));
+    let data = pattern(2 * 1024 * 1024 + 77, 7);
+    fs::write(m.p("written"), &data).unwrap();
+    assert!(
+        common::eventually(Duration::from_secs(10), || {
+            block_files(&m.cache_dir)
+                .iter()
+                .filter(|(p, _)| !p.starts_with(m.cache_dir.join("blocks/seed")))
+                .count()
+                == 3
+        }),
+        "the uploaded file's blocks were not cached"
+    );
+    // Gone from the bucket, still readable: the bytes come from the blocks cached at upload.
+    m.bucket().delete("written");
+    m.remount(ttl("forever"));
+    assert!(fs::read(m.p("written")).unwrap() == data);
+}

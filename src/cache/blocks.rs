@@ -366,6 +366,34 @@ impl BlockCache {
         true
     }
 
+    /// Where a staging file is moved while [`Self::seed`] copies it in; the directory is
+    /// emptied when the cache is opened, so a crash leaves nothing behind.
+    pub fn seed_path(&self, name: &str) -> io::Result<PathBuf> {
+        let dir = self.dir.join("seed");
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&dir)?;
+        Ok(dir.join(name))
+    }
+
+    /// Stores `blocks` of a file of `size` bytes read from `file`, as the blocks of object
+    /// `key` at `etag` (a file just uploaded from there), so reading it back needs no GET.
+    /// Stops at the first read error; stores at most half the cache, so one large upload
+    /// does not evict everything else.
+    pub fn seed(&self, file: &File, blocks: &[u64], size: u64, key: &str, etag: &str) {
+        let budget = (self.limits.max_bytes / 2 / BLOCK_SIZE) as usize;
+        for &index in blocks.iter().take(budget) {
+            let start = index * BLOCK_SIZE;
+            let len = (size.saturating_sub(start)).min(BLOCK_SIZE) as usize;
+            let mut buf = vec![0u8; len];
+            if len == 0 || file.read_exact_at(&mut buf, start).is_err() {
+                return;
+            }
+            self.put(&BlockId { key, etag, index }, &buf);
+        }
+    }
+
     /// Current counters.
     pub fn stats(&self) -> CacheStats {
         let idx = self.index.lock().unwrap();

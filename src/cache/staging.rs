@@ -290,6 +290,21 @@ impl Staging {
         self.file.sync_data()
     }
 
+    /// Blocks whose bytes are all here (written, or fetched whole): after an upload they are
+    /// exactly the object's blocks.
+    pub fn present_blocks(&self) -> Vec<u64> {
+        (0..self.size.div_ceil(BLOCK_SIZE))
+            .filter(|&b| self.is_present(b))
+            .collect()
+    }
+
+    /// Moves the staging file to `to` (same filesystem) and hands over its open file and size;
+    /// the inode's staging path is free for a new staging file at once.
+    pub fn detach(self, to: &Path) -> io::Result<(File, u64)> {
+        std::fs::rename(&self.path, to)?;
+        Ok((self.file, self.size))
+    }
+
     /// Deletes the staging file.
     pub fn remove(self) -> io::Result<()> {
         match std::fs::remove_file(&self.path) {

@@ -210,10 +210,15 @@ impl Fs {
     pub(super) fn retire(&self, file: &Arc<OpenFile>, st: &mut FileState) {
         st.closed = true;
         self.abandon_stream(st);
-        if let Some(staging) = st.staging.take()
-            && let Err(e) = staging.remove()
-        {
-            warn!(ino = file.ino, "could not delete a staging file: {e}");
+        if let Some(staging) = st.staging.take() {
+            let uploaded = st.remote.clone().filter(|_| !st.dirty && !st.unlinked);
+            let removed = match (uploaded, self.blocks.cache()) {
+                (Some(object), Some(cache)) => self.seed_cache(file.ino, staging, object, cache),
+                _ => staging.remove(),
+            };
+            if let Err(e) = removed {
+                warn!(ino = file.ino, "could not delete a staging file: {e}");
+            }
         }
         if let Err(e) = self.meta.delete_staging(file.ino) {
             warn!(ino = file.ino, "could not drop staging bookkeeping: {e}");
@@ -223,6 +228,30 @@ impl Fs {
         if unlinked && !self.lookups.lock().unwrap().contains_key(&file.ino) {
             let _ = self.meta.forget(file.ino);
         }
+    }
+
+    /// Hands the staging file of a file just uploaded to the block cache, which copies its
+    /// local blocks in the background under the new object's ETag (reading the file back then
+    /// needs no GET) and deletes it.
+    fn seed_cache(
+        &self,
+        ino: u64,
+        staging: Staging,
+        object: Original,
+        cache: &Arc<crate::cache::blocks::BlockCache>,
+    ) -> std::io::Result<()> {
+        let blocks = staging.present_blocks();
+        let seq = self
+            .next_handle
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let path = cache.seed_path(&format!("{ino}.{seq}"))?;
+        let (data, size) = staging.detach(&path)?;
+        let cache = cache.clone();
+        tokio::task::spawn_blocking(move || {
+            cache.seed(&data, &blocks, size, &object.key, &object.etag);
+            let _ = std::fs::remove_file(&path);
+        });
+        Ok(())
     }
 
     /// Opens `ino` with `flags` (`O_ACCMODE`, `O_TRUNC`).

@@ -991,3 +991,25 @@ async fn editing_a_file_that_was_read_fetches_nothing_again() {
     );
     assert!(s.mem.object("pre/big").unwrap().0[..] == data[..]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_written_through_the_mount_reads_back_from_the_cache() {
+    let s = setup();
+    let data: Vec<u8> = (0..2_500_000u32).map(|i| (i % 251) as u8).collect();
+    let ino = s.write_file(ROOT, "new", &data).await;
+    let seed_dir = s.dir.path().join("blocks").join("seed");
+    let seeded =
+        || s.fs.cache_stats().blocks == 3 && std::fs::read_dir(&seed_dir).unwrap().count() == 0;
+    let mut waited = 0;
+    while !seeded() && waited < 500 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        waited += 1;
+    }
+    assert!(
+        seeded(),
+        "the staged blocks seed the cache, then the seed file goes"
+    );
+    let gets = s.mem.count(Op::Get);
+    assert!(s.read_all(ino).await == data);
+    assert_eq!(s.mem.count(Op::Get), gets, "read back without a GET");
+}
