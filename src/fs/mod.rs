@@ -462,6 +462,10 @@ impl Fs {
                 }
             }
         };
+        if gone {
+            // The kernel dropped the inode, and its cached pages with it.
+            self.page_cached.lock().unwrap().remove(&ino);
+        }
         if gone && self.open_file_of(ino).is_none() {
             // Only unlinked rows are deleted: the table keeps inode numbers of live entries.
             if let Err(e) = self.meta.forget(ino) {
