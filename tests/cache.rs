@@ -18,7 +18,11 @@ fn block_files(cache_dir: &Path) -> Vec<(PathBuf, u64)> {
         return out;
     };
     for sub in subdirs {
-        for f in fs::read_dir(sub.unwrap().path()).unwrap() {
+        let sub = sub.unwrap().path();
+        if !sub.is_dir() {
+            continue; // the format marker
+        }
+        for f in fs::read_dir(sub).unwrap() {
             let f = f.unwrap();
             out.push((f.path(), f.metadata().unwrap().len()));
         }

@@ -38,6 +38,9 @@ use crate::store::{ObjectStore, StoreError, StoreResult};
 /// one block. 8 MiB is where a GET's transfer time passes its latency on a 1 Gbit/s link.
 const MAX_RANDOM_SPAN: u64 = 8;
 
+/// Largest cache read done on the async worker itself (see `BlockSource::cached`): 16 sectors.
+const INLINE_CACHE_READ: usize = 64 * 1024;
+
 /// First read-ahead window of a sequential reader: one block, so a reader that stops early
 /// (`file`, a thumbnailer reading headers) wastes little.
 pub const FIRST_WINDOW: u64 = BLOCK_SIZE;
@@ -119,8 +122,16 @@ impl BlockSource {
     }
 
     /// Bytes `range` of block `index` from the cache, verified.
+    ///
+    /// A small read (a few sectors: one disk read of ~50 µs, or a page-cache copy) runs right
+    /// here: handing it to a blocking thread and back costs two thread wake-ups, more than the
+    /// read, and measured 8,300 against 11,000 random 4 KiB reads per second. Larger reads go
+    /// to a blocking thread so that a worker is never held for long.
     async fn cached(&self, v: &ObjectVersion, index: u64, range: Range<usize>) -> Option<Bytes> {
         let cache = self.cache.clone()?;
+        if range.len() <= INLINE_CACHE_READ {
+            return cache.get(&v.block_id(index), range);
+        }
         let v = v.clone();
         tokio::task::spawn_blocking(move || cache.get(&v.block_id(index), range))
             .await
