@@ -3,7 +3,7 @@
 //! figures can be read as ratios of what the server allows.
 //!
 //! Run by `benches/run.sh`; by hand:
-//! `cargo bench --bench raw_s3 -- put KEY SIZE_MIB` (and `get KEY`, `copy SRC DST`,
+//! `cargo bench --bench raw_s3 -- put KEY SIZE_MIB` (and `get KEY`, `copy SRC DST`, `move SRC DST`,
 //! `size KEY`, `put-many PREFIX COUNT`, `delete-prefix PREFIX`). Endpoint, bucket and credentials come
 //! from the environment that `tests/support/garage.sh start` prints. Each command prints
 //! one line: `seconds=<elapsed>`.
@@ -31,7 +31,7 @@ fn env(k: &str) -> String {
 #[tokio::main]
 async fn main() {
     let Some(args) = support::args_or_usage(
-        "raw_s3 put KEY MIB | get KEY | copy SRC DST | size KEY | put-many PREFIX N",
+        "raw_s3 put KEY MIB | get KEY | copy SRC DST | move SRC DST | size KEY | put-many PREFIX N",
         1,
     ) else {
         return;
@@ -49,9 +49,9 @@ async fn main() {
         .await,
     );
     let arg = |i: usize| -> &str {
-        args.get(i)
-            .map(String::as_str)
-            .unwrap_or_else(|| panic!("usage: raw_s3 put|get|copy|put-many|delete-prefix ARGS"))
+        args.get(i).map(String::as_str).unwrap_or_else(|| {
+            panic!("usage: raw_s3 put|get|copy|move|put-many|delete-prefix ARGS")
+        })
     };
     let started = Instant::now();
     match arg(0) {
@@ -63,6 +63,14 @@ async fn main() {
                 .copy(arg(1), arg(2), Some(&info.etag), &WriteHeaders::default())
                 .await
                 .unwrap();
+        }
+        "move" => {
+            let info = store.head(arg(1)).await.unwrap();
+            store
+                .copy(arg(1), arg(2), Some(&info.etag), &WriteHeaders::default())
+                .await
+                .unwrap();
+            store.delete(arg(1)).await.unwrap();
         }
         "size" => {
             // Size of an object, or -1: used to see when an upload after close() landed.
