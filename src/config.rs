@@ -84,6 +84,11 @@ pub struct Config {
     pub part_size: u64,
     /// Parts uploaded (or copied) at once by one upload (8).
     pub upload_concurrency: usize,
+    /// `close()` returns once the data is durable on local disk; uploads run in the
+    /// background (false: `close()` waits for the bucket).
+    pub write_back: bool,
+    /// Files uploaded at once by the background uploader (8).
+    pub background_uploads: usize,
     /// Largest read-ahead window of a sequential reader (64 MiB).
     pub read_ahead_max: u64,
     /// Size of each ranged GET of a read-ahead window (8 MiB).
@@ -130,6 +135,8 @@ impl Default for Config {
             multipart_threshold: 16 * 1024 * 1024,
             part_size: 8 * 1024 * 1024,
             upload_concurrency: 8,
+            write_back: false,
+            background_uploads: 8,
             read_ahead_max: 64 * 1024 * 1024,
             read_part_size: 8 * 1024 * 1024,
             exact_attributes: false,

@@ -8,6 +8,7 @@
 
 pub mod cache;
 pub mod config;
+pub mod control;
 pub mod fs;
 pub mod fuse;
 pub mod meta;

@@ -3,7 +3,6 @@
 use std::fs::OpenOptions;
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::os::unix::fs::DirBuilderExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
@@ -15,6 +14,7 @@ use tracing::{debug, error, info, warn};
 use tracing_subscriber::EnvFilter;
 
 use s3bridge::config::{Config, MetadataTtl, parse_source};
+use s3bridge::control;
 use s3bridge::fs::Fs;
 use s3bridge::store::StoreError;
 use s3bridge::store::s3::{S3Options, S3Store};
@@ -42,6 +42,12 @@ enum Commands {
     Mount(Box<MountArgs>),
     /// Unmount a mounted s3bridge; uploads finish first.
     Unmount {
+        /// The mount point.
+        mountpoint: PathBuf,
+    },
+    /// Upload everything the mount has pending (write-back) now, and wait until it is in
+    /// the bucket.
+    Flush {
         /// The mount point.
         mountpoint: PathBuf,
     },
@@ -145,6 +151,15 @@ struct MountArgs {
     /// Parts of one upload sent at once.
     #[arg(long, default_value = "8")]
     upload_concurrency: usize,
+    /// close() returns once the data is safe on local disk (synced staging file, committed
+    /// journal row) and uploads run in the background; fsync() still waits for the bucket.
+    /// Pending uploads survive a crash and are sent by the next mount of the same cache
+    /// directory; `s3bridge flush` and unmount wait for them.
+    #[arg(long)]
+    write_back: bool,
+    /// Files uploaded at once in the background (write-back, retries).
+    #[arg(long, default_value = "8")]
+    background_uploads: usize,
     /// Largest read-ahead window of a sequential reader.
     #[arg(long, value_parser = parse_size, default_value = "64M")]
     read_ahead: u64,
@@ -170,21 +185,20 @@ struct MountArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    match cli.command {
-        Commands::Mount(args) => match mount(*args) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(msg) => {
-                eprintln!("s3bridge: {msg}");
-                ExitCode::FAILURE
-            }
-        },
-        Commands::Unmount { mountpoint } => match unmount(&mountpoint) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(msg) => {
-                eprintln!("s3bridge: {msg}");
-                ExitCode::FAILURE
-            }
-        },
+    let result = match cli.command {
+        Commands::Mount(args) => mount(*args),
+        Commands::Unmount { mountpoint } => unmount(&mountpoint),
+        Commands::Flush { mountpoint } => {
+            let terminal = std::io::IsTerminal::is_terminal(&std::io::stderr());
+            s3bridge::control::flush(&mountpoint, &mut std::io::stderr(), terminal)
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(msg) => {
+            eprintln!("s3bridge: {msg}");
+            ExitCode::FAILURE
+        }
     }
 }
 
@@ -226,6 +240,8 @@ fn build_config(args: &MountArgs) -> Result<Config, String> {
         multipart_threshold: args.multipart_threshold,
         part_size: args.part_size,
         upload_concurrency: args.upload_concurrency.max(1),
+        write_back: args.write_back,
+        background_uploads: args.background_uploads.max(1),
         read_ahead_max: args.read_ahead,
         read_part_size: args.read_part_size.max(1),
         exact_attributes: args.exact_attributes,
@@ -433,6 +449,14 @@ fn serve(
     let fs = Arc::new(Fs::new(cfg.clone(), Arc::new(store)).map_err(|e| e.to_string())?);
     fs.recover_pending().map_err(|e| e.to_string())?;
     rt.spawn(Fs::run_background(Arc::downgrade(&fs)));
+    // Listening before the mount appears, so that `s3bridge flush` works as soon as it does.
+    let control = {
+        let _in_runtime = rt.enter();
+        control::ControlSocket::listen(mountpoint, Arc::downgrade(&fs))
+    };
+    let control = control
+        .map_err(|e| warn!("no control socket (`s3bridge flush` will not reach this mount): {e}"))
+        .ok();
     let mut session =
         s3bridge::fuse::mount(fs.clone(), rt.handle().clone(), mountpoint).map_err(|e| {
             format!(
@@ -465,12 +489,14 @@ fn serve(
     );
     raise_kernel_read_ahead(mountpoint);
     let pid_file = PidFile::create(mountpoint);
+
     if let Some(pipe) = ready.as_mut() {
         let _ = writeln!(pipe, "ok");
     }
     *ready = None;
     let result = session.run();
     drop(fs);
+    drop(control);
     drop(pid_file);
     rt.shutdown_timeout(Duration::from_secs(5));
     match result {
@@ -529,29 +555,13 @@ struct PidFile(Option<PathBuf>);
 
 impl PidFile {
     fn path(mountpoint: &Path) -> PathBuf {
-        use std::os::unix::ffi::OsStrExt;
-        // SAFETY: geteuid cannot fail.
-        let uid = unsafe { libc::geteuid() };
-        let base = if uid == 0 {
-            PathBuf::from("/run/s3bridge")
-        } else {
-            std::env::var_os("XDG_RUNTIME_DIR")
-                .map(|d| PathBuf::from(d).join("s3bridge"))
-                .unwrap_or_else(|| PathBuf::from(format!("/tmp/s3bridge-{uid}")))
-        };
-        let id = blake3::hash(mountpoint.as_os_str().as_bytes()).to_hex();
-        base.join(format!("{}.pid", &id[..16]))
+        control::runtime_path(mountpoint, "pid")
     }
 
     fn create(mountpoint: &Path) -> PidFile {
         let path = Self::path(mountpoint);
-        let written = path.parent().is_some_and(|dir| {
-            std::fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(dir)
-                .is_ok()
-        }) && std::fs::write(&path, std::process::id().to_string()).is_ok();
+        let written = control::create_runtime_dir(&path).is_ok()
+            && std::fs::write(&path, std::process::id().to_string()).is_ok();
         if !written {
             warn!(
                 "cannot write {}: `s3bridge unmount` will not wait for this process",

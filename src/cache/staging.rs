@@ -41,6 +41,8 @@ pub struct Staging {
     orig_len: u64,
     present: Vec<u64>,
     size: u64,
+    /// The directory entry is known to be on disk (synced once, or found there at reopen).
+    entry_synced: bool,
 }
 
 /// Reads ranges of a staging file from any task (the parts of an upload).
@@ -82,6 +84,7 @@ impl Staging {
             orig_len,
             present: Vec::new(),
             size,
+            entry_synced: false,
         })
     }
 
@@ -118,6 +121,7 @@ impl Staging {
             },
             present,
             size,
+            entry_synced: true,
         })
     }
 
@@ -285,9 +289,17 @@ impl Staging {
                 .all(|b| !self.is_present(b))
     }
 
-    /// Flushes the staging file to disk.
-    pub fn sync(&self) -> io::Result<()> {
-        self.file.sync_data()
+    /// Flushes the staging file (and, the first time, its directory entry) to disk.
+    pub fn sync(&mut self) -> io::Result<()> {
+        self.file.sync_data()?;
+        if !self.entry_synced {
+            // A new file's name is only durable once its directory is synced.
+            if let Some(dir) = self.path.parent() {
+                File::open(dir)?.sync_all()?;
+            }
+            self.entry_synced = true;
+        }
+        Ok(())
     }
 
     /// Blocks whose bytes are all here (written, or fetched whole): after an upload they are

@@ -53,6 +53,11 @@ pub(super) struct FileState {
     pub no_stream: bool,
     /// mtime given to the last write; an mtime that differs was set explicitly.
     pub last_write: Option<Timestamp>,
+    /// Write-back: a close acknowledged the staged contents and they are not in the bucket
+    /// yet. The staging file is then their only copy, so it is uploaded before it changes.
+    pub journaled: bool,
+    /// The background uploader is working on this file.
+    pub uploading: bool,
 }
 
 impl OpenFile {
@@ -184,6 +189,20 @@ impl Fs {
         st.opens = st.opens.saturating_sub(1);
         if st.opens > 0 {
             return;
+        }
+        if st.dirty && !st.unlinked && self.cfg.write_back {
+            // The upload is the background uploader's; the data is on local disk.
+            match self.journal_locked(file, &mut st) {
+                Ok(()) => {
+                    // Now that nobody holds it, it is the uploader's.
+                    self.uploads_due.notify_one();
+                    return;
+                }
+                Err(e) => warn!(
+                    ino = file.ino,
+                    "cannot make the data durable locally; uploading now: {e}"
+                ),
+            }
         }
         if st.dirty && !st.unlinked {
             drop(st);
@@ -396,7 +415,7 @@ impl Fs {
                 "write past the largest object S3 can hold",
             ))?;
         let file = &h.file;
-        let mut st = file.state.lock().await;
+        let mut st = self.lock_for_change(file).await?;
         let staging = self.staging_of(file, &mut st)?;
         let appended = offset == staging.size();
         let missing = staging.missing_for_write(offset..end);
@@ -511,7 +530,7 @@ impl Fs {
     }
 
     async fn truncate_locked(&self, file: &Arc<OpenFile>, size: u64) -> FsResult<()> {
-        let mut st = file.state.lock().await;
+        let mut st = self.lock_for_change(file).await?;
         if size == 0 && st.staging.is_none() {
             // Nothing of the old contents is needed.
             st.staging = Some(Staging::create(&self.staging_dir, file.ino, None, 0)?);
@@ -552,16 +571,61 @@ impl Fs {
         }
     }
 
-    /// Uploads the file if it has pending changes (close and fsync).
+    /// close(): uploads the file if it has pending changes and returns once they are in the
+    /// bucket; in write-back mode, returns once they are durable on local disk.
     #[instrument(level = "debug", skip(self))]
     pub async fn flush(&self, fh: u64) -> FsResult<()> {
+        let h = self.file_handle(fh)?;
+        if self.cfg.write_back {
+            let mut st = h.file.state.lock().await;
+            return self.journal_locked(&h.file, &mut st);
+        }
+        self.sync_file(&h.file).await
+    }
+
+    /// fsync: uploads pending changes and returns once they are in the bucket, in either
+    /// mode.
+    #[instrument(level = "debug", skip(self))]
+    pub async fn fsync(&self, fh: u64) -> FsResult<()> {
         let h = self.file_handle(fh)?;
         self.sync_file(&h.file).await
     }
 
-    /// fsync: uploads pending changes and returns once they are in the bucket.
-    pub async fn fsync(&self, fh: u64) -> FsResult<()> {
-        self.flush(fh).await
+    /// Write-back close: makes the staged contents and their bookkeeping durable on local
+    /// disk (staging file synced, row and staging record committed with a synced log) and
+    /// queues the upload. After this returns, a crash cannot lose the data: the next mount
+    /// of the cache directory uploads it.
+    fn journal_locked(&self, file: &OpenFile, st: &mut FileState) -> FsResult<()> {
+        // Journaled and unchanged since (a change uploads it first): nothing more to do.
+        if !st.dirty || st.unlinked || st.journaled {
+            return Ok(());
+        }
+        let attrs = file.attrs();
+        let staging = self.staging_of(file, st)?;
+        staging.sync()?;
+        self.meta.save_pending(&attrs, &staging.record())?;
+        st.journaled = true;
+        st.retry_at = Some(Instant::now());
+        st.retry_delay = Duration::from_secs(1);
+        self.uploads_due.notify_one();
+        Ok(())
+    }
+
+    /// Locks the state of `file` for a change of its contents. Contents a write-back close
+    /// acknowledged are uploaded first: their staging file is their only copy, and a crash in
+    /// the middle of the change would otherwise leave neither version whole.
+    async fn lock_for_change<'a>(
+        &self,
+        file: &'a OpenFile,
+    ) -> FsResult<tokio::sync::MutexGuard<'a, FileState>> {
+        loop {
+            let st = file.state.lock().await;
+            if !st.journaled {
+                return Ok(st);
+            }
+            drop(st);
+            self.sync_file(file).await?;
+        }
     }
 
     /// Uploads pending changes of `file` and waits for them to be in the bucket.
@@ -569,6 +633,7 @@ impl Fs {
         let _tree = self.tree.read().await;
         let mut st = file.state.lock().await;
         if !st.dirty || st.unlinked {
+            st.journaled = false;
             return Ok(());
         }
         self.upload_locked(file, &mut st).await
@@ -619,6 +684,7 @@ impl Fs {
                 staging.mark_uploaded(uploaded.clone(), size);
                 st.remote = Some(uploaded.clone());
                 st.dirty = false;
+                st.journaled = false;
                 st.no_stream = false;
                 let mut attrs = file.attrs();
                 attrs.etag = Some(uploaded.etag.clone());

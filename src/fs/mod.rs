@@ -21,6 +21,7 @@ mod namespace;
 pub mod read;
 pub mod stream;
 mod sync;
+mod uploads;
 pub mod write;
 mod xattr;
 
@@ -243,7 +244,7 @@ const READDIRPLUS_BATCH: usize = 32;
 pub struct Fs {
     cfg: Config,
     store: Arc<dyn ObjectStore>,
-    meta: InodeTable,
+    meta: Arc<InodeTable>,
     staging_dir: PathBuf,
     blocks: Arc<read::BlockSource>,
     buffers: MemoryBudget,
@@ -258,6 +259,12 @@ pub struct Fs {
     negative: Mutex<HashMap<(u64, String), i64>>,
     /// Per inode, the ETag of the version whose pages the kernel may have cached.
     page_cached: Mutex<HashMap<u64, String>>,
+    /// Multipart uploads a previous run left in flight, aborted by the background task.
+    leftover_uploads: Mutex<Vec<(String, String)>>,
+    /// Wakes the background uploader (a write-back close queued a file).
+    uploads_due: Arc<tokio::sync::Notify>,
+    /// Files the background uploader may upload at once.
+    upload_slots: Arc<tokio::sync::Semaphore>,
     _cache_lock: File,
 }
 
@@ -318,8 +325,13 @@ impl Fs {
             ..Inode::new_entry(None, "", Kind::Dir, &defaults, Timestamp::now(), 0)
         };
         let db = cfg.cache_dir.join("meta.db");
-        let meta = InodeTable::open(&db, &root)?;
+        let meta = Arc::new(InodeTable::open(&db, &root)?);
         restrict_permissions(&db);
+        let background_uploads = cfg.background_uploads.max(1);
+        // Read before any upload of this run can be recorded.
+        let leftover_uploads = Mutex::new(meta.recorded_uploads()?);
+        let store: Arc<dyn ObjectStore> =
+            Arc::new(uploads::RecordedUploads::new(store, meta.clone()));
         let buffers = MemoryBudget::new(cfg.max_buffer_memory);
         let blocks = Arc::new(read::BlockSource::new(
             store.clone(),
@@ -347,6 +359,9 @@ impl Fs {
             lookups: Mutex::new(HashMap::new()),
             negative: Mutex::new(HashMap::new()),
             page_cached: Mutex::new(HashMap::new()),
+            leftover_uploads,
+            uploads_due: Arc::new(tokio::sync::Notify::new()),
+            upload_slots: Arc::new(tokio::sync::Semaphore::new(background_uploads)),
             _cache_lock: lock,
         })
     }

@@ -293,6 +293,7 @@ impl Fs {
             let mut st = file.state.lock().await;
             st.unlinked = true;
             st.dirty = false;
+            st.journaled = false;
             let mut attrs = file.attrs();
             attrs.parent = None;
             attrs.ctime = Timestamp::now();
@@ -513,10 +514,15 @@ impl Fs {
                     etag: new_etag.clone(),
                 };
                 if let Some(st) = st.as_mut() {
+                    let journaled = st.journaled;
                     if let Some(staging) = st.staging.as_mut()
                         && staging.original().is_some()
                     {
                         staging.set_original(now_at.clone());
+                        if journaled {
+                            // A crash must find the original where it now is.
+                            self.meta.save_staging(src.ino, &staging.record())?;
+                        }
                     }
                     if st.remote.is_some() {
                         st.remote = Some(now_at);
@@ -622,10 +628,14 @@ impl Fs {
                         etag: etag.clone(),
                     };
                     let mut st = f.state.lock().await;
+                    let journaled = st.journaled;
                     if let Some(staging) = st.staging.as_mut()
                         && staging.original().is_some()
                     {
                         staging.set_original(now_at.clone());
+                        if journaled {
+                            self.meta.save_staging(child.ino, &staging.record())?;
+                        }
                     }
                     if st.remote.is_some() {
                         st.remote = Some(now_at);

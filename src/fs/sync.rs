@@ -6,6 +6,8 @@
 //! in this run or the next one.
 
 use std::sync::{Arc, Weak};
+
+use futures::StreamExt;
 use std::time::{Duration, Instant};
 
 use tracing::{info, warn};
@@ -66,6 +68,8 @@ impl Fs {
                 FileState {
                     staging: Some(staging),
                     dirty: true,
+                    // Its only copy: uploaded before anything changes it.
+                    journaled: true,
                     remote,
                     retry_at: Some(Instant::now()),
                     retry_delay: Duration::from_secs(1),
@@ -84,51 +88,121 @@ impl Fs {
         Ok(recovered)
     }
 
-    /// Runs the retry loop until the filesystem is dropped.
+    /// Runs the background uploader until the filesystem is dropped: first aborts the
+    /// multipart uploads a previous run left behind, then uploads files as they come due
+    /// (queued by a write-back close, or waiting for a retry), woken by the queue or every
+    /// second.
     pub async fn run_background(fs: Weak<Fs>) {
+        let Some(due) = fs.upgrade().map(|fs| fs.uploads_due.clone()) else {
+            return;
+        };
+        if let Some(fs) = fs.upgrade() {
+            fs.abort_leftover_uploads().await;
+        }
         loop {
-            tokio::time::sleep(RETRY_TICK).await;
-            let Some(fs) = fs.upgrade() else { return };
-            fs.retry_due(false).await;
+            if let Some(fs) = fs.upgrade() {
+                fs.start_due_uploads().await;
+            } else {
+                return;
+            }
+            tokio::select! {
+                _ = due.notified() => {}
+                _ = tokio::time::sleep(RETRY_TICK) => {}
+            }
         }
     }
 
-    /// Uploads every pending file now, whatever its backoff (unmount, shutdown). Returns how
-    /// many files still have data that is not in the bucket.
-    pub async fn flush_all(&self) -> usize {
-        self.retry_due(true).await
+    /// Aborts the multipart uploads a crash of a previous run interrupted (their files, still
+    /// staged, go up again whole). Returns how many were aborted.
+    pub async fn abort_leftover_uploads(&self) -> usize {
+        let leftover = std::mem::take(&mut *self.leftover_uploads.lock().unwrap());
+        super::uploads::abort_leftover_uploads(&self.store, leftover).await
     }
 
-    async fn retry_due(&self, all: bool) -> usize {
-        let files: Vec<Arc<OpenFile>> = self.open_files.lock().unwrap().values().cloned().collect();
-        let mut pending = 0;
-        for file in files {
-            let due = {
-                let st = file.state.lock().await;
-                st.dirty
+    /// Starts an upload task for every file that is due and not being uploaded, each taking
+    /// one of the `--background-uploads` slots.
+    async fn start_due_uploads(self: &Arc<Self>) {
+        for file in self.pending_files() {
+            {
+                let mut st = file.state.lock().await;
+                let due = st.dirty
                     && !st.unlinked
-                    && (all || (st.opens == 0 && st.retry_at.is_some_and(|t| t <= Instant::now())))
-            };
-            if !due {
-                continue;
-            }
-            let result = self.sync_file(&file).await;
-            let mut st = file.state.lock().await;
-            match result {
-                Ok(()) if st.opens == 0 && !st.closed => self.retire(&file, &mut st),
-                Ok(()) => {}
-                Err(e) => {
-                    pending += 1;
-                    st.retry_delay =
-                        (st.retry_delay * 2).clamp(Duration::from_secs(1), MAX_RETRY_DELAY);
-                    st.retry_at = Some(Instant::now() + st.retry_delay);
-                    warn!(
-                        ino = file.ino(),
-                        "upload still failing, next attempt in {:?}: {e}", st.retry_delay
-                    );
+                    && !st.uploading
+                    && st.opens == 0
+                    && st.retry_at.is_some_and(|t| t <= Instant::now());
+                if !due {
+                    continue;
                 }
+                st.uploading = true;
+            }
+            let Ok(slot) = self.upload_slots.clone().acquire_owned().await else {
+                return;
+            };
+            let fs = self.clone();
+            tokio::spawn(async move {
+                fs.upload_in_background(&file).await;
+                file.state.lock().await.uploading = false;
+                drop(slot);
+            });
+        }
+    }
+
+    /// Files with data not in the bucket, or possibly so (the open-file table).
+    fn pending_files(&self) -> Vec<Arc<OpenFile>> {
+        self.open_files.lock().unwrap().values().cloned().collect()
+    }
+
+    /// Uploads one file; on success a file nobody holds is retired, on failure its next
+    /// attempt is scheduled with exponential backoff. Returns whether it is in the bucket.
+    async fn upload_in_background(&self, file: &Arc<OpenFile>) -> bool {
+        let result = self.sync_file(file).await;
+        let mut st = file.state.lock().await;
+        match result {
+            Ok(()) => {
+                if st.opens == 0 && !st.closed && !st.dirty {
+                    self.retire(file, &mut st);
+                }
+                true
+            }
+            Err(e) => {
+                st.retry_delay =
+                    (st.retry_delay * 2).clamp(Duration::from_secs(1), MAX_RETRY_DELAY);
+                st.retry_at = Some(Instant::now() + st.retry_delay);
+                warn!(
+                    ino = file.ino(),
+                    "upload failed, next attempt in {:?}: {e}", st.retry_delay
+                );
+                false
             }
         }
-        pending
+    }
+
+    /// Uploads every pending file now, whatever its backoff, `--background-uploads` at a
+    /// time (unmount, `s3bridge flush`). Returns how many files still have data that is not
+    /// in the bucket.
+    pub async fn flush_all(&self) -> usize {
+        let mut dirty = Vec::new();
+        for file in self.pending_files() {
+            let st = file.state.lock().await;
+            if st.dirty && !st.unlinked {
+                dirty.push(file.clone());
+            }
+        }
+        let uploaded: Vec<bool> = futures::stream::iter(dirty)
+            .map(|file| async move { self.upload_in_background(&file).await })
+            .buffer_unordered(self.cfg.background_uploads.max(1))
+            .collect()
+            .await;
+        uploaded.into_iter().filter(|ok| !ok).count()
+    }
+
+    /// Files and bytes whose upload is pending. Read from the live attributes, not the
+    /// content locks, which an upload in progress holds.
+    pub fn pending_uploads(&self) -> (usize, u64) {
+        self.pending_files()
+            .iter()
+            .map(|f| f.attrs())
+            .filter(|a| a.dirty && a.parent.is_some())
+            .fold((0, 0), |(files, bytes), a| (files + 1, bytes + a.size))
     }
 }

@@ -24,7 +24,23 @@ struct Setup {
 }
 
 fn setup_with(mem: Arc<MemStore>, ttl: MetadataTtl, dir: tempfile::TempDir) -> Setup {
-    let cfg = Config {
+    setup_configured(mem, ttl, dir, |_| {})
+}
+
+/// A write-back mount of `mem` with its cache in `dir`.
+fn setup_write_back(mem: Arc<MemStore>, dir: tempfile::TempDir) -> Setup {
+    setup_configured(mem, MetadataTtl::For(Duration::from_secs(60)), dir, |cfg| {
+        cfg.write_back = true
+    })
+}
+
+fn setup_configured(
+    mem: Arc<MemStore>,
+    ttl: MetadataTtl,
+    dir: tempfile::TempDir,
+    configure: impl FnOnce(&mut Config),
+) -> Setup {
+    let mut cfg = Config {
         bucket: "b".into(),
         prefix: "pre/".into(),
         cache_dir: dir.path().to_path_buf(),
@@ -35,6 +51,7 @@ fn setup_with(mem: Arc<MemStore>, ttl: MetadataTtl, dir: tempfile::TempDir) -> S
         part_size: 5 * 1024 * 1024,
         ..Config::default()
     };
+    configure(&mut cfg);
     let fs = Fs::new(cfg, mem.clone()).unwrap();
     Setup { fs, mem, dir }
 }
@@ -1012,4 +1029,87 @@ async fn a_file_written_through_the_mount_reads_back_from_the_cache() {
     let gets = s.mem.count(Op::Get);
     assert!(s.read_all(ino).await == data);
     assert_eq!(s.mem.count(Op::Get), gets, "read back without a GET");
+}
+
+#[tokio::test]
+async fn a_write_back_close_returns_before_the_upload_and_the_data_goes_up_later() {
+    let s = setup_write_back(Arc::new(MemStore::new()), tempfile::tempdir().unwrap());
+    s.write_file(ROOT, "f", b"queued").await;
+    assert_eq!(s.mem.count(Op::Put), 0, "close did not wait for the bucket");
+    assert!(s.body("pre/f").is_none());
+    assert_eq!(s.fs.pending_uploads(), (1, 6));
+    s.mem.fail_next(Op::Put, 1);
+    assert_eq!(s.fs.flush_all().await, 1, "the server failed");
+    assert_eq!(s.fs.flush_all().await, 0);
+    assert_eq!(s.body("pre/f").unwrap(), b"queued");
+    assert_eq!(s.fs.pending_uploads(), (0, 0));
+}
+
+#[tokio::test]
+async fn write_back_data_a_close_acknowledged_survives_a_crash() {
+    let mem = Arc::new(MemStore::new());
+    let s = setup_write_back(mem.clone(), tempfile::tempdir().unwrap());
+    s.write_file(ROOT, "a", b"first file").await;
+    let big: Vec<u8> = (0..3 * 1024 * 1024).map(|i| (i % 251) as u8).collect();
+    s.write_file(ROOT, "b", &big).await;
+    // The process dies: nothing was uploaded, nothing is flushed on the way out.
+    let Setup { fs, dir, .. } = s;
+    drop(fs);
+    assert!(mem.keys().is_empty());
+    let s = setup_write_back(mem.clone(), dir);
+    assert_eq!(s.fs.recover_pending().unwrap(), 2);
+    assert_eq!(s.fs.flush_all().await, 0);
+    assert_eq!(s.body("pre/a").unwrap(), b"first file");
+    assert!(s.body("pre/b").unwrap() == big);
+}
+
+#[tokio::test]
+async fn fsync_waits_for_the_bucket_in_write_back_mode() {
+    let s = setup_write_back(Arc::new(MemStore::new()), tempfile::tempdir().unwrap());
+    let (_, fh) =
+        s.fs.create(ROOT, n("f"), 0o644, 0, libc::O_WRONLY, ME)
+            .await
+            .unwrap();
+    s.fs.write(fh, 0, b"synced").await.unwrap();
+    s.fs.fsync(fh).await.unwrap();
+    assert_eq!(s.body("pre/f").unwrap(), b"synced");
+    s.fs.release(fh).await;
+}
+
+#[tokio::test]
+async fn an_acknowledged_version_is_uploaded_before_it_is_changed() {
+    let s = setup_write_back(Arc::new(MemStore::new()), tempfile::tempdir().unwrap());
+    let ino = s.write_file(ROOT, "f", b"version one").await;
+    assert!(s.body("pre/f").is_none());
+    let fh = s.fs.open(ino, libc::O_RDWR, ME).await.unwrap().fh;
+    s.fs.write(fh, 0, b"VERSION").await.unwrap();
+    // The staging file held the only copy of what close acknowledged: it went up first.
+    assert_eq!(s.body("pre/f").unwrap(), b"version one");
+    s.fs.flush(fh).await.unwrap();
+    s.fs.release(fh).await;
+    assert_eq!(s.fs.flush_all().await, 0);
+    assert_eq!(s.body("pre/f").unwrap(), b"VERSION one");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn multipart_uploads_a_crash_interrupts_are_aborted_by_the_next_mount() {
+    let mem = Arc::new(MemStore::new());
+    let s = setup_with(
+        mem.clone(),
+        MetadataTtl::For(Duration::from_secs(60)),
+        tempfile::tempdir().unwrap(),
+    );
+    let data = vec![7u8; 12 * 1024 * 1024];
+    write_streaming(&s, "big", &data).await;
+    assert_eq!(mem.pending_uploads(), 1, "a streaming upload is in flight");
+    let Setup { fs, dir, .. } = s;
+    drop(fs);
+    let s = setup_with(mem.clone(), MetadataTtl::For(Duration::from_secs(60)), dir);
+    assert_eq!(s.fs.abort_leftover_uploads().await, 1);
+    assert_eq!(mem.pending_uploads(), 0);
+    assert_eq!(
+        s.fs.abort_leftover_uploads().await,
+        0,
+        "forgotten once aborted"
+    );
 }

@@ -405,19 +405,53 @@ impl InodeTable {
     /// Stores the staging bookkeeping of `ino`.
     pub fn save_staging(&self, ino: u64, rec: &StagingRecord) -> MetaResult<()> {
         let conn = self.conn.lock().unwrap();
+        Ok(save_staging_row(&conn, ino, rec)?)
+    }
+
+    /// Stores the bookkeeping of a file whose data a close has acknowledged (write-back):
+    /// its row (dirty) and its staging record, in one transaction that is on disk when this
+    /// returns, so a crash or a power cut after it cannot lose the file.
+    pub fn save_pending(&self, inode: &Inode, rec: &StagingRecord) -> MetaResult<()> {
+        let mut conn = self.conn.lock().unwrap();
+        // In WAL mode FULL syncs the log at commit; NORMAL (the default here) would leave the
+        // commit to the next checkpoint.
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        let result = (|| -> MetaResult<()> {
+            let tx = conn.transaction()?;
+            update_row(&tx, inode)?;
+            save_staging_row(&tx, inode.ino, rec)?;
+            Ok(tx.commit()?)
+        })();
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        result
+    }
+
+    /// Records a multipart upload that was just created.
+    pub fn record_upload(&self, upload_id: &str, key: &str) -> MetaResult<()> {
+        let conn = self.conn.lock().unwrap();
         conn.execute(
-            "INSERT OR REPLACE INTO staging (ino, orig_key, orig_etag, orig_len, block_size, present)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            params![
-                ino,
-                rec.orig_key,
-                rec.orig_etag,
-                rec.orig_len as i64,
-                rec.block_size as i64,
-                rec.present
-            ],
+            "INSERT OR REPLACE INTO multipart_uploads (upload_id, key) VALUES (?1, ?2)",
+            params![upload_id, key],
         )?;
         Ok(())
+    }
+
+    /// Forgets a multipart upload that was completed or aborted.
+    pub fn forget_upload(&self, upload_id: &str) -> MetaResult<()> {
+        let conn = self.conn.lock().unwrap();
+        conn.execute(
+            "DELETE FROM multipart_uploads WHERE upload_id = ?1",
+            [upload_id],
+        )?;
+        Ok(())
+    }
+
+    /// Multipart uploads recorded and not yet forgotten: (upload id, key).
+    pub fn recorded_uploads(&self) -> MetaResult<Vec<(String, String)>> {
+        let conn = self.conn.lock().unwrap();
+        let mut stmt = conn.prepare_cached("SELECT upload_id, key FROM multipart_uploads")?;
+        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 
     /// The staging bookkeeping of `ino`, if any.
@@ -494,6 +528,22 @@ fn insert_row(conn: &Connection, ino: Option<u64>, i: &Inode) -> MetaResult<u64>
     );
     write_row(conn, &sql, ino, i)?;
     Ok(conn.last_insert_rowid() as u64)
+}
+
+fn save_staging_row(conn: &Connection, ino: u64, rec: &StagingRecord) -> rusqlite::Result<()> {
+    conn.execute(
+        "INSERT OR REPLACE INTO staging (ino, orig_key, orig_etag, orig_len, block_size, present)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        params![
+            ino,
+            rec.orig_key,
+            rec.orig_etag,
+            rec.orig_len as i64,
+            rec.block_size as i64,
+            rec.present
+        ],
+    )?;
+    Ok(())
 }
 
 fn update_row(conn: &Connection, i: &Inode) -> MetaResult<()> {

@@ -5,7 +5,7 @@ use rusqlite::Connection;
 use super::{MetaError, MetaResult};
 
 /// Schema version written by this build (`PRAGMA user_version`).
-const VERSION: i64 = 1;
+const VERSION: i64 = 2;
 
 /// Sets the connection up and brings the schema to [`VERSION`].
 ///
@@ -59,6 +59,19 @@ pub(super) fn prepare(conn: &Connection) -> MetaResult<()> {
                  present    BLOB NOT NULL
              );
              PRAGMA user_version = 1;
+             COMMIT;",
+        )?;
+    }
+    if version < 2 {
+        // Multipart uploads in flight, so that those a crash interrupts are aborted by the
+        // next mount instead of holding storage in the bucket forever.
+        conn.execute_batch(
+            "BEGIN;
+             CREATE TABLE multipart_uploads (
+                 upload_id TEXT PRIMARY KEY,
+                 key       TEXT NOT NULL
+             );
+             PRAGMA user_version = 2;
              COMMIT;",
         )?;
     }
