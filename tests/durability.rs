@@ -5,15 +5,13 @@
 mod common;
 
 use std::fs::File;
-use std::io::Write;
-use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd};
+use std::os::fd::{AsRawFd, FromRawFd};
 use std::path::Path;
-use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use common::{Mount, MountOptions, binary, pattern};
+use common::{Mount, MountOptions, flush, flush_ok, pattern, write_and_close, write_checked};
 
 /// Write-back mounts with small parts, so that multipart (and streamed) uploads are common
 /// in a workload of a few MiB per file.
@@ -36,10 +34,7 @@ fn write_back(cache_dir: Option<std::path::PathBuf>) -> MountOptions {
 /// Writes `data` to a new file at `path`; true only if every call, `close()` included,
 /// succeeded: that is what the filesystem acknowledged.
 fn write_acknowledged(path: &Path, data: &[u8]) -> bool {
-    match File::create(path) {
-        Ok(f) => write_and_close(f, data),
-        Err(_) => false,
-    }
+    write_checked(path, data).is_ok()
 }
 
 /// Creates `name` in the directory open as `dir` and writes `data` to it; true only if every
@@ -56,37 +51,8 @@ fn write_acknowledged_in(dir: &File, name: &str, data: &[u8]) -> bool {
             0o644,
         )
     };
-    if fd < 0 {
-        return false;
-    }
     // SAFETY: fd was just opened and is ours.
-    write_and_close(unsafe { File::from_raw_fd(fd) }, data)
-}
-
-fn write_and_close(mut f: File, data: &[u8]) -> bool {
-    if f.write_all(data).is_err() {
-        return false;
-    }
-    // SAFETY: the fd is ours; std would ignore close()'s result.
-    unsafe { libc::close(f.into_raw_fd()) == 0 }
-}
-
-/// `s3bridge flush`, which must succeed.
-fn flush_ok(mount: &Path) {
-    let out = flush(mount);
-    assert!(
-        out.status.success(),
-        "s3bridge flush failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-fn flush(mount: &Path) -> std::process::Output {
-    Command::new(binary())
-        .arg("flush")
-        .arg(mount)
-        .output()
-        .unwrap()
+    fd >= 0 && write_and_close(unsafe { File::from_raw_fd(fd) }, data).is_ok()
 }
 
 /// A small xorshift generator: the test prints its seed, so a failure can be replayed.

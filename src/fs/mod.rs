@@ -113,6 +113,11 @@ pub enum FsError {
 }
 
 impl FsError {
+    /// The server could not be reached or kept failing (as opposed to answering no).
+    pub fn is_unavailable(&self) -> bool {
+        matches!(self, FsError::Store(StoreError::Unavailable(_)))
+    }
+
     /// The errno for the caller.
     pub fn errno(&self) -> i32 {
         match self {
@@ -582,10 +587,32 @@ impl Fs {
             // A small directory that was listed before: listing it again costs what probing
             // this one name would (one round trip) and answers the next lookups in it for
             // the TTL — `cp -r` or `tar x` into it make one lookup per new file.
-            self.refresh_dir(dir.ino).await?;
+            self.refresh_dir_or_stale(dir).await?;
             return Ok(self.meta.child(dir.ino, name)?);
         }
-        self.probe_child(dir, name).await
+        match self.probe_child(dir, name).await {
+            Err(e) if row.is_some() && e.is_unavailable() => {
+                debug!(name, "server unreachable: serving the entry as last known");
+                Ok(row)
+            }
+            other => other,
+        }
+    }
+
+    /// Lists `dir` again if its listing is stale; while the server is unreachable, a
+    /// directory listed before is served as last listed (an outage must not make a mount's
+    /// known contents vanish), and only one never listed is an error.
+    async fn refresh_dir_or_stale(&self, dir: &Inode) -> FsResult<()> {
+        match self.refresh_dir(dir.ino).await {
+            Err(e) if e.is_unavailable() && dir.listed_at.is_some() => {
+                debug!(
+                    dir = dir.ino,
+                    "server unreachable: serving the last listing"
+                );
+                Ok(())
+            }
+            other => other,
+        }
     }
 
     /// Asks the bucket whether `name` exists in `dir`: a HEAD of the file key and a one-key
@@ -669,10 +696,13 @@ impl Fs {
     async fn revalidate(&self, inode: Inode) -> FsResult<Inode> {
         let parent = inode.parent.ok_or(FsError::NotFound)?;
         let dir = self.dir(parent)?;
-        match self.probe_child(&dir, &inode.name).await? {
-            Some(found) if found.ino == inode.ino => Ok(found),
+        match self.probe_child(&dir, &inode.name).await {
+            Ok(Some(found)) if found.ino == inode.ino => Ok(found),
             // Replaced by an entry of another type, or gone.
-            _ => Err(FsError::NotFound),
+            Ok(_) => Err(FsError::NotFound),
+            // Unreachable: what we knew stands until the server answers again.
+            Err(e) if e.is_unavailable() => Ok(inode),
+            Err(e) => Err(e),
         }
     }
 
@@ -876,7 +906,7 @@ impl Fs {
         };
         let mut snapshot = snapshot.lock().await;
         if offset == 0 || snapshot.is_none() {
-            self.refresh_dir(ino).await?;
+            self.refresh_dir_or_stale(&self.dir(ino)?).await?;
             let dir = self.dir(ino)?;
             let parent = match dir.parent {
                 Some(p) if dir.ino != ROOT_INO => self.inode(p)?,

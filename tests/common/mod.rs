@@ -8,6 +8,8 @@
 
 #![allow(dead_code)]
 
+pub mod fault_proxy;
+
 use std::collections::HashMap;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -271,6 +273,8 @@ pub struct MountOptions {
     pub extra: Vec<String>,
     /// Cache directory; a fresh one when `None`.
     pub cache_dir: Option<PathBuf>,
+    /// Endpoint to mount through (a fault proxy); the test server's when `None`.
+    pub endpoint: Option<String>,
 }
 
 impl Default for MountOptions {
@@ -279,6 +283,7 @@ impl Default for MountOptions {
             ttl: "5".into(),
             extra: Vec::new(),
             cache_dir: None,
+            endpoint: None,
         }
     }
 }
@@ -332,7 +337,7 @@ impl Mount {
             .arg(format!("{}:{}", self.server.bucket, self.prefix))
             .arg(&self.path)
             .arg("--endpoint-url")
-            .arg(&self.server.endpoint)
+            .arg(opts.endpoint.as_ref().unwrap_or(&self.server.endpoint))
             .arg("--cache-dir")
             .arg(&self.cache_dir)
             .arg("--metadata-ttl")
@@ -498,4 +503,41 @@ pub fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
         }
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// Writes `data` to `file` and closes it; the error of any call, `close()` included (std
+/// ignores what `close()` returns, and on this filesystem that is where uploads fail).
+pub fn write_and_close(mut file: std::fs::File, data: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::fd::IntoRawFd;
+    file.write_all(data)?;
+    // SAFETY: the fd is ours, and closed exactly once.
+    if unsafe { libc::close(file.into_raw_fd()) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Creates (or truncates) `path` with `data`; the error of any call, `close()` included.
+pub fn write_checked(path: &Path, data: &[u8]) -> std::io::Result<()> {
+    write_and_close(std::fs::File::create(path)?, data)
+}
+
+/// `s3bridge flush MOUNTPOINT`.
+pub fn flush(mount: &Path) -> Output {
+    Command::new(binary())
+        .arg("flush")
+        .arg(mount)
+        .output()
+        .unwrap()
+}
+
+/// `s3bridge flush MOUNTPOINT`, which must succeed.
+pub fn flush_ok(mount: &Path) {
+    let out = flush(mount);
+    assert!(
+        out.status.success(),
+        "s3bridge flush failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

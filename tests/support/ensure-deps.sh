@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what s3bridge's tests need, skipping whatever is already there:
 #   Debian packages: fuse3, s3fs, rsync, git, vim, curl, python3
-#   from crates.io:  garage 2.5.0 (the S3 server; ~11 min to build once), pjdfstest, fsx
+#   from crates.io:  garage 2.5.0 (the S3 server; ~11 min to build once), fsx, pjdfstest
 #   the dummy user pjdfstest switches to ("tests")
 # Usage: tests/support/ensure-deps.sh [--no-conformance]
 set -euo pipefail
@@ -43,9 +43,10 @@ install_crate() { # name version binary
     fi
 }
 install_crate garage 2.5.0 garage
+# fsx also runs under injected S3 faults in tests/faults.rs.
+install_crate fsx 0.3.2 fsx
 if [ $want_conformance = 1 ]; then
     install_crate pjdfstest 0.2.2 pjdfstest
-    install_crate fsx 0.3.2 fsx
     id tests >/dev/null 2>&1 || echo 'tests:x:::Dummy user for pjdfstest:/:/usr/sbin/nologin' | newusers
     getent group nogroup >/dev/null || groupadd nogroup
 fi

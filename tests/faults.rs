@@ -1,0 +1,178 @@
+//! S3 failures through a real mount: a fault-injecting proxy (`common::fault_proxy`) between
+//! the mount and Garage fails a tenth of the requests (500, 503 SlowDown, resets, GET bodies
+//! cut off, delays) while real programs run, and then takes the server away for 60 seconds.
+
+mod common;
+
+use std::fs;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::fault_proxy::FaultProxy;
+use common::{Mount, MountOptions, Server, flush_ok, pattern, scratch, sh, unique, write_checked};
+
+fn through(proxy: &FaultProxy, extra: &[&str]) -> MountOptions {
+    MountOptions {
+        endpoint: Some(proxy.endpoint()),
+        extra: extra.iter().map(|s| s.to_string()).collect(),
+        ..Default::default()
+    }
+}
+
+/// A tree of `count` files of varied sizes, two of them large enough for multipart uploads.
+fn make_tree(dir: &Path, count: u64) {
+    for i in 0..count {
+        let sub = dir.join(format!("d{}", i % 7));
+        fs::create_dir_all(&sub).unwrap();
+        let len = if i % 60 == 59 {
+            20_000_000
+        } else {
+            (i * 7919) % 150_000
+        };
+        fs::write(sub.join(format!("f{i}.bin")), pattern(len as usize, i)).unwrap();
+    }
+}
+
+/// `diff -r`: empty output when the trees are the same.
+fn assert_same_tree(a: &Path, b: &Path) {
+    let out = Command::new("diff")
+        .arg("-r")
+        .arg(a)
+        .arg(b)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "trees differ:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn programs_complete_byte_exact_with_a_tenth_of_requests_failing() {
+    let server = Server::from_env();
+    let proxy = FaultProxy::start(&server.endpoint);
+    let work = scratch().join(unique("faults"));
+    let src = work.join("src");
+    make_tree(&src, 120);
+    sh(&work, "tar czf tree.tgz -C src .");
+    proxy.set_fault_rate(0.10);
+    let mut m = Mount::with("faults", through(&proxy, &[]));
+
+    sh(&m.path, &format!("cp -r {} copied", src.display()));
+    fs::create_dir(m.p("untarred")).unwrap();
+    sh(
+        &m.path,
+        &format!("tar xzf {} -C untarred", work.join("tree.tgz").display()),
+    );
+    fs::create_dir(m.p("fsx")).unwrap();
+    let fsx = Command::new("fsx")
+        .args(["-N", "3000", "-S", "7", "-P"])
+        .arg(&work)
+        .arg(m.p("fsx/file"))
+        .output()
+        .expect("fsx (cargo install fsx) must be installed");
+    let fsx_out =
+        String::from_utf8_lossy(&fsx.stdout).to_string() + &String::from_utf8_lossy(&fsx.stderr);
+    assert!(
+        fsx.status.success() && fsx_out.contains("All operations completed A-OK"),
+        "fsx under faults:\n{fsx_out}"
+    );
+
+    // Read everything back cold (a new cache), through the faults, and from the bucket.
+    m.unmount();
+    let fresh = Mount::of_prefix(&m.prefix, through(&proxy, &[]));
+    assert_same_tree(&src, &fresh.p("copied"));
+    assert_same_tree(&src, &fresh.p("untarred"));
+    let b = fresh.bucket();
+    for i in [0u64, 1, 59, 64, 119] {
+        let rel = format!("copied/d{}/f{i}.bin", i % 7);
+        assert!(
+            b.get(&rel).unwrap() == fs::read(src.join(&rel[7..])).unwrap(),
+            "{rel} in the bucket"
+        );
+    }
+    let (requests, faults) = proxy.counts();
+    eprintln!("{requests} requests through the proxy, {faults} failed on purpose");
+    assert!(
+        faults >= 50,
+        "too few faults injected ({faults}) to mean anything"
+    );
+}
+
+/// The server is unreachable for 60 seconds. A sync mount answers `close()` with EIO within
+/// a bounded time and keeps serving what it has cached; a write-back mount keeps accepting
+/// writes; both send everything once the server is back.
+#[test]
+fn a_minute_without_the_server() {
+    const OUTAGE: Duration = Duration::from_secs(60);
+    let server = Server::from_env();
+    let proxy = FaultProxy::start(&server.endpoint);
+    let sync = Mount::with("outage-sync", through(&proxy, &["--max-attempts", "3"]));
+    let wb = Mount::with(
+        "outage-wb",
+        through(&proxy, &["--write-back", "--max-attempts", "3"]),
+    );
+    let cached = pattern(3_000_000, 1);
+    for m in [&sync, &wb] {
+        fs::create_dir(m.p("dir")).unwrap();
+        write_checked(&m.p("dir/cached.bin"), &cached).unwrap();
+        assert!(fs::read(m.p("dir/cached.bin")).unwrap() == cached);
+    }
+    flush_ok(&wb.path);
+
+    proxy.set_down(true);
+    let down_at = Instant::now();
+
+    // Sync mode: the upload fails, in bounded time, with EIO; the data stays staged.
+    let started = Instant::now();
+    let err = write_checked(&sync.p("dir/during.txt"), b"written while down").unwrap_err();
+    let took = started.elapsed();
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+    assert!(took < Duration::from_secs(45), "close() took {took:?}");
+    eprintln!("sync close() failed with EIO after {took:?}");
+
+    // Write-back: closes succeed, and the files read back through the mount.
+    let queued: Vec<(String, Vec<u8>)> = (0..20)
+        .map(|i| {
+            (
+                format!("dir/q{i}"),
+                pattern(10_000 + i * 40_000, 100 + i as u64),
+            )
+        })
+        .collect();
+    for (name, data) in &queued {
+        write_checked(&wb.p(name), data).unwrap();
+    }
+    for (name, data) in &queued {
+        assert!(fs::read(wb.p(name)).unwrap() == *data, "{name}");
+    }
+
+    // Both keep serving what they have: listings, attributes and cached data, past the TTL.
+    std::thread::sleep(Duration::from_secs(6));
+    for m in [&sync, &wb] {
+        assert!(fs::read(m.p("dir/cached.bin")).unwrap() == cached);
+        let names = fs::read_dir(m.p("dir")).unwrap().count();
+        assert!(names >= 2, "listing while down: {names} entries");
+        assert_eq!(
+            fs::metadata(m.p("dir/cached.bin")).unwrap().len(),
+            3_000_000
+        );
+    }
+
+    std::thread::sleep(OUTAGE.saturating_sub(down_at.elapsed()));
+    proxy.set_down(false);
+
+    flush_ok(&wb.path);
+    flush_ok(&sync.path);
+    let (bs, bw) = (sync.bucket(), wb.bucket());
+    assert_eq!(bs.get("dir/during.txt").unwrap(), b"written while down");
+    for (name, data) in &queued {
+        assert!(
+            bw.get(name).as_deref() == Some(&data[..]),
+            "{name} in the bucket"
+        );
+    }
+}
