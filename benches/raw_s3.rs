@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use futures::StreamExt;
 use s3bridge::store::s3::{S3Options, S3Store};
-use s3bridge::store::{CompletedPart, ObjectStore, WriteHeaders};
+use s3bridge::store::{CompletedPart, Expect, ObjectStore, WriteHeaders};
 
 mod support;
 
@@ -118,7 +118,10 @@ async fn put(store: &Arc<dyn ObjectStore>, key: &str, size: u64) {
         .buffered(PUT_CONCURRENCY)
         .collect()
         .await;
-    store.complete_multipart(key, &id, &parts).await.unwrap();
+    store
+        .complete_multipart(key, &id, &parts, Expect::Any)
+        .await
+        .unwrap();
     // Only the transfer is timed, not making up the bytes.
     println!("transfer_seconds={:.3}", started.elapsed().as_secs_f64());
 }
@@ -158,7 +161,7 @@ async fn put_many(store: &Arc<dyn ObjectStore>, prefix: &str, count: usize) {
             let key = format!("{prefix}f{i:05}");
             async move {
                 store
-                    .put(&key, body, &WriteHeaders::default())
+                    .put(&key, body, &WriteHeaders::default(), Expect::Any)
                     .await
                     .unwrap();
             }

@@ -89,6 +89,9 @@ pub struct Config {
     pub write_back: bool,
     /// Files uploaded at once by the background uploader (8).
     pub background_uploads: usize,
+    /// The server checks `If-Match`/`If-None-Match` on writes, so another client's change
+    /// is caught by the upload itself; otherwise a HEAD checks first (on for AWS).
+    pub conditional_writes: bool,
     /// Largest read-ahead window of a sequential reader (64 MiB).
     pub read_ahead_max: u64,
     /// Size of each ranged GET of a read-ahead window (8 MiB).
@@ -137,6 +140,7 @@ impl Default for Config {
             upload_concurrency: 8,
             write_back: false,
             background_uploads: 8,
+            conditional_writes: false,
             read_ahead_max: 64 * 1024 * 1024,
             read_part_size: 8 * 1024 * 1024,
             exact_attributes: false,

@@ -3,6 +3,7 @@
 use std::fs::OpenOptions;
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::fs::DirBuilderExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
@@ -160,6 +161,11 @@ struct MountArgs {
     /// Files uploaded at once in the background (write-back, retries).
     #[arg(long, default_value = "8")]
     background_uploads: usize,
+    /// Whether the server honours conditional writes (If-Match / If-None-Match), so that an
+    /// upload over another client's change fails by itself; without, a HEAD checks the ETag
+    /// first. Default: on for AWS, off with --endpoint-url (Garage ignores those headers).
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+    conditional_writes: Option<bool>,
     /// Largest read-ahead window of a sequential reader.
     #[arg(long, value_parser = parse_size, default_value = "64M")]
     read_ahead: u64,
@@ -254,6 +260,9 @@ fn build_config(args: &MountArgs) -> Result<Config, String> {
         ..Config::default()
     };
     cfg.force_path_style = args.force_path_style.unwrap_or(cfg.endpoint_url.is_some());
+    cfg.conditional_writes = args
+        .conditional_writes
+        .unwrap_or(cfg.endpoint_url.is_none());
     if let Some(uid) = args.uid {
         cfg.uid = uid;
     }
@@ -406,6 +415,13 @@ fn serve(
     ready: &mut Option<std::fs::File>,
 ) -> Result<(), String> {
     raise_descriptor_limit();
+    // Everything the daemon creates on local disk (cache, staging, database, log, control
+    // socket) is its user's alone, whatever the caller's umask. Files created through the
+    // mount are not affected: their modes come with each request.
+    // SAFETY: umask cannot fail.
+    unsafe {
+        libc::umask(0o077);
+    }
     // Upload parts are megabytes each. glibc raises its mmap threshold after such buffers
     // are freed and then keeps them in per-thread heaps, which inflated peak RSS by ~200 MiB
     // in a 1 GiB copy; a fixed threshold hands them back to the kernel on free. It sits just
@@ -419,7 +435,11 @@ fn serve(
             (s3bridge::cache::BLOCK_SIZE + 64 * 1024) as i32,
         );
     }
-    std::fs::create_dir_all(&cfg.cache_dir)
+    // Private: it holds staged file contents and the names of everything in the bucket.
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&cfg.cache_dir)
         .map_err(|e| format!("cache directory {}: {e}", cfg.cache_dir.display()))?;
     let log_file = match (&args.log_file, ready.is_some()) {
         (Some(f), _) => Some(f.clone()),
@@ -447,6 +467,8 @@ fn serve(
     })?;
     let store = rt.block_on(S3Store::connect(&s3_options(&cfg)));
     let fs = Arc::new(Fs::new(cfg.clone(), Arc::new(store)).map_err(|e| e.to_string())?);
+    rt.block_on(fs.resume_dir_renames())
+        .map_err(|e| format!("cannot complete an interrupted directory rename: {e}"))?;
     fs.recover_pending().map_err(|e| e.to_string())?;
     rt.spawn(Fs::run_background(Arc::downgrade(&fs)));
     // Listening before the mount appears, so that `s3bridge flush` works as soon as it does.

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The test command: installs what is missing, builds once, starts a Garage S3 server on
-# 127.0.0.1, and runs everything against it:
+# The test command: installs what is missing, builds once, starts a Garage S3 server (and
+# moto, for conditional writes) on 127.0.0.1, and runs everything against it:
 #   1. cargo fmt --check and cargo clippy -D warnings
 #   2. unit tests (fs/ on the in-memory store, meta/, store/, cache/)
 #   3. end-to-end tests: real FUSE mounts of the s3bridge binary, real programs, s3fs
@@ -40,6 +40,7 @@ cleanup() {
         umount -l "$(printf '%b' "$m")" 2>/dev/null || true
     done
     tests/support/garage.sh stop "$scratch/garage"
+    tests/support/moto.sh stop "$scratch/moto"
     rm -rf "$scratch"
     exit $status
 }
@@ -52,9 +53,12 @@ cargo clippy --all-targets --quiet -- -D warnings
 step "building"
 cargo build --all-targets --quiet
 
-step "starting Garage on 127.0.0.1"
+step "starting Garage and moto on 127.0.0.1"
 eval "$(tests/support/garage.sh start "$scratch/garage")"
 echo "S3 endpoint $S3BRIDGE_TEST_ENDPOINT, bucket $S3BRIDGE_TEST_BUCKET"
+# moto honours conditional writes, which Garage ignores (tests/conflicts.rs).
+eval "$(tests/support/moto.sh start "$scratch/moto")"
+echo "moto endpoint $S3BRIDGE_MOTO_ENDPOINT"
 
 step "unit and end-to-end tests"
 cargo test --quiet --all-targets -- --test-threads=2

@@ -179,7 +179,9 @@ impl BlockCache {
             }
         }
         if !same_format {
-            fs::write(&format, MAGIC)?;
+            create_0600(&format)
+                .or_else(|_| OpenOptions::new().write(true).truncate(true).open(&format))?
+                .write_all(MAGIC)?;
         }
         found.sort_by_key(|&(age, _, _)| age);
         let mut lru = LruCache::unbounded();

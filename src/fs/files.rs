@@ -18,7 +18,7 @@ use super::stream::{Stream, StreamContext};
 use super::{Attr, Caller, Fs, FsError, FsResult, Handle, write};
 use crate::cache::staging::{Original, Staging};
 use crate::meta::{Inode, Kind, ROOT_INO, Timestamp, now_ns};
-use crate::store::StoreError;
+use crate::store::{Expect, StoreError};
 
 /// The shared state of an open inode.
 #[derive(Debug)]
@@ -498,7 +498,11 @@ impl Fs {
     }
 
     /// The staging file of an open file, created (empty, nothing fetched) on first use.
-    fn staging_of<'a>(&self, file: &OpenFile, st: &'a mut FileState) -> FsResult<&'a mut Staging> {
+    pub(super) fn staging_of<'a>(
+        &self,
+        file: &OpenFile,
+        st: &'a mut FileState,
+    ) -> FsResult<&'a mut Staging> {
         if st.staging.is_none() {
             let size = file.attrs().size;
             st.staging = Some(Staging::create(
@@ -648,8 +652,16 @@ impl Fs {
             Err(e) => return Err(e),
         };
         let headers = self.headers_of(&inode);
-        let streamed = match self.finish_stream(st, &key, &headers).await {
+        let known = self.known_version(st, &key);
+        let expect = known.expect();
+        if self.changed_in_bucket(&key, expect).await? {
+            return self.save_conflict_copy(file, st, &key, &headers).await;
+        }
+        let streamed = match self.finish_stream(st, &key, &headers, expect).await {
             Some(Ok(etag)) => Some(etag),
+            Some(Err(StoreError::PreconditionFailed(_))) => {
+                return self.save_conflict_copy(file, st, &key, &headers).await;
+            }
             Some(Err(e)) => {
                 warn!(
                     key,
@@ -660,23 +672,21 @@ impl Fs {
             None => None,
         };
         let was_streamed = streamed.is_some();
-        let tuning = self.upload_tuning();
-        let staging = self.staging_of(file, st)?;
-        let result = match streamed {
+        let result: FsResult<String> = match streamed {
             Some(etag) => Ok(etag),
             None => {
-                write::upload(
-                    &self.store,
-                    self.blocks.cache(),
-                    staging,
-                    &key,
-                    &headers,
-                    tuning,
-                    &self.buffers,
-                )
-                .await
+                let dest = write::Destination {
+                    key: &key,
+                    headers: &headers,
+                    expect,
+                };
+                self.upload_staged(file, st, dest).await
             }
         };
+        let staging = self.staging_of(file, st)?;
+        if let Err(FsError::Store(StoreError::PreconditionFailed(_))) = result {
+            return self.save_conflict_copy(file, st, &key, &headers).await;
+        }
         match result {
             Ok(etag) => {
                 let uploaded = Original { key, etag };
@@ -720,9 +730,30 @@ impl Fs {
                 staging.sync()?;
                 self.meta.save_staging(file.ino, &staging.record())?;
                 self.meta.save(&file.attrs())?;
-                Err(e.into())
+                Err(e)
             }
         }
+    }
+
+    /// Uploads the staged contents of `file` (all of them: blocks still remote are fetched
+    /// or copied server-side) to `dest`; returns the new ETag.
+    pub(super) async fn upload_staged(
+        &self,
+        file: &OpenFile,
+        st: &mut FileState,
+        dest: write::Destination<'_>,
+    ) -> FsResult<String> {
+        let tuning = self.upload_tuning();
+        let staging = self.staging_of(file, st)?;
+        Ok(write::upload(
+            &self.store,
+            self.blocks.cache(),
+            staging,
+            dest,
+            tuning,
+            &self.buffers,
+        )
+        .await?)
     }
 
     /// Completes the file's stream if it still fits the file (same key, same headers but for
@@ -732,6 +763,7 @@ impl Fs {
         st: &mut FileState,
         key: &str,
         headers: &crate::store::WriteHeaders,
+        expect: Expect<'_>,
     ) -> Option<crate::store::StoreResult<String>> {
         let stream = st.stream.take()?;
         let staging = st.staging.as_ref()?;
@@ -748,7 +780,7 @@ impl Fs {
         };
         Some(
             stream
-                .finish(self.stream_context(), &reader, staging.size())
+                .finish(self.stream_context(), &reader, staging.size(), expect)
                 .await,
         )
     }
@@ -883,7 +915,11 @@ impl Fs {
         }
         let key = self.key_of(inode)?;
         let etag = match inode.kind {
-            Kind::Dir => self.store.put(&key, Bytes::new(), &headers).await?,
+            Kind::Dir => {
+                self.store
+                    .put(&key, Bytes::new(), &headers, Expect::Any)
+                    .await?
+            }
             _ => match inode.etag.clone() {
                 Some(etag) => {
                     write::copy_object(

@@ -15,10 +15,12 @@
 //! 4. short synchronous locks (the inode table, the handle table), never held across `.await`.
 
 pub mod budget;
+mod conflict;
 mod files;
 mod locks;
 mod namespace;
 pub mod read;
+mod renames;
 pub mod stream;
 mod sync;
 mod uploads;
@@ -28,14 +30,14 @@ mod xattr;
 use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::fs::File;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use futures::{StreamExt, TryStreamExt};
-use tracing::{debug, instrument};
+use tracing::{debug, instrument, warn};
 
 use crate::cache::blocks::{BlockCache, CacheLimits, CacheStats};
 use crate::cache::staging::Original;
@@ -290,6 +292,16 @@ impl Fs {
             .recursive(true)
             .mode(0o700)
             .create(&cfg.cache_dir)?;
+        if let Ok(md) = std::fs::metadata(&cfg.cache_dir)
+            && md.permissions().mode() & 0o077 != 0
+        {
+            warn!(
+                dir = %cfg.cache_dir.display(),
+                "the cache directory is open to other users (mode {:o}); it holds staged file \
+                 contents: chmod 700 it",
+                md.permissions().mode() & 0o777
+            );
+        }
         let staging_dir = cfg.cache_dir.join("staging");
         std::fs::DirBuilder::new()
             .recursive(true)
@@ -406,6 +418,18 @@ impl Fs {
         self.meta.save(inode)?;
         if let Some(f) = self.open_file_of(inode.ino) {
             f.set_attrs(inode.clone());
+        }
+        Ok(())
+    }
+
+    /// Marks the listing of directory `dir` stale, so the next look lists it again (an entry
+    /// appeared in the bucket that the listing does not have).
+    fn listing_is_stale(&self, dir: u64) -> FsResult<()> {
+        if let Some(mut d) = self.meta.get(dir)?
+            && d.listed_at.is_some()
+        {
+            d.listed_at = Some(0);
+            self.save(&d)?;
         }
         Ok(())
     }

@@ -19,8 +19,8 @@ use super::locks::DirGuard;
 use super::{Attr, Caller, Fs, FsError, FsResult, write};
 use crate::cache::staging::{Original, Staging};
 use crate::meta::names::{self, NameError};
-use crate::meta::{Inode, Kind, ROOT_INO, Timestamp, now_ns};
-use crate::store::{ListedObject, StoreError};
+use crate::meta::{DirRename, Inode, Kind, ROOT_INO, Timestamp, now_ns};
+use crate::store::{Expect, ListedObject, StoreError};
 
 /// Copies in flight during a directory rename. A server-side copy costs the server, not our
 /// link, and takes tens of milliseconds: 16 at once moves a 1,000-object directory in a few
@@ -87,7 +87,10 @@ impl Fs {
         body: Bytes,
         mut inode: Inode,
     ) -> FsResult<Attr> {
-        let etag = self.store.put(key, body, &self.headers_of(&inode)).await?;
+        let etag = self
+            .store
+            .put(key, body, &self.headers_of(&inode), Expect::Any)
+            .await?;
         inode.etag = Some(etag);
         inode.validated_at = now_ns();
         if inode.kind == Kind::Dir {
@@ -251,7 +254,7 @@ impl Fs {
         let key = self.key_of(&dir)?;
         dir.etag = Some(
             self.store
-                .put(&key, Bytes::new(), &self.headers_of(&dir))
+                .put(&key, Bytes::new(), &self.headers_of(&dir), Expect::Any)
                 .await?,
         );
         self.save(&dir)
@@ -435,8 +438,12 @@ impl Fs {
         if parent != newparent {
             self.keep_dir_alive(&src_dir).await?;
         }
+        let mut journal = None;
         if src.kind == Kind::Dir {
-            self.rename_dir(&src, dst.as_ref(), &new_key).await?;
+            journal = Some(
+                self.rename_dir(&src, dst.as_ref(), (newparent, newname), &new_key)
+                    .await?,
+            );
         } else {
             if let Some(d) = &dst {
                 self.keep_open_contents(d).await?;
@@ -454,6 +461,9 @@ impl Fs {
             }
         }
         self.meta.rename(src.ino, newparent, newname)?;
+        if let Some(id) = journal {
+            self.meta.end_dir_rename(id)?;
+        }
         let mut moved = self.meta.get(src.ino)?.ok_or(FsError::NotFound)?;
         moved.ctime = Timestamp::now();
         if let Some(f) = self.open_file_of(src.ino) {
@@ -543,11 +553,85 @@ impl Fs {
     }
 
     /// Moves a directory: copies every object under its prefix, then deletes the old ones.
-    async fn rename_dir(&self, src: &Inode, dst: Option<&Inode>, new_prefix: &str) -> FsResult<()> {
+    /// The move is journaled first, so that a crash in the middle is completed by the next
+    /// mount; the journal entry (its id is returned) ends once the caller has moved the row.
+    async fn rename_dir(
+        &self,
+        src: &Inode,
+        dst: Option<&Inode>,
+        to: (u64, &str),
+        new_prefix: &str,
+    ) -> FsResult<i64> {
         let _tree = self.tree.write().await;
         let old_prefix = self.key_of(src)?;
-        let objects = self.list_all(&old_prefix).await?;
-        let old_prefix = old_prefix.as_str();
+        let journal = self.meta.begin_dir_rename(&DirRename {
+            src_ino: src.ino,
+            new_parent: to.0,
+            new_name: to.1.to_string(),
+            old_prefix: old_prefix.clone(),
+            new_prefix: new_prefix.to_string(),
+        })?;
+        let objects = match self.list_all(&old_prefix).await {
+            Ok(o) => o,
+            Err(e) => {
+                self.meta.end_dir_rename(journal)?;
+                return Err(e);
+            }
+        };
+        let copied = match self.copy_objects(&objects, &old_prefix, new_prefix).await {
+            Ok(c) => c,
+            Err((e, partial)) => {
+                // The source is untouched; take the partial copy back out of the bucket.
+                let partial: Vec<String> = partial.into_iter().map(|(_, new, _)| new).collect();
+                for chunk in partial.chunks(1000) {
+                    if let Err(e) = self.store.delete_many(chunk).await {
+                        warn!(new_prefix, "could not remove a partial directory copy: {e}");
+                    }
+                }
+                warn!(
+                    old_prefix,
+                    new_prefix, "directory rename failed while copying: {e}"
+                );
+                self.meta.end_dir_rename(journal)?;
+                return Err(e.into());
+            }
+        };
+        // The replaced (empty) directory's marker goes unless the source's took its place.
+        if dst.is_some() && !objects.iter().any(|o| o.key == old_prefix) {
+            self.store.delete(new_prefix).await?;
+        }
+        // From here a failure leaves the journal entry: the next mount finishes the move.
+        let new_etags = self.delete_originals(copied).await?;
+        self.retarget_subtree(src.ino, &old_prefix, new_prefix, &new_etags)
+            .await?;
+        Ok(journal)
+    }
+
+    /// Deletes the originals of `copied` (old key, new key, new ETag), each of which has its
+    /// copy; returns the new ETag of each old key.
+    pub(super) async fn delete_originals(
+        &self,
+        copied: Vec<(String, String, String)>,
+    ) -> FsResult<HashMap<String, String>> {
+        let old_keys: Vec<String> = copied.iter().map(|(old, _, _)| old.clone()).collect();
+        for chunk in old_keys.chunks(1000) {
+            self.store.delete_many(chunk).await?;
+        }
+        Ok(copied
+            .into_iter()
+            .map(|(old, _, etag)| (old, etag))
+            .collect())
+    }
+
+    /// Copies `objects` (all under `old_prefix`) to the same names under `new_prefix`,
+    /// concurrently. Returns (old key, new key, new ETag) of each; on failure, the first
+    /// error and the copies made.
+    pub(super) async fn copy_objects(
+        &self,
+        objects: &[ListedObject],
+        old_prefix: &str,
+        new_prefix: &str,
+    ) -> Result<Vec<(String, String, String)>, (StoreError, Vec<(String, String, String)>)> {
         let results: Vec<Result<(String, String, String), StoreError>> =
             stream::iter(objects.iter().cloned())
                 .map(|obj: ListedObject| async move {
@@ -569,39 +653,13 @@ impl Fs {
                 .await;
         let (copied, failed): (Vec<_>, Vec<_>) = results.into_iter().partition(Result::is_ok);
         let copied: Vec<(String, String, String)> = copied.into_iter().flatten().collect();
-        if let Some(Err(e)) = failed.into_iter().next() {
-            // The source is untouched; take the partial copy back out of the bucket.
-            let partial: Vec<String> = copied.into_iter().map(|(_, new, _)| new).collect();
-            for chunk in partial.chunks(1000) {
-                if let Err(e) = self.store.delete_many(chunk).await {
-                    warn!(new_prefix, "could not remove a partial directory copy: {e}");
-                }
-            }
-            warn!(
-                old_prefix,
-                new_prefix, "directory rename failed while copying: {e}"
-            );
-            return Err(e.into());
+        match failed.into_iter().next() {
+            Some(Err(e)) => Err((e, copied)),
+            _ => Ok(copied),
         }
-        // The replaced (empty) directory's marker goes unless the source's took its place.
-        if dst.is_some() && !objects.iter().any(|o| o.key == old_prefix) {
-            self.store.delete(new_prefix).await?;
-        }
-        let old_keys: Vec<String> = objects.iter().map(|o| o.key.clone()).collect();
-        for chunk in old_keys.chunks(1000) {
-            self.store.delete_many(chunk).await?;
-        }
-        let new_etags: HashMap<String, String> = copied
-            .into_iter()
-            .map(|(old, _, etag)| (old, etag))
-            .collect();
-        self.retarget_subtree(src.ino, old_prefix, new_prefix, &new_etags)
-            .await
     }
 
-    /// After a directory move: entries below it name their objects by the new keys' ETags,
-    /// and open files read from the new keys.
-    async fn retarget_subtree(
+    pub(super) async fn retarget_subtree(
         &self,
         dir: u64,
         old_prefix: &str,
@@ -650,7 +708,7 @@ impl Fs {
     }
 
     /// Every object under `prefix` (no delimiter), all pages.
-    async fn list_all(&self, prefix: &str) -> FsResult<Vec<ListedObject>> {
+    pub(super) async fn list_all(&self, prefix: &str) -> FsResult<Vec<ListedObject>> {
         let mut all = Vec::new();
         let mut token: Option<String> = None;
         loop {

@@ -30,7 +30,7 @@ use super::budget::MemoryBudget;
 use super::write::send_local_part;
 use crate::cache::staging::StagingReader;
 use crate::store::{CompletedPart, MAX_PART_SIZE, MIN_PART_SIZE, ObjectStore, StoreError};
-use crate::store::{StoreResult, WriteHeaders};
+use crate::store::{Expect, StoreResult, WriteHeaders};
 
 /// Parts per size step of the schedule.
 const PARTS_PER_STEP: u64 = 1000;
@@ -180,6 +180,7 @@ impl Stream {
         ctx: StreamContext<'_>,
         reader: &StagingReader,
         size: u64,
+        expect: Expect<'_>,
     ) -> StoreResult<String> {
         let result = async {
             if size < self.sent_end {
@@ -195,7 +196,7 @@ impl Stream {
                 self.collect_oldest().await?;
             }
             ctx.store
-                .complete_multipart(&self.key, &self.upload_id, &self.done)
+                .complete_multipart(&self.key, &self.upload_id, &self.done, expect)
                 .await
         }
         .await;

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use super::*;
 use crate::config::MetadataTtl;
+use crate::meta::DirRename;
 use crate::store::mem::{MemStore, Op};
 
 const ROOT: u64 = ROOT_INO;
@@ -1111,5 +1112,202 @@ async fn multipart_uploads_a_crash_interrupts_are_aborted_by_the_next_mount() {
         s.fs.abort_leftover_uploads().await,
         0,
         "forgotten once aborted"
+    );
+}
+
+/// The conflict copies of `key` in the bucket, with their bodies.
+fn conflict_copies(mem: &MemStore, stem: &str) -> Vec<(String, Vec<u8>)> {
+    mem.keys()
+        .into_iter()
+        .filter(|k| k.starts_with(&format!("{stem}.conflict-")))
+        .map(|k| {
+            let body = mem.object(&k).unwrap().0.to_vec();
+            (k, body)
+        })
+        .collect()
+}
+
+/// Edits `f` (uploaded as "ours, v1") while another client replaces its object, then closes.
+async fn edit_while_another_client_writes(s: &Setup) -> u64 {
+    let ino = s.write_file(ROOT, "f.txt", b"ours, v1").await;
+    let fh = s.fs.open(ino, libc::O_RDWR, ME).await.unwrap().fh;
+    s.fs.write(fh, 0, b"OURS").await.unwrap();
+    s.mem
+        .insert("pre/f.txt", b"theirs", WriteHeaders::default());
+    s.fs.flush(fh).await.unwrap();
+    s.fs.release(fh).await;
+    assert_eq!(s.fs.flush_all().await, 0);
+    ino
+}
+
+async fn assert_both_versions_kept(s: &Setup, ino: u64) {
+    assert_eq!(
+        s.body("pre/f.txt").unwrap(),
+        b"theirs",
+        "the bucket's version stays"
+    );
+    let copies = conflict_copies(&s.mem, "pre/f");
+    assert_eq!(copies.len(), 1, "{:?}", s.mem.keys());
+    assert!(copies[0].0.ends_with(".txt"), "{}", copies[0].0);
+    assert_eq!(copies[0].1, b"OURS, v1");
+    // The name shows the bucket's version from now on, and the copy is listed.
+    assert_eq!(s.read_all(ino).await, b"theirs");
+    let names = s.names(ROOT).await;
+    assert!(
+        names.iter().any(|n| n.starts_with("f.conflict-")),
+        "{names:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_conflicting_change_is_caught_by_a_conditional_write() {
+    let s = setup_configured(
+        Arc::new(MemStore::new()),
+        MetadataTtl::For(Duration::from_secs(60)),
+        tempfile::tempdir().unwrap(),
+        |cfg| cfg.conditional_writes = true,
+    );
+    // No ETag check before the upload: only the server's 412 can catch it.
+    let ino = edit_while_another_client_writes(&s).await;
+    assert_both_versions_kept(&s, ino).await;
+}
+
+#[tokio::test]
+async fn a_conflicting_change_is_caught_by_an_etag_check_where_writes_are_unconditional() {
+    let mem = Arc::new(MemStore::new());
+    mem.ignore_conditions();
+    let s = setup_with(
+        mem,
+        MetadataTtl::For(Duration::from_secs(60)),
+        tempfile::tempdir().unwrap(),
+    );
+    let ino = edit_while_another_client_writes(&s).await;
+    assert_both_versions_kept(&s, ino).await;
+}
+
+#[tokio::test]
+async fn a_name_taken_in_the_bucket_before_a_write_back_upload_is_a_conflict() {
+    let mem = Arc::new(MemStore::new());
+    mem.ignore_conditions();
+    let s = setup_write_back(mem, tempfile::tempdir().unwrap());
+    s.write_file(ROOT, "new.txt", b"mine").await;
+    s.mem
+        .insert("pre/new.txt", b"someone else's", WriteHeaders::default());
+    assert_eq!(s.fs.flush_all().await, 0);
+    assert_eq!(s.body("pre/new.txt").unwrap(), b"someone else's");
+    let copies = conflict_copies(&s.mem, "pre/new");
+    assert_eq!(copies.len(), 1);
+    assert_eq!(copies[0].1, b"mine");
+}
+
+#[tokio::test]
+async fn edits_of_this_mount_alone_are_never_conflicts() {
+    let s = setup();
+    let ino = s.write_file(ROOT, "f", b"one").await;
+    for (i, text) in [&b"two"[..], b"three", b"four"].iter().enumerate() {
+        let fh = s.fs.open(ino, libc::O_RDWR, ME).await.unwrap().fh;
+        s.fs.write(fh, 0, text).await.unwrap();
+        s.fs.flush(fh).await.unwrap();
+        s.fs.release(fh).await;
+        if i == 1 {
+            s.fs.setattr(
+                ino,
+                None,
+                SetAttr {
+                    mode: Some(0o600),
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap();
+        }
+    }
+    assert_eq!(s.body("pre/f").unwrap(), b"foure");
+    assert!(
+        conflict_copies(&s.mem, "pre/f").is_empty(),
+        "{:?}",
+        s.mem.keys()
+    );
+}
+
+#[tokio::test]
+async fn a_directory_rename_interrupted_before_its_deletes_is_completed_by_the_next_mount() {
+    let mem = Arc::new(MemStore::new());
+    let ttl = MetadataTtl::For(Duration::from_secs(60));
+    let s = setup_with(mem.clone(), ttl, tempfile::tempdir().unwrap());
+    let d = s.fs.mkdir(ROOT, n("d"), 0o755, 0, ME).await.unwrap();
+    for i in 0..5 {
+        s.write_file(d.ino, &format!("f{i}"), format!("file {i}").as_bytes())
+            .await;
+    }
+    // Every copy is made, then the deletes fail as if the process died there.
+    mem.fail_next(Op::Delete, 100);
+    assert!(s.fs.rename(ROOT, n("d"), ROOT, n("e"), 0).await.is_err());
+    assert!(s.body("pre/d/f3").is_some() && s.body("pre/e/f3").is_some());
+    let Setup { fs, dir, .. } = s;
+    drop(fs);
+    mem.heal();
+    let s = setup_with(mem.clone(), ttl, dir);
+    assert_eq!(s.fs.resume_dir_renames().await.unwrap(), 1);
+    assert_eq!(
+        s.mem.keys(),
+        [
+            "pre/e/", "pre/e/f0", "pre/e/f1", "pre/e/f2", "pre/e/f3", "pre/e/f4"
+        ]
+    );
+    assert_eq!(s.fs.resume_dir_renames().await.unwrap(), 0, "done once");
+    let e = s.fs.lookup(ROOT, n("e")).await.unwrap();
+    assert_eq!(e.ino, d.ino, "the row moved with the objects");
+    let f = s.fs.lookup(e.ino, n("f3")).await.unwrap();
+    assert_eq!(s.read_all(f.ino).await, b"file 3");
+    assert_eq!(
+        s.fs.lookup(ROOT, n("d")).await.unwrap_err().errno(),
+        libc::ENOENT
+    );
+}
+
+#[tokio::test]
+async fn a_directory_rename_interrupted_while_copying_is_completed_with_a_staged_edit_inside() {
+    let mem = Arc::new(MemStore::new());
+    let ttl = MetadataTtl::For(Duration::from_secs(60));
+    let s = setup_write_back(mem.clone(), tempfile::tempdir().unwrap());
+    let d = s.fs.mkdir(ROOT, n("d"), 0o755, 0, ME).await.unwrap();
+    let big: Vec<u8> = (0..3 * 1024 * 1024).map(|i| (i % 241) as u8).collect();
+    let f = s.write_file(d.ino, "big", &big).await;
+    s.write_file(d.ino, "small", b"small").await;
+    assert_eq!(s.fs.flush_all().await, 0);
+    // A write-back edit of one block of "big", acknowledged, not uploaded.
+    let fh = s.fs.open(f, libc::O_RDWR, ME).await.unwrap().fh;
+    s.fs.write(fh, 1024 * 1024 + 10, b"EDIT").await.unwrap();
+    s.fs.flush(fh).await.unwrap();
+    s.fs.release(fh).await;
+    // The state a crash leaves after copying "small" only: journal entry, partial copy.
+    s.fs.meta
+        .begin_dir_rename(&DirRename {
+            src_ino: d.ino,
+            new_parent: ROOT,
+            new_name: "e".into(),
+            old_prefix: "pre/d/".into(),
+            new_prefix: "pre/e/".into(),
+        })
+        .unwrap();
+    mem.insert("pre/e/small", b"small", WriteHeaders::default());
+    let Setup { fs, dir, .. } = s;
+    drop(fs);
+    let s = setup_configured(mem.clone(), ttl, dir, |c| c.write_back = true);
+    assert_eq!(s.fs.resume_dir_renames().await.unwrap(), 1);
+    assert_eq!(s.fs.recover_pending().unwrap(), 1);
+    assert_eq!(s.fs.flush_all().await, 0);
+    let mut expected = big.clone();
+    expected[1024 * 1024 + 10..1024 * 1024 + 14].copy_from_slice(b"EDIT");
+    assert!(
+        s.body("pre/e/big").unwrap() == expected,
+        "the edit landed at the new key"
+    );
+    assert_eq!(s.body("pre/e/small").unwrap(), b"small");
+    assert!(
+        s.mem.keys().iter().all(|k| !k.starts_with("pre/d")),
+        "{:?}",
+        s.mem.keys()
     );
 }

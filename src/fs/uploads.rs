@@ -16,7 +16,9 @@ use bytes::Bytes;
 use tracing::{info, warn};
 
 use crate::meta::InodeTable;
-use crate::store::{CompletedPart, ListPage, ObjectInfo, ObjectStore, StoreResult, WriteHeaders};
+use crate::store::{
+    CompletedPart, Expect, ListPage, ObjectInfo, ObjectStore, StoreResult, WriteHeaders,
+};
 
 /// An object store whose multipart uploads are recorded in the inode database.
 pub struct RecordedUploads {
@@ -91,8 +93,14 @@ impl ObjectStore for RecordedUploads {
             .await
     }
 
-    async fn put(&self, key: &str, body: Bytes, headers: &WriteHeaders) -> StoreResult<String> {
-        self.inner.put(key, body, headers).await
+    async fn put(
+        &self,
+        key: &str,
+        body: Bytes,
+        headers: &WriteHeaders,
+        expect: Expect<'_>,
+    ) -> StoreResult<String> {
+        self.inner.put(key, body, headers, expect).await
     }
 
     async fn copy(
@@ -148,8 +156,12 @@ impl ObjectStore for RecordedUploads {
         key: &str,
         upload_id: &str,
         parts: &[CompletedPart],
+        expect: Expect<'_>,
     ) -> StoreResult<String> {
-        let etag = self.inner.complete_multipart(key, upload_id, parts).await?;
+        let etag = self
+            .inner
+            .complete_multipart(key, upload_id, parts, expect)
+            .await?;
         self.forget(upload_id);
         Ok(etag)
     }

@@ -18,7 +18,7 @@ use crate::cache::BLOCK_SIZE;
 use crate::cache::blocks::{BlockCache, BlockId};
 use crate::cache::staging::{Staging, StagingReader};
 use crate::store::{
-    CompletedPart, MAX_PART_SIZE, MAX_PARTS, MAX_SINGLE_OBJECT, MIN_PART_SIZE, ObjectStore,
+    CompletedPart, Expect, MAX_PART_SIZE, MAX_PARTS, MAX_SINGLE_OBJECT, MIN_PART_SIZE, ObjectStore,
     StoreError, StoreResult, WriteHeaders,
 };
 
@@ -126,12 +126,16 @@ pub(super) async fn send_local_part(
 /// so no parts are left behind.
 async fn run_multipart(
     store: &Arc<dyn ObjectStore>,
-    key: &str,
-    headers: &WriteHeaders,
+    dest: Destination<'_>,
     parts: Vec<PartSource<'_>>,
     local: Option<(&StagingReader, &MemoryBudget)>,
     concurrency: usize,
 ) -> StoreResult<String> {
+    let Destination {
+        key,
+        headers,
+        expect,
+    } = dest;
     let upload_id = store.create_multipart(key, headers).await?;
     // The futures are built first (they start when polled): a stream that maps borrowed
     // items to futures trips over higher-ranked lifetimes in `Send` futures.
@@ -166,7 +170,11 @@ async fn run_multipart(
         .try_collect::<Vec<_>>()
         .await;
     let finished = match result {
-        Ok(parts) => store.complete_multipart(key, &upload_id, &parts).await,
+        Ok(parts) => {
+            store
+                .complete_multipart(key, &upload_id, &parts, expect)
+                .await
+        }
         Err(e) => Err(e),
     };
     if finished.is_err()
@@ -175,6 +183,18 @@ async fn run_multipart(
         warn!(key, "could not abort a failed multipart upload: {e}");
     }
     finished
+}
+
+/// Where an upload goes: the key, the headers the object gets, and what the key must hold
+/// for the upload to go ahead (another client's change since we read it is a conflict).
+#[derive(Debug, Clone, Copy)]
+pub struct Destination<'a> {
+    /// The object's key.
+    pub key: &'a str,
+    /// Its headers.
+    pub headers: &'a WriteHeaders,
+    /// What the key must hold.
+    pub expect: Expect<'a>,
 }
 
 /// Upload tuning.
@@ -194,8 +214,7 @@ pub async fn upload(
     store: &Arc<dyn ObjectStore>,
     cache: Option<&Arc<BlockCache>>,
     staging: &mut Staging,
-    key: &str,
-    headers: &WriteHeaders,
+    dest: Destination<'_>,
     tuning: UploadTuning,
     budget: &MemoryBudget,
 ) -> StoreResult<String> {
@@ -206,7 +225,9 @@ pub async fn upload(
         let body = staging
             .read(0, size as usize)
             .map_err(|e| StoreError::Other(format!("staging file: {e}")))?;
-        return store.put(key, Bytes::from(body), headers).await;
+        return store
+            .put(dest.key, Bytes::from(body), dest.headers, dest.expect)
+            .await;
     }
     let part_size = part_size_for(size, tuning.part_size);
     let ranges: Vec<Range<u64>> = (0..size)
@@ -240,8 +261,7 @@ pub async fn upload(
         .map_err(|e| StoreError::Other(format!("staging file: {e}")))?;
     run_multipart(
         store,
-        key,
-        headers,
+        dest,
         parts,
         Some((&reader, budget)),
         tuning.concurrency,
@@ -285,7 +305,12 @@ pub async fn copy_object(
             range: s..(s + part_size).min(size),
         })
         .collect();
-    run_multipart(store, dst, headers, parts, None, tuning.concurrency).await
+    let dest = Destination {
+        key: dst,
+        headers,
+        expect: Expect::Any,
+    };
+    run_multipart(store, dest, parts, None, tuning.concurrency).await
 }
 
 #[cfg(test)]
@@ -299,16 +324,12 @@ mod tests {
         key: &str,
     ) -> StoreResult<String> {
         let budget = MemoryBudget::new(64 << 20);
-        upload(
-            store,
-            None,
-            s,
+        let dest = Destination {
             key,
-            &WriteHeaders::default(),
-            TUNING,
-            &budget,
-        )
-        .await
+            headers: &WriteHeaders::default(),
+            expect: Expect::Any,
+        };
+        upload(store, None, s, dest, TUNING, &budget).await
     }
     use crate::cache::staging::{BLOCK_SIZE, Original};
     use crate::store::mem::{MemStore, Op};

@@ -69,6 +69,22 @@ pub struct StagingRecord {
     pub present: Vec<u8>,
 }
 
+/// A directory rename in progress: the row of `src_ino` moves to `new_name` in
+/// `new_parent`, and every object under `old_prefix` to `new_prefix`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DirRename {
+    /// The directory being moved.
+    pub src_ino: u64,
+    /// Its new parent directory.
+    pub new_parent: u64,
+    /// Its new name.
+    pub new_name: String,
+    /// Key prefix of the directory before the move (ends with `/`).
+    pub old_prefix: String,
+    /// Key prefix after the move (ends with `/`).
+    pub new_prefix: String,
+}
+
 /// The inode table of one mount.
 #[derive(Debug)]
 pub struct InodeTable {
@@ -452,6 +468,76 @@ impl InodeTable {
         let mut stmt = conn.prepare_cached("SELECT upload_id, key FROM multipart_uploads")?;
         let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
         Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// Records a directory rename about to start, durably; returns its id.
+    pub fn begin_dir_rename(&self, r: &DirRename) -> MetaResult<i64> {
+        let conn = self.conn.lock().unwrap();
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        let result = conn.execute(
+            "INSERT INTO dir_renames (src_ino, new_parent, new_name, old_prefix, new_prefix)
+             VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![
+                r.src_ino,
+                r.new_parent,
+                r.new_name,
+                r.old_prefix,
+                r.new_prefix
+            ],
+        );
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        result?;
+        Ok(conn.last_insert_rowid())
+    }
+
+    /// Forgets a directory rename that finished (or was rolled back).
+    pub fn end_dir_rename(&self, id: i64) -> MetaResult<()> {
+        let conn = self.conn.lock().unwrap();
+        conn.execute("DELETE FROM dir_renames WHERE id = ?1", [id])?;
+        Ok(())
+    }
+
+    /// Directory renames a previous run started and did not finish, oldest first.
+    pub fn pending_dir_renames(&self) -> MetaResult<Vec<(i64, DirRename)>> {
+        let conn = self.conn.lock().unwrap();
+        let mut stmt = conn.prepare_cached(
+            "SELECT id, src_ino, new_parent, new_name, old_prefix, new_prefix
+             FROM dir_renames ORDER BY id",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            Ok((
+                r.get(0)?,
+                DirRename {
+                    src_ino: r.get(1)?,
+                    new_parent: r.get(2)?,
+                    new_name: r.get(3)?,
+                    old_prefix: r.get(4)?,
+                    new_prefix: r.get(5)?,
+                },
+            ))
+        })?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// Staging records whose original lies under `prefix`: (ino, original key).
+    pub fn staging_under(&self, prefix: &str) -> MetaResult<Vec<(u64, String)>> {
+        let conn = self.conn.lock().unwrap();
+        let mut stmt = conn.prepare_cached(
+            "SELECT ino, orig_key FROM staging
+             WHERE orig_key >= ?1 AND substr(orig_key, 1, length(?1)) = ?1",
+        )?;
+        let rows = stmt.query_map([prefix], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// Points the staging record of `ino` at another original (a renamed object).
+    pub fn retarget_staging(&self, ino: u64, key: &str, etag: &str) -> MetaResult<()> {
+        let conn = self.conn.lock().unwrap();
+        conn.execute(
+            "UPDATE staging SET orig_key = ?2, orig_etag = ?3 WHERE ino = ?1",
+            params![ino, key, etag],
+        )?;
+        Ok(())
     }
 
     /// The staging bookkeeping of `ino`, if any.

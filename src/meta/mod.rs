@@ -13,7 +13,7 @@ mod schema;
 use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-pub use inodes::{EntryDefaults, InodeTable, ListedFile, Listing, StagingRecord};
+pub use inodes::{DirRename, EntryDefaults, InodeTable, ListedFile, Listing, StagingRecord};
 
 /// Inode number of the mount's root directory (FUSE's fixed root id).
 pub const ROOT_INO: u64 = 1;

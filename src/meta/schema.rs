@@ -5,7 +5,7 @@ use rusqlite::Connection;
 use super::{MetaError, MetaResult};
 
 /// Schema version written by this build (`PRAGMA user_version`).
-const VERSION: i64 = 2;
+const VERSION: i64 = 3;
 
 /// Sets the connection up and brings the schema to [`VERSION`].
 ///
@@ -72,6 +72,23 @@ pub(super) fn prepare(conn: &Connection) -> MetaResult<()> {
                  key       TEXT NOT NULL
              );
              PRAGMA user_version = 2;
+             COMMIT;",
+        )?;
+    }
+    if version < 3 {
+        // Directory renames in progress (copy every object, then delete the old ones), so
+        // that one a crash interrupts is completed by the next mount.
+        conn.execute_batch(
+            "BEGIN;
+             CREATE TABLE dir_renames (
+                 id         INTEGER PRIMARY KEY,
+                 src_ino    INTEGER NOT NULL,
+                 new_parent INTEGER NOT NULL,
+                 new_name   TEXT NOT NULL,
+                 old_prefix TEXT NOT NULL,
+                 new_prefix TEXT NOT NULL
+             );
+             PRAGMA user_version = 3;
              COMMIT;",
         )?;
     }

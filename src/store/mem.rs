@@ -15,8 +15,8 @@ use async_trait::async_trait;
 use bytes::Bytes;
 
 use super::{
-    CompletedPart, ListPage, ListedObject, MIN_PART_SIZE, ObjectInfo, ObjectStore, StoreError,
-    StoreResult, WriteHeaders,
+    CompletedPart, Expect, ListPage, ListedObject, MIN_PART_SIZE, ObjectInfo, ObjectStore,
+    StoreError, StoreResult, WriteHeaders,
 };
 
 /// Kinds of request, for fault injection and request counting.
@@ -62,6 +62,8 @@ struct State {
     faults: HashMap<Op, u32>,
     counts: HashMap<Op, u64>,
     bytes_read: u64,
+    /// Conditional writes are ignored, as Garage does.
+    ignores_conditions: bool,
 }
 
 /// An object store held in memory.
@@ -77,9 +79,20 @@ impl MemStore {
         Self::default()
     }
 
+    /// Ignores the conditions of writes from now on (a server without conditional writes,
+    /// like Garage); by default they are checked, as AWS does.
+    pub fn ignore_conditions(&self) {
+        self.state.lock().unwrap().ignores_conditions = true;
+    }
+
     /// Makes the next `count` requests of kind `op` fail with [`StoreError::Unavailable`].
     pub fn fail_next(&self, op: Op, count: u32) {
         *self.state.lock().unwrap().faults.entry(op).or_default() += count;
+    }
+
+    /// Cancels the faults [`Self::fail_next`] injected that have not struck yet.
+    pub fn heal(&self) {
+        self.state.lock().unwrap().faults.clear();
     }
 
     /// How many requests of kind `op` were made (failed ones included).
@@ -165,6 +178,21 @@ fn check_etag(obj: &MemObject, key: &str, if_match: Option<&str>) -> StoreResult
     }
 }
 
+/// Fails unless `expect` holds for `key` (or the store ignores conditions).
+fn check_expect(state: &State, key: &str, expect: Expect<'_>) -> StoreResult<()> {
+    let current = state.objects.get(key).map(|o| o.etag.as_str());
+    let holds = match expect {
+        Expect::Any => true,
+        Expect::Absent => current.is_none(),
+        Expect::ETag(etag) => current == Some(etag),
+    };
+    if holds || state.ignores_conditions {
+        Ok(())
+    } else {
+        Err(StoreError::PreconditionFailed(key.to_string()))
+    }
+}
+
 fn clip(range: Range<u64>, len: usize) -> Range<usize> {
     let len = len as u64;
     let start = range.start.min(len) as usize;
@@ -207,9 +235,16 @@ impl ObjectStore for MemStore {
         Ok(data)
     }
 
-    async fn put(&self, key: &str, body: Bytes, headers: &WriteHeaders) -> StoreResult<String> {
+    async fn put(
+        &self,
+        key: &str,
+        body: Bytes,
+        headers: &WriteHeaders,
+        expect: Expect<'_>,
+    ) -> StoreResult<String> {
         let etag = self.new_etag();
         let mut state = self.enter(Op::Put)?;
+        check_expect(&state, key, expect)?;
         state.objects.insert(
             key.to_string(),
             MemObject {
@@ -306,9 +341,11 @@ impl ObjectStore for MemStore {
         key: &str,
         upload_id: &str,
         parts: &[CompletedPart],
+        expect: Expect<'_>,
     ) -> StoreResult<String> {
         let etag = self.new_etag();
         let mut state = self.enter(Op::Multipart)?;
+        check_expect(&state, key, expect)?;
         let upload = state
             .uploads
             .remove(upload_id)
@@ -457,13 +494,23 @@ mod tests {
         store.fail_next(Op::Put, 1);
         assert!(
             store
-                .put("k", Bytes::from_static(b"1"), &WriteHeaders::default())
+                .put(
+                    "k",
+                    Bytes::from_static(b"1"),
+                    &WriteHeaders::default(),
+                    Expect::Any
+                )
                 .await
                 .is_err()
         );
         assert!(
             store
-                .put("k", Bytes::from_static(b"1"), &WriteHeaders::default())
+                .put(
+                    "k",
+                    Bytes::from_static(b"1"),
+                    &WriteHeaders::default(),
+                    Expect::Any
+                )
                 .await
                 .is_ok()
         );

@@ -79,6 +79,21 @@ pub struct WriteHeaders {
     pub metadata: UserMetadata,
 }
 
+/// What a key must hold for a write to it to go ahead: conditional writes (`If-Match`,
+/// `If-None-Match: *`), which catch another client's change in the same request. Servers
+/// without conditional writes (Garage) ignore the headers; the filesystem then checks with a
+/// HEAD first.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Expect<'a> {
+    /// Whatever is there.
+    #[default]
+    Any,
+    /// No object.
+    Absent,
+    /// The object with this ETag.
+    ETag(&'a str),
+}
+
 /// One finished part of a multipart upload.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CompletedPart {
@@ -168,8 +183,15 @@ pub trait ObjectStore: Send + Sync + 'static {
             .collect())
     }
 
-    /// PutObject of a whole body; returns the new ETag.
-    async fn put(&self, key: &str, body: Bytes, headers: &WriteHeaders) -> StoreResult<String>;
+    /// PutObject of a whole body, if `expect` holds ([`StoreError::PreconditionFailed`]
+    /// otherwise, where the server checks); returns the new ETag.
+    async fn put(
+        &self,
+        key: &str,
+        body: Bytes,
+        headers: &WriteHeaders,
+        expect: Expect<'_>,
+    ) -> StoreResult<String>;
 
     /// CopyObject with metadata directive REPLACE (objects up to 5 GiB); returns the new ETag.
     async fn copy(
@@ -203,12 +225,14 @@ pub trait ObjectStore: Send + Sync + 'static {
         src_if_match: Option<&str>,
     ) -> StoreResult<String>;
 
-    /// CompleteMultipartUpload; returns the object's ETag.
+    /// CompleteMultipartUpload, if `expect` holds (as for [`Self::put`]); returns the
+    /// object's ETag.
     async fn complete_multipart(
         &self,
         key: &str,
         upload_id: &str,
         parts: &[CompletedPart],
+        expect: Expect<'_>,
     ) -> StoreResult<String>;
 
     /// AbortMultipartUpload.

@@ -23,8 +23,8 @@ use bytes::{Bytes, BytesMut};
 use tracing::debug;
 
 use super::{
-    CompletedPart, ListPage, ListedObject, ObjectInfo, ObjectStore, StoreError, StoreResult,
-    WriteHeaders,
+    CompletedPart, Expect, ListPage, ListedObject, ObjectInfo, ObjectStore, StoreError,
+    StoreResult, WriteHeaders,
 };
 
 /// How to reach the bucket.
@@ -291,12 +291,21 @@ impl ObjectStore for S3Store {
         }
     }
 
-    async fn put(&self, key: &str, body: Bytes, headers: &WriteHeaders) -> StoreResult<String> {
+    async fn put(
+        &self,
+        key: &str,
+        body: Bytes,
+        headers: &WriteHeaders,
+        expect: Expect<'_>,
+    ) -> StoreResult<String> {
+        let (if_match, if_none_match) = conditions(expect);
         let out = self
             .client
             .put_object()
             .bucket(&self.bucket)
             .key(key)
+            .set_if_match(if_match)
+            .set_if_none_match(if_none_match)
             .body(ByteStream::from(body))
             .set_content_type(headers.content_type.clone())
             .set_metadata(Some(headers.metadata.clone().into_iter().collect()))
@@ -404,7 +413,9 @@ impl ObjectStore for S3Store {
         key: &str,
         upload_id: &str,
         parts: &[CompletedPart],
+        expect: Expect<'_>,
     ) -> StoreResult<String> {
+        let (if_match, if_none_match) = conditions(expect);
         let parts = parts
             .iter()
             .map(|p| {
@@ -420,6 +431,8 @@ impl ObjectStore for S3Store {
             .bucket(&self.bucket)
             .key(key)
             .upload_id(upload_id)
+            .set_if_match(if_match)
+            .set_if_none_match(if_none_match)
             .multipart_upload(
                 CompletedMultipartUpload::builder()
                     .set_parts(Some(parts))
@@ -537,6 +550,15 @@ impl ObjectStore for S3Store {
 }
 
 /// `x-amz-copy-source`: bucket and key, the key percent-encoded except for `/`.
+/// The `If-Match` and `If-None-Match` headers of a conditional write.
+fn conditions(expect: Expect<'_>) -> (Option<String>, Option<String>) {
+    match expect {
+        Expect::Any => (None, None),
+        Expect::Absent => (None, Some("*".to_string())),
+        Expect::ETag(etag) => (Some(etag.to_string()), None),
+    }
+}
+
 fn copy_source(bucket: &str, key: &str) -> String {
     const KEEP: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
         .remove(b'/')

@@ -52,6 +52,24 @@ impl Server {
     }
 }
 
+impl Server {
+    /// The moto server `tests/run.sh` started (`tests/support/moto.sh start DIR`): the one
+    /// with conditional writes.
+    pub fn moto() -> Server {
+        let get = |k: &str| {
+            std::env::var(k).unwrap_or_else(|_| {
+                panic!("{k} is not set: run the tests with tests/run.sh, which starts moto")
+            })
+        };
+        Server {
+            endpoint: get("S3BRIDGE_MOTO_ENDPOINT"),
+            bucket: get("S3BRIDGE_MOTO_BUCKET"),
+            access_key: "test".into(),
+            secret_key: "test".into(),
+        }
+    }
+}
+
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
 /// A name unique to this process and call, for prefixes and directories.
@@ -275,6 +293,8 @@ pub struct MountOptions {
     pub cache_dir: Option<PathBuf>,
     /// Endpoint to mount through (a fault proxy); the test server's when `None`.
     pub endpoint: Option<String>,
+    /// `RUST_LOG` of the daemon; `S3BRIDGE_TEST_LOG` or `s3bridge=info` when `None`.
+    pub rust_log: Option<String>,
 }
 
 impl Default for MountOptions {
@@ -284,6 +304,7 @@ impl Default for MountOptions {
             extra: Vec::new(),
             cache_dir: None,
             endpoint: None,
+            rust_log: None,
         }
     }
 }
@@ -312,7 +333,11 @@ impl Mount {
 
     /// Mounts `prefix` (ending with `/`) of the test bucket.
     pub fn of_prefix(prefix: &str, opts: MountOptions) -> Mount {
-        let server = Server::from_env();
+        Mount::on(Server::from_env(), prefix, opts)
+    }
+
+    /// Mounts `prefix` (ending with `/`) of `server`'s bucket.
+    pub fn on(server: Server, prefix: &str, opts: MountOptions) -> Mount {
         let base = scratch().join(unique("m"));
         let path = base.join("mnt");
         std::fs::create_dir_all(&path).unwrap();
@@ -349,7 +374,9 @@ impl Mount {
             .env("AWS_REGION", "us-east-1")
             .env(
                 "RUST_LOG",
-                std::env::var("S3BRIDGE_TEST_LOG").unwrap_or_else(|_| "s3bridge=info".into()),
+                opts.rust_log.clone().unwrap_or_else(|| {
+                    std::env::var("S3BRIDGE_TEST_LOG").unwrap_or_else(|_| "s3bridge=info".into())
+                }),
             )
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
