@@ -104,6 +104,8 @@ struct Index {
     written_since_check: u64,
     /// When free space was last checked; `None`: check at the next store.
     checked_at: Option<Instant>,
+    /// Free space found then, plus what evictions freed since (`u64::MAX`: unknown).
+    free_at_check: u64,
 }
 
 /// Open block files kept for reads, with their verified headers (1 KiB each): opening a file
@@ -199,6 +201,7 @@ impl BlockCache {
                 bytes,
                 written_since_check: 0,
                 checked_at: None,
+                free_at_check: u64::MAX,
             }),
             open_files: Mutex::new(LruCache::new(open_files_capacity())),
             hits: AtomicU64::new(0),
@@ -372,15 +375,17 @@ impl BlockCache {
         {
             idx.written_since_check = 0;
             idx.checked_at = Some(Instant::now());
-            if let Ok(free) = free_bytes(&self.dir) {
-                let short = (self.limits.min_free + incoming).saturating_sub(free);
-                excess = excess.max(short);
-            }
+            idx.free_at_check = super::free_bytes(&self.dir).unwrap_or(u64::MAX);
         }
+        // Between checks, what was written since counts against the free space found, so a
+        // disk found short stays short until blocks are evicted or the next check.
+        let free = idx.free_at_check.saturating_sub(idx.written_since_check);
+        excess = excess.max((self.limits.min_free + incoming).saturating_sub(free));
         while excess > 0 {
             let Some((d, len)) = idx.lru.pop_lru() else {
                 return false;
             };
+            idx.free_at_check = idx.free_at_check.saturating_add(len);
             idx.bytes -= len;
             excess = excess.saturating_sub(len);
             self.evicted.fetch_add(1, Ordering::Relaxed);
@@ -517,17 +522,6 @@ impl OpenBlock {
             buf.slice(range.start - span.start..range.end - span.start),
         ))
     }
-}
-
-fn free_bytes(dir: &Path) -> io::Result<u64> {
-    use std::os::unix::ffi::OsStrExt;
-    let c = std::ffi::CString::new(dir.as_os_str().as_bytes())?;
-    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-    // SAFETY: `c` is a valid C string and `st` a properly sized out-parameter.
-    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(st.f_bavail as u64 * st.f_frsize as u64)
 }
 
 fn hex(d: &Digest) -> String {
@@ -702,7 +696,7 @@ mod tests {
     #[test]
     fn keeps_the_free_space_guard() {
         let dir = tempfile::tempdir().unwrap();
-        let free = free_bytes(dir.path()).unwrap();
+        let free = crate::cache::free_bytes(dir.path()).unwrap();
         let cache = BlockCache::open(
             dir.path(),
             "b",

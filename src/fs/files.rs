@@ -20,6 +20,11 @@ use crate::cache::staging::{Original, Staging};
 use crate::meta::{Inode, Kind, ROOT_INO, Timestamp, now_ns};
 use crate::store::{Expect, StoreError};
 
+/// Free space staged writes leave on the cache directory's filesystem (see
+/// `Fs::check_local_space`): room for SQLite's log of a few thousand changes and the
+/// journal rows of write-back closes, a small share of any disk meant to stage files.
+const LOCAL_RESERVE: u64 = 16 * 1024 * 1024;
+
 /// The shared state of an open inode.
 #[derive(Debug)]
 pub struct OpenFile {
@@ -415,6 +420,7 @@ impl Fs {
                 "write past the largest object S3 can hold",
             ))?;
         let file = &h.file;
+        self.check_local_space(data.len() as u64)?;
         let mut st = self.lock_for_change(file).await?;
         let staging = self.staging_of(file, &mut st)?;
         let appended = offset == staging.size();
@@ -431,6 +437,19 @@ impl Fs {
         st.last_write = Some(now);
         self.feed_stream(file, &mut st, offset, appended).await;
         Ok(data.len() as u32)
+    }
+
+    /// Fails with ENOSPC unless `incoming` more bytes can be staged while leaving
+    /// [`LOCAL_RESERVE`] free on the cache directory's filesystem, so that a file too large
+    /// for the disk fails its write cleanly, and the inode database, the journal of what was
+    /// acknowledged, and the unlink that frees the space still find room.
+    fn check_local_space(&self, incoming: u64) -> FsResult<()> {
+        match crate::cache::free_bytes(&self.staging_dir) {
+            Ok(free) if free < incoming + LOCAL_RESERVE => {
+                Err(FsError::Io(std::io::Error::from_raw_os_error(libc::ENOSPC)))
+            }
+            _ => Ok(()),
+        }
     }
 
     /// After a write at `offset`: starts a streaming upload when a file written front to back

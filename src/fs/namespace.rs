@@ -294,22 +294,32 @@ impl Fs {
     async fn detach_file(&self, inode: &Inode) -> FsResult<()> {
         if let Some(file) = self.open_file_of(inode.ino) {
             let mut st = file.state.lock().await;
-            st.unlinked = true;
-            st.dirty = false;
-            st.journaled = false;
-            let mut attrs = file.attrs();
-            attrs.parent = None;
-            attrs.ctime = Timestamp::now();
-            file.set_attrs(attrs);
-            self.meta.unlink(inode.ino)?;
-            if st.opens == 0 {
-                self.retire(&file, &mut st);
-            }
-            return Ok(());
+            return self.detach_locked(inode, &file, &mut st);
         }
         self.meta.unlink(inode.ino)?;
         if !self.is_referenced(inode.ino) {
             self.meta.forget(inode.ino)?;
+        }
+        Ok(())
+    }
+
+    /// [`Self::detach_file`] of an open file whose content lock is held.
+    fn detach_locked(
+        &self,
+        inode: &Inode,
+        file: &Arc<OpenFile>,
+        st: &mut FileState,
+    ) -> FsResult<()> {
+        st.unlinked = true;
+        st.dirty = false;
+        st.journaled = false;
+        let mut attrs = file.attrs();
+        attrs.parent = None;
+        attrs.ctime = Timestamp::now();
+        file.set_attrs(attrs);
+        self.meta.unlink(inode.ino)?;
+        if st.opens == 0 {
+            self.retire(file, st);
         }
         Ok(())
     }
@@ -341,10 +351,23 @@ impl Fs {
         self.keep_dir_alive(&dir).await?;
         self.keep_open_contents(&child).await?;
         let key = self.key_of(&child)?;
-        if child.etag.is_some() {
-            self.store.delete(&key).await?;
+        match self.open_file_of(child.ino) {
+            Some(file) => {
+                // Under the content lock: an upload in flight finishes first (and its object
+                // is deleted here), and none starts before the file is detached.
+                let mut st = file.state.lock().await;
+                if file.attrs().etag.is_some() || st.remote.is_some() {
+                    self.store.delete(&key).await?;
+                }
+                self.detach_locked(&child, &file, &mut st)?;
+            }
+            None => {
+                if child.etag.is_some() {
+                    self.store.delete(&key).await?;
+                }
+                self.detach_file(&child).await?;
+            }
         }
-        self.detach_file(&child).await?;
         self.touch_dir(parent)?;
         self.remember_absent(parent, name);
         Ok(())
