@@ -8,7 +8,7 @@ use std::fs;
 use std::os::unix::fs::MetadataExt;
 use std::time::Duration;
 
-use common::{Mount, MountOptions, eventually, pattern};
+use common::{Mount, MountOptions, eventually, pattern, sh};
 
 fn one_second_ttl() -> MountOptions {
     MountOptions {
@@ -200,4 +200,60 @@ fn read_only_mounts_read_and_refuse_changes() {
     assert_eq!(errno(fs::create_dir(m.p("d"))), Some(libc::EROFS));
     assert_eq!(errno(fs::remove_file(m.p("f"))), Some(libc::EROFS));
     assert_eq!(b.keys(), ["f"]);
+}
+
+#[test]
+fn hostile_keys_deep_and_wide_trees_never_break_the_mount() {
+    let m = Mount::with("hostile", one_second_ttl());
+    let b = m.bucket();
+    // The mount's own prefix as an object with a body, and names POSIX allows but shells
+    // dislike: all fine. A leading slash (an empty first component), `.` in the middle and a
+    // 256-byte component are not names: hidden.
+    b.put("", b"root marker with a body", &[]);
+    let ok_names = [
+        "nl\nname",
+        "tab\tname",
+        "sp ace",
+        "ünïcödé",
+        &"n".repeat(255),
+    ];
+    for name in ok_names {
+        b.put(name, b"ok", &[]);
+    }
+    for key in ["/leading", "a/./b", &"m".repeat(256)] {
+        b.put(key, b"hidden", &[]);
+    }
+    // 100 levels deep, and 3,000 entries wide.
+    let deep = "d/".repeat(100) + "leaf";
+    b.put(&deep, b"bottom", &[]);
+    b.put_many((0..3000).map(|i| format!("wide/{i:05}")).collect(), b"w");
+
+    let mut names: Vec<String> = fs::read_dir(&m.path)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    let mut expected: Vec<String> = ok_names.iter().map(|s| s.to_string()).collect();
+    expected.extend(["a", "d", "wide"].map(String::from));
+    expected.sort();
+    assert_eq!(names, expected);
+    for name in ok_names {
+        assert_eq!(fs::read(m.p(name)).unwrap(), b"ok", "{name:?}");
+    }
+    assert_eq!(fs::read(m.p(&deep)).unwrap(), b"bottom");
+    assert_eq!(fs::read_dir(m.p("wide")).unwrap().count(), 3000);
+    let found = sh(&m.path, "find . -print0 | tr -cd '\\0' | wc -c");
+    assert_eq!(
+        found.trim(),
+        (1 + ok_names.len() + 1 + 100 + 1 + 1 + 3000).to_string()
+    );
+    // Renaming the deep tree moves every level; the mount keeps working.
+    fs::rename(m.p("d"), m.p("moved")).unwrap();
+    assert_eq!(
+        fs::read(m.p(&format!("moved/{}", &deep[2..]))).unwrap(),
+        b"bottom"
+    );
+    fs::write(m.p("after"), b"fine").unwrap();
+    assert_eq!(b.get("after").unwrap(), b"fine");
+    assert_eq!(b.get("").unwrap(), b"root marker with a body", "left alone");
 }

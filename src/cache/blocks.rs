@@ -340,7 +340,11 @@ impl BlockCache {
         let write = || -> io::Result<OpenBlock> {
             let mut f = match create_0600(&tmp) {
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                    fs::DirBuilder::new().mode(0o700).create(parent)?;
+                    // Another thread may be creating the same sub-directory.
+                    match fs::DirBuilder::new().mode(0o700).create(parent) {
+                        Err(e) if e.kind() != io::ErrorKind::AlreadyExists => return Err(e),
+                        _ => {}
+                    }
                     create_0600(&tmp)?
                 }
                 other => other?,

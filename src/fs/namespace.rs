@@ -462,16 +462,51 @@ impl Fs {
             self.keep_dir_alive(&src_dir).await?;
         }
         let mut journal = None;
+        // A replaced file is held (its content lock) from here until it is detached: an
+        // upload of it in flight finishes first, and none starts that would put its contents
+        // back under the name the source is taking.
+        let replaced = dst
+            .as_ref()
+            .filter(|d| d.kind != Kind::Dir)
+            .and_then(|d| self.open_file_of(d.ino));
+        let mut replaced_state = match &replaced {
+            Some(f) => Some(f.state.lock().await),
+            None => None,
+        };
+        let dst = match &replaced {
+            Some(f) => Some(f.attrs()),
+            None => dst,
+        };
+        // A moving file is held likewise, until its row has its new name.
+        let moving = if src.kind == Kind::Dir {
+            None
+        } else {
+            self.open_file_of(src.ino)
+        };
+        let mut moving_state = match &moving {
+            Some(f) => Some(f.state.lock().await),
+            None => None,
+        };
         if src.kind == Kind::Dir {
             journal = Some(
                 self.rename_dir(&src, dst.as_ref(), (newparent, newname), &new_key)
                     .await?,
             );
         } else {
-            if let Some(d) = &dst {
-                self.keep_open_contents(d).await?;
+            if let Some(st) = replaced_state.as_mut()
+                && st.opens > 0
+            {
+                self.materialize(replaced.as_ref().expect("held"), st)
+                    .await?;
             }
-            self.rename_file(&src, dst.as_ref(), &new_key).await?;
+            self.rename_file(
+                &src,
+                dst.as_ref(),
+                &new_key,
+                moving.as_deref(),
+                moving_state.as_deref_mut(),
+            )
+            .await?;
         }
         if let Some(d) = &dst {
             if d.kind == Kind::Dir {
@@ -479,10 +514,13 @@ impl Fs {
                 if !self.is_referenced(d.ino) {
                     self.meta.forget(d.ino)?;
                 }
+            } else if let (Some(f), Some(st)) = (&replaced, replaced_state.as_mut()) {
+                self.detach_locked(d, f, st)?;
             } else {
                 self.detach_file(d).await?;
             }
         }
+
         self.meta.rename(src.ino, newparent, newname)?;
         if let Some(id) = journal {
             self.meta.end_dir_rename(id)?;
@@ -520,12 +558,26 @@ impl Fs {
     }
 
     /// Moves a file's object: server-side copy to the new key, then delete of the old one.
-    async fn rename_file(&self, src: &Inode, dst: Option<&Inode>, new_key: &str) -> FsResult<()> {
+    /// `file` and `st`: the source's open state and its content lock, held by the caller
+    /// until the row has moved, so that no upload runs under the old name meanwhile.
+    async fn rename_file(
+        &self,
+        src: &Inode,
+        dst: Option<&Inode>,
+        new_key: &str,
+        file: Option<&OpenFile>,
+        mut st: Option<&mut FileState>,
+    ) -> FsResult<()> {
         let old_key = self.key_of(src)?;
-        let file = self.open_file_of(src.ino);
-        let mut st = match &file {
-            Some(f) => Some(f.state.lock().await),
-            None => None,
+        // An upload that was in flight until the lock was ours may have created the object:
+        // the live attributes say where the contents are now.
+        let live;
+        let src = match file {
+            Some(f) => {
+                live = f.attrs();
+                &live
+            }
+            None => src,
         };
         let mut moved = src.clone();
         moved.ctime = Timestamp::now();
