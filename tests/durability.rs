@@ -4,6 +4,7 @@
 
 mod common;
 
+use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd};
 use std::path::Path;
@@ -103,13 +104,120 @@ fn flush_of_a_path_that_is_not_a_mount_says_so() {
     assert!(err.contains("no s3bridge serves"), "{err}");
 }
 
-/// The crash test of the durability contract: 20 times, a writer creates files as fast as
-/// it can while the daemon is killed with SIGKILL at a random moment; the cache directory is
-/// mounted again, `s3bridge flush` drains it, and every file whose `close()` succeeded must
-/// be in the bucket byte for byte. No multipart upload may be left behind.
-#[test]
-fn no_acknowledged_file_is_lost_to_kill_9() {
-    const ROUNDS: usize = 20;
+/// A file the workload created: its length and the seed of its contents.
+type Content = (usize, u64);
+
+/// What the filesystem acknowledged: every name a completed call left, with its contents.
+/// Names touched by the call in flight when the daemon died are uncertain and not checked.
+#[derive(Default)]
+struct Model {
+    files: HashMap<String, Content>,
+    uncertain: HashSet<String>,
+}
+
+/// How long a crash test runs and what its workload does.
+struct Plan {
+    /// Kills at least this many times.
+    rounds: usize,
+    /// Keeps going (more rounds) until then.
+    until: Option<Instant>,
+    /// Besides creating files: renames, deletes and reads back files of earlier rounds.
+    mixed: bool,
+}
+
+/// One round of the workload, until the daemon is gone (or `stop`); returns the operations
+/// it completed.
+fn workload(
+    dir: &Path,
+    round: usize,
+    seed: u64,
+    mixed: bool,
+    model: &Mutex<Model>,
+    stop: &AtomicBool,
+) -> u64 {
+    let dir_fd = File::open(dir).unwrap();
+    let mut rng = Rng(seed | 1);
+    let mut ops = 0;
+    for i in 0.. {
+        if stop.load(Ordering::Relaxed) {
+            break;
+        }
+        let existing: Vec<String> = if mixed {
+            let m = model.lock().unwrap();
+            m.files.keys().cloned().collect()
+        } else {
+            Vec::new()
+        };
+        let pick = (!existing.is_empty())
+            .then(|| existing[rng.below(existing.len() as u64) as usize].clone());
+        let op = if mixed { rng.below(10) } else { 0 };
+        let ok = match (op, pick) {
+            (7, Some(from)) => {
+                let to = format!("r{round}-m{i}");
+                let ok = std::fs::rename(dir.join(&from), dir.join(&to)).is_ok();
+                let mut m = model.lock().unwrap();
+                if ok {
+                    let c = m.files.remove(&from).expect("in the model");
+                    m.files.insert(to, c);
+                } else {
+                    m.files.remove(&from);
+                    m.uncertain.extend([from, to]);
+                }
+                ok
+            }
+            (8, Some(name)) => {
+                let ok = std::fs::remove_file(dir.join(&name)).is_ok();
+                let mut m = model.lock().unwrap();
+                m.files.remove(&name);
+                if !ok {
+                    m.uncertain.insert(name);
+                }
+                ok
+            }
+            (9, Some(name)) => {
+                let want = model.lock().unwrap().files[&name];
+                match std::fs::read(dir.join(&name)) {
+                    Ok(got) => {
+                        assert!(
+                            got == pattern(want.0, want.1),
+                            "{name} read back after recovery"
+                        );
+                        true
+                    }
+                    Err(_) => false,
+                }
+            }
+            _ => {
+                // Mostly small files, every eighth one of several parts.
+                let len = if i % 8 == 7 {
+                    6_000_000 + rng.below(8_000_000) as usize
+                } else {
+                    rng.below(300_000) as usize
+                };
+                let name = format!("r{round}-f{i}");
+                let data_seed = rng.next();
+                let ok = write_acknowledged_in(&dir_fd, &name, &pattern(len, data_seed));
+                let mut m = model.lock().unwrap();
+                if ok {
+                    m.files.insert(name, (len, data_seed));
+                } else {
+                    m.uncertain.insert(name);
+                }
+                ok
+            }
+        };
+        if !ok {
+            break; // the daemon is gone
+        }
+        ops += 1;
+    }
+    ops
+}
+
+/// Runs `plan`: a workload while the daemon is killed with SIGKILL at random moments, the
+/// cache directory mounted again after each kill; then drains the queue and checks that the
+/// bucket holds exactly what was acknowledged, and no multipart upload is left.
+fn crash_and_verify(plan: Plan) {
     let seed = std::env::var("S3BRIDGE_CRASH_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -124,64 +232,38 @@ fn no_acknowledged_file_is_lost_to_kill_9() {
     let mut rng = Rng(seed);
     let mut m = Mount::with("crash", write_back(None));
     let cache_dir = m.cache_dir.clone();
-    let acknowledged: Arc<Mutex<Vec<(String, usize, u64)>>> = Arc::default();
-    let mut attempted = 0usize;
-    for round in 0..ROUNDS {
+    let model: Arc<Mutex<Model>> = Arc::default();
+    let (mut ops, mut round) = (0u64, 0usize);
+    while round < plan.rounds || plan.until.is_some_and(|t| Instant::now() < t) {
         let stop = Arc::new(AtomicBool::new(false));
-        let writer = {
-            let (dir, stop, acked) = (m.path.clone(), stop.clone(), acknowledged.clone());
-            let mut rng = Rng(rng.next() | 1);
-            std::thread::spawn(move || {
-                let dir = File::open(&dir).unwrap();
-                let mut tried = 0;
-                for i in 0.. {
-                    if stop.load(Ordering::Relaxed) {
-                        break;
-                    }
-                    // Mostly small files, every eighth one of several parts.
-                    let len = if i % 8 == 7 {
-                        6_000_000 + rng.below(8_000_000) as usize
-                    } else {
-                        rng.below(300_000) as usize
-                    };
-                    let name = format!("r{round}-f{i}");
-                    let data_seed = rng.next();
-                    tried += 1;
-                    if write_acknowledged_in(&dir, &name, &pattern(len, data_seed)) {
-                        acked.lock().unwrap().push((name, len, data_seed));
-                    } else {
-                        break; // the daemon is gone
-                    }
-                }
-                tried
-            })
+        let worker = {
+            let (dir, stop, model) = (m.path.clone(), stop.clone(), model.clone());
+            let (seed, mixed) = (rng.next(), plan.mixed);
+            std::thread::spawn(move || workload(&dir, round, seed, mixed, &model, &stop))
         };
         std::thread::sleep(Duration::from_millis(150 + rng.below(900)));
         m.kill();
         stop.store(true, Ordering::Relaxed);
-        attempted += writer.join().unwrap();
+        ops += worker.join().unwrap();
         m = Mount::of_prefix(&m.prefix.clone(), write_back(Some(cache_dir.clone())));
         if round % 5 == 4 {
             // Some rounds drain fully before the next crash; the others crash with a queue.
             flush_ok(&m.path);
         }
+        round += 1;
     }
     let started = Instant::now();
     flush_ok(&m.path);
+    let drained = started.elapsed();
     let log = m.unmount();
-    let acked = acknowledged.lock().unwrap().clone();
-    eprintln!(
-        "{} files acknowledged of {attempted} attempted over {ROUNDS} kills; drained in {:?}",
-        acked.len(),
-        started.elapsed()
-    );
+    let model = model.lock().unwrap();
     assert!(
-        acked.len() >= ROUNDS,
-        "the workload wrote too little to test anything"
+        model.files.len() >= plan.rounds,
+        "the workload did too little to test anything"
     );
     let b = m.bucket();
     let mut bytes = 0;
-    for (name, len, data_seed) in &acked {
+    for (name, (len, data_seed)) in &model.files {
         let body = b.get(name);
         assert!(
             body.as_deref() == Some(&pattern(*len, *data_seed)[..]),
@@ -193,6 +275,45 @@ fn no_acknowledged_file_is_lost_to_kill_9() {
         );
         bytes += len;
     }
-    eprintln!("verified {} files, {bytes} bytes", acked.len());
+    for key in b.keys() {
+        assert!(
+            model.files.contains_key(&key) || model.uncertain.contains(&key),
+            "{key} is in the bucket but was never acknowledged there (deleted or renamed away)"
+        );
+    }
     assert_eq!(b.pending_uploads(), 0, "multipart uploads left behind");
+    eprintln!(
+        "{ops} operations acknowledged over {round} kills; {} files and {bytes} bytes verified \
+         in the bucket; last queue drained in {drained:?}",
+        model.files.len()
+    );
+}
+
+/// The crash test of the durability contract: 20 times, a writer creates files as fast as
+/// it can while the daemon is killed with SIGKILL at a random moment; the cache directory is
+/// mounted again, `s3bridge flush` drains it, and every file whose `close()` succeeded must
+/// be in the bucket byte for byte. No multipart upload may be left behind.
+#[test]
+fn no_acknowledged_file_is_lost_to_kill_9() {
+    crash_and_verify(Plan {
+        rounds: 20,
+        until: None,
+        mixed: false,
+    });
+}
+
+/// The soak: mixed load (creates, renames, deletes, reads back) with random `kill -9` and
+/// restarts for `S3BRIDGE_SOAK_MINUTES` (30). Run it with `tests/soak.sh`.
+#[test]
+#[ignore = "30 minutes; run with tests/soak.sh"]
+fn soak_mixed_load_with_random_kills() {
+    let minutes: u64 = std::env::var("S3BRIDGE_SOAK_MINUTES")
+        .ok()
+        .and_then(|m| m.parse().ok())
+        .unwrap_or(30);
+    crash_and_verify(Plan {
+        rounds: 20,
+        until: Some(Instant::now() + Duration::from_secs(minutes * 60)),
+        mixed: true,
+    });
 }

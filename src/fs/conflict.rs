@@ -23,6 +23,9 @@ use super::{Fs, FsResult, write};
 use crate::meta::ROOT_INO;
 use crate::store::{Expect, StoreError, WriteHeaders};
 
+/// Piece size when comparing an object with staged contents: one ranged GET each.
+const COMPARE_CHUNK: u64 = 8 * 1024 * 1024;
+
 /// Longest name of a conflict copy, in bytes (NAME_MAX).
 const MAX_NAME: usize = 255;
 
@@ -81,6 +84,57 @@ impl Fs {
             Expect::ETag(etag) => found.as_deref() != Some(etag),
             Expect::Any => false,
         })
+    }
+
+    /// The bucket does not hold what this mount expected at `key`. If it holds exactly the
+    /// staged contents — this mount's own upload, completed just before a crash kept it from
+    /// recording so — that object is ours and its ETag is returned. Otherwise the contents go
+    /// to a conflict copy ([`Self::save_conflict_copy`]) and `None` is returned.
+    pub(super) async fn settle_conflict(
+        &self,
+        file: &OpenFile,
+        st: &mut FileState,
+        key: &str,
+        headers: &WriteHeaders,
+    ) -> FsResult<Option<String>> {
+        if let Some(etag) = self.bucket_holds_staged(file, st, key).await? {
+            return Ok(Some(etag));
+        }
+        self.save_conflict_copy(file, st, key, headers).await?;
+        Ok(None)
+    }
+
+    /// The ETag of the object at `key` if it is byte for byte the staged contents (compared
+    /// in [`COMPARE_CHUNK`] pieces, stopping at the first difference); `None` otherwise, or
+    /// when part of the contents is not local (an edit of a large object).
+    async fn bucket_holds_staged(
+        &self,
+        file: &OpenFile,
+        st: &mut FileState,
+        key: &str,
+    ) -> FsResult<Option<String>> {
+        let info = match self.store.head(key).await {
+            Ok(info) => info,
+            Err(StoreError::NotFound(_)) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        let staging = self.staging_of(file, st)?;
+        let size = staging.size();
+        if info.size != size || !staging.missing_for_read(0..size).is_empty() {
+            return Ok(None);
+        }
+        for start in (0..size).step_by(COMPARE_CHUNK as usize) {
+            let end = (start + COMPARE_CHUNK).min(size);
+            let theirs = self
+                .store
+                .get_range(key, start..end, Some(&info.etag))
+                .await?;
+            let ours = staging.read(start, (end - start) as usize)?;
+            if theirs[..] != ours[..] {
+                return Ok(None);
+            }
+        }
+        Ok(Some(info.etag))
     }
 
     /// Uploads the file's contents as the conflict copy of `key`, leaves `key` to the

@@ -673,13 +673,26 @@ impl Fs {
         let headers = self.headers_of(&inode);
         let known = self.known_version(st, &key);
         let expect = known.expect();
+        // What the bucket already holds, when it is exactly our contents (an upload that
+        // completed just before a crash): nothing to send.
+        let mut adopted = None;
         if self.changed_in_bucket(&key, expect).await? {
-            return self.save_conflict_copy(file, st, &key, &headers).await;
+            match self.settle_conflict(file, st, &key, &headers).await? {
+                Some(etag) => adopted = Some(etag),
+                None => return Ok(()),
+            }
+        }
+        if adopted.is_some() {
+            self.abandon_stream(st);
         }
         let streamed = match self.finish_stream(st, &key, &headers, expect).await {
             Some(Ok(etag)) => Some(etag),
             Some(Err(StoreError::PreconditionFailed(_))) => {
-                return self.save_conflict_copy(file, st, &key, &headers).await;
+                match self.settle_conflict(file, st, &key, &headers).await? {
+                    Some(etag) => adopted = Some(etag),
+                    None => return Ok(()),
+                }
+                None
             }
             Some(Err(e)) => {
                 warn!(
@@ -691,7 +704,7 @@ impl Fs {
             None => None,
         };
         let was_streamed = streamed.is_some();
-        let result: FsResult<String> = match streamed {
+        let result: FsResult<String> = match streamed.or(adopted) {
             Some(etag) => Ok(etag),
             None => {
                 let dest = write::Destination {
@@ -702,10 +715,16 @@ impl Fs {
                 self.upload_staged(file, st, dest).await
             }
         };
+        let result = match result {
+            Err(FsError::Store(StoreError::PreconditionFailed(_))) => {
+                match self.settle_conflict(file, st, &key, &headers).await? {
+                    Some(etag) => Ok(etag),
+                    None => return Ok(()),
+                }
+            }
+            other => other,
+        };
         let staging = self.staging_of(file, st)?;
-        if let Err(FsError::Store(StoreError::PreconditionFailed(_))) = result {
-            return self.save_conflict_copy(file, st, &key, &headers).await;
-        }
         match result {
             Ok(etag) => {
                 let uploaded = Original { key, etag };

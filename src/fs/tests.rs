@@ -1311,3 +1311,18 @@ async fn a_directory_rename_interrupted_while_copying_is_completed_with_a_staged
         s.mem.keys()
     );
 }
+
+#[tokio::test]
+async fn our_own_upload_found_after_a_crash_is_not_a_conflict() {
+    let mem = Arc::new(MemStore::new());
+    mem.ignore_conditions();
+    let s = setup_write_back(mem.clone(), tempfile::tempdir().unwrap());
+    s.write_file(ROOT, "f.txt", b"mine, whole").await;
+    // The upload completed, then the process died before recording it.
+    mem.insert("pre/f.txt", b"mine, whole", WriteHeaders::default());
+    let puts = mem.count(Op::Put);
+    assert_eq!(s.fs.flush_all().await, 0);
+    assert_eq!(s.body("pre/f.txt").unwrap(), b"mine, whole");
+    assert!(conflict_copies(&s.mem, "pre/f").is_empty(), "{:?}", s.mem.keys());
+    assert_eq!(mem.count(Op::Put), puts, "nothing sent again");
+}
