@@ -668,6 +668,14 @@ fn unmount(mountpoint: &Path) -> Result<(), String> {
     let daemon = std::fs::read_to_string(PidFile::path(&canonical))
         .ok()
         .and_then(|p| p.trim().parse::<u32>().ok());
+    // Drain the upload queue first, with progress; the daemon flushes again on its way out,
+    // so a failure here (the server is down) only means that wait happens after the unmount.
+    if daemon.is_some() {
+        let terminal = std::io::IsTerminal::is_terminal(&std::io::stderr());
+        if let Err(e) = control::flush(&canonical, &mut std::io::stderr(), terminal) {
+            eprintln!("s3bridge: {e}");
+        }
+    }
     // SAFETY: geteuid cannot fail.
     let status = if unsafe { libc::geteuid() } == 0 {
         let c = std::ffi::CString::new(canonical.as_os_str().as_encoded_bytes())

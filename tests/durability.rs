@@ -150,9 +150,11 @@ fn workload(
         };
         let pick = (!existing.is_empty())
             .then(|| existing[rng.below(existing.len() as u64) as usize].clone());
+        // Mixed: half creates, a fifth each renames and deletes (so the bucket stays a few
+        // GB in a 30-minute soak), a tenth reads back.
         let op = if mixed { rng.below(10) } else { 0 };
         let ok = match (op, pick) {
-            (7, Some(from)) => {
+            (5 | 6, Some(from)) => {
                 let to = format!("r{round}-m{i}");
                 let ok = std::fs::rename(dir.join(&from), dir.join(&to)).is_ok();
                 let mut m = model.lock().unwrap();
@@ -165,7 +167,7 @@ fn workload(
                 }
                 ok
             }
-            (8, Some(name)) => {
+            (7 | 8, Some(name)) => {
                 let ok = std::fs::remove_file(dir.join(&name)).is_ok();
                 let mut m = model.lock().unwrap();
                 m.files.remove(&name);
@@ -188,8 +190,10 @@ fn workload(
                 }
             }
             _ => {
-                // Mostly small files, every eighth one of several parts.
-                let len = if i % 8 == 7 {
+                // Mostly small files, every eighth one (every 32nd in the mixed load) of
+                // several parts.
+                let every = if mixed { 32 } else { 8 };
+                let len = if i % every == every - 1 {
                     6_000_000 + rng.below(8_000_000) as usize
                 } else {
                     rng.below(300_000) as usize

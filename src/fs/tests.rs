@@ -1323,6 +1323,10 @@ async fn our_own_upload_found_after_a_crash_is_not_a_conflict() {
     let puts = mem.count(Op::Put);
     assert_eq!(s.fs.flush_all().await, 0);
     assert_eq!(s.body("pre/f.txt").unwrap(), b"mine, whole");
-    assert!(conflict_copies(&s.mem, "pre/f").is_empty(), "{:?}", s.mem.keys());
+    assert!(
+        conflict_copies(&s.mem, "pre/f").is_empty(),
+        "{:?}",
+        s.mem.keys()
+    );
     assert_eq!(mem.count(Op::Put), puts, "nothing sent again");
 }
