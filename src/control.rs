@@ -1,10 +1,12 @@
-//! The control socket: how `s3bridge flush` talks to the process serving a mount.
+//! The control socket: how `s3bridge flush` and `s3bridge status` talk to the process serving
+//! a mount.
 //!
 //! Each mount listens on a Unix socket named after a hash of its mount point, in a runtime
 //! directory only its user can enter (`/run/s3bridge` for root, `$XDG_RUNTIME_DIR/s3bridge`
 //! otherwise), next to the pid file that `s3bridge unmount` waits on. The protocol is one
 //! request line and answer lines, so it can be driven with `socat` too:
 //!
+//! - `status`: one line of JSON (see [`crate::fs::Status`]).
 //! - `flush`: uploads everything pending now; while it runs, `pending FILES BYTES` every half
 //!   second; at the end `done`, or `failed FILES` when some files could not be uploaded (they
 //!   stay queued and are retried).
@@ -118,6 +120,10 @@ async fn answer(conn: tokio::net::UnixStream, fs: Weak<Fs>) -> std::io::Result<(
                     .await
             }
         }
+        "status" => {
+            let line = fs.status().to_json().to_string() + "\n";
+            write.write_all(line.as_bytes()).await
+        }
         other => {
             write
                 .write_all(format!("error unknown request {other:?}\n").as_bytes())
@@ -126,20 +132,70 @@ async fn answer(conn: tokio::net::UnixStream, fs: Weak<Fs>) -> std::io::Result<(
     }
 }
 
-/// `s3bridge flush MOUNTPOINT`: asks the mount to upload everything pending and waits,
-/// showing progress on `progress` (a terminal gets one updating line).
-pub fn flush(mountpoint: &Path, progress: &mut dyn Write, terminal: bool) -> Result<(), String> {
+/// `s3bridge status MOUNTPOINT`: the mount's activity, as JSON (`json`) or for people.
+pub fn status(mountpoint: &Path, json: bool) -> Result<String, String> {
+    let (canonical, mut conn) = connect(mountpoint)?;
+    conn.write_all(b"status\n")
+        .map_err(|e| format!("control socket: {e}"))?;
+    let mut line = String::new();
+    BufReader::new(conn)
+        .read_line(&mut line)
+        .map_err(|e| format!("control socket: {e}"))?;
+    let v: serde_json::Value = serde_json::from_str(line.trim())
+        .map_err(|_| format!("unexpected answer from the mount: {}", line.trim()))?;
+    if json {
+        return Ok(v.to_string());
+    }
+    let n = |k: &str| v[k].as_u64().unwrap_or(0);
+    let mib = |k: &str| n(k) as f64 / (1 << 20) as f64;
+    let hit_rate = v["cache_hit_rate"]
+        .as_f64()
+        .map_or("-".to_string(), |r| format!("{:.1}%", r * 100.0));
+    Ok(format!(
+        "{}\n  uptime            {}\n  pending uploads   {} files, {:.1} MiB\n  \
+         uploading now     {} files\n  block cache       {:.1} MiB in {} blocks, hit rate {}\n  \
+         S3 requests       {} ({} failed)",
+        canonical.display(),
+        human_duration(n("uptime_secs")),
+        n("pending_files"),
+        mib("pending_bytes"),
+        n("uploads_in_flight"),
+        mib("cache_bytes"),
+        n("cache_blocks"),
+        hit_rate,
+        n("s3_requests"),
+        n("s3_errors"),
+    ))
+}
+
+fn human_duration(secs: u64) -> String {
+    match secs {
+        0..60 => format!("{secs}s"),
+        60..3600 => format!("{}m {}s", secs / 60, secs % 60),
+        _ => format!("{}h {}m", secs / 3600, secs / 60 % 60),
+    }
+}
+
+/// Connects to the control socket of the mount at `mountpoint`.
+fn connect(mountpoint: &Path) -> Result<(PathBuf, UnixStream), String> {
     let canonical = mountpoint
         .canonicalize()
         .map_err(|e| format!("{}: {e}", mountpoint.display()))?;
     let path = runtime_path(&canonical, "sock");
-    let mut conn = UnixStream::connect(&path).map_err(|e| {
+    let conn = UnixStream::connect(&path).map_err(|e| {
         format!(
             "no s3bridge serves {} (control socket {}: {e}); is it mounted, by this user?",
             canonical.display(),
             path.display()
         )
     })?;
+    Ok((canonical, conn))
+}
+
+/// `s3bridge flush MOUNTPOINT`: asks the mount to upload everything pending and waits,
+/// showing progress on `progress` (a terminal gets one updating line).
+pub fn flush(mountpoint: &Path, progress: &mut dyn Write, terminal: bool) -> Result<(), String> {
+    let (_, mut conn) = connect(mountpoint)?;
     conn.write_all(b"flush\n")
         .map_err(|e| format!("control socket: {e}"))?;
     let mut shown = false;

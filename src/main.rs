@@ -52,6 +52,14 @@ enum Commands {
         /// The mount point.
         mountpoint: PathBuf,
     },
+    /// Show a mount's activity: pending and running uploads, block cache, S3 requests.
+    Status {
+        /// The mount point.
+        mountpoint: PathBuf,
+        /// One line of JSON, for scripts.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn parse_octal(s: &str) -> Result<u32, String> {
@@ -194,6 +202,9 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Commands::Mount(args) => mount(*args),
         Commands::Unmount { mountpoint } => unmount(&mountpoint),
+        Commands::Status { mountpoint, json } => {
+            control::status(&mountpoint, json).map(|text| println!("{text}"))
+        }
         Commands::Flush { mountpoint } => {
             let terminal = std::io::IsTerminal::is_terminal(&std::io::stderr());
             s3bridge::control::flush(&mountpoint, &mut std::io::stderr(), terminal)

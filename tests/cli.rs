@@ -213,3 +213,48 @@ fn one_cache_dir_serves_one_mount() {
     let out = run(&args, &s.access_key, &s.secret_key);
     assert_one_line_error(&out, "in use by another s3bridge mount");
 }
+
+#[test]
+fn status_shows_the_activity_of_a_mount() {
+    let m = Mount::with(
+        "status",
+        common::MountOptions {
+            extra: vec!["--write-back".into()],
+            ..Default::default()
+        },
+    );
+    std::fs::write(m.p("f"), common::pattern(3 << 20, 1)).unwrap();
+    common::flush_ok(&m.path);
+    let status = |json: bool| {
+        let mut cmd = Command::new(binary());
+        cmd.arg("status").arg(&m.path);
+        if json {
+            cmd.arg("--json");
+        }
+        let out = cmd.output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let before: serde_json::Value = serde_json::from_str(&status(true)).unwrap();
+    assert_eq!(before["pending_files"], 0, "{before}");
+    assert!(before["s3_requests"].as_u64().unwrap() >= 1, "{before}");
+    // Reading the file back is served by the block cache (it was seeded by the upload).
+    assert_eq!(std::fs::read(m.p("f")).unwrap().len(), 3 << 20);
+    let after: serde_json::Value = serde_json::from_str(&status(true)).unwrap();
+    assert!(after["cache_hits"].as_u64().unwrap() >= 3, "{after}");
+    assert!(after["cache_bytes"].as_u64().unwrap() >= 3 << 20, "{after}");
+    let human = status(false);
+    for needle in ["pending uploads", "block cache", "hit rate", "S3 requests"] {
+        assert!(human.contains(needle), "{needle} in:\n{human}");
+    }
+    let missing = Command::new(binary())
+        .args(["status", "/"])
+        .output()
+        .unwrap();
+    assert!(!missing.status.success());
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("no s3bridge serves"));
+}

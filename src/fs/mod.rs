@@ -23,7 +23,7 @@ pub mod read;
 mod renames;
 pub mod stream;
 mod sync;
-mod uploads;
+mod tracked;
 pub mod write;
 mod xattr;
 
@@ -142,6 +142,56 @@ impl FsError {
             FsError::Meta(e) => e.errno(),
             FsError::Io(e) => e.raw_os_error().unwrap_or(libc::EIO),
         }
+    }
+}
+
+/// A snapshot of a mount's activity (`s3bridge status`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Status {
+    /// Seconds since the mount started.
+    pub uptime_secs: u64,
+    /// Files with data not in the bucket yet.
+    pub pending_files: usize,
+    /// Their bytes.
+    pub pending_bytes: u64,
+    /// Background uploads running now.
+    pub uploads_in_flight: usize,
+    /// Bytes in the block cache.
+    pub cache_bytes: u64,
+    /// Blocks in the block cache.
+    pub cache_blocks: u64,
+    /// Block reads served by the cache.
+    pub cache_hits: u64,
+    /// Block reads the cache could not serve.
+    pub cache_misses: u64,
+    /// Requests made to the bucket.
+    pub s3_requests: u64,
+    /// Requests that failed (after retries; "not found" included).
+    pub s3_errors: u64,
+}
+
+impl Status {
+    /// Fraction of block reads the cache served, if there were any.
+    pub fn cache_hit_rate(&self) -> Option<f64> {
+        let total = self.cache_hits + self.cache_misses;
+        (total > 0).then(|| self.cache_hits as f64 / total as f64)
+    }
+
+    /// As JSON (the control socket's answer, and `s3bridge status --json`).
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "uptime_secs": self.uptime_secs,
+            "pending_files": self.pending_files,
+            "pending_bytes": self.pending_bytes,
+            "uploads_in_flight": self.uploads_in_flight,
+            "cache_bytes": self.cache_bytes,
+            "cache_blocks": self.cache_blocks,
+            "cache_hits": self.cache_hits,
+            "cache_misses": self.cache_misses,
+            "cache_hit_rate": self.cache_hit_rate(),
+            "s3_requests": self.s3_requests,
+            "s3_errors": self.s3_errors,
+        })
     }
 }
 
@@ -272,6 +322,10 @@ pub struct Fs {
     uploads_due: Arc<tokio::sync::Notify>,
     /// Files the background uploader may upload at once.
     upload_slots: Arc<tokio::sync::Semaphore>,
+    /// Requests made to the bucket, and errors.
+    requests: Arc<tracked::RequestCounts>,
+    /// When this filesystem was opened.
+    started: std::time::Instant,
     _cache_lock: File,
 }
 
@@ -347,8 +401,12 @@ impl Fs {
         let background_uploads = cfg.background_uploads.max(1);
         // Read before any upload of this run can be recorded.
         let leftover_uploads = Mutex::new(meta.recorded_uploads()?);
-        let store: Arc<dyn ObjectStore> =
-            Arc::new(uploads::RecordedUploads::new(store, meta.clone()));
+        let requests = Arc::new(tracked::RequestCounts::default());
+        let store: Arc<dyn ObjectStore> = Arc::new(tracked::TrackedStore::new(
+            store,
+            meta.clone(),
+            requests.clone(),
+        ));
         let buffers = MemoryBudget::new(cfg.max_buffer_memory);
         let blocks = Arc::new(read::BlockSource::new(
             store.clone(),
@@ -379,6 +437,8 @@ impl Fs {
             leftover_uploads,
             uploads_due: Arc::new(tokio::sync::Notify::new()),
             upload_slots: Arc::new(tokio::sync::Semaphore::new(background_uploads)),
+            requests,
+            started: std::time::Instant::now(),
             _cache_lock: lock,
         })
     }
@@ -391,6 +451,28 @@ impl Fs {
     /// Counters of the block cache (all zero when it is off).
     pub fn cache_stats(&self) -> CacheStats {
         self.blocks.cache().map(|c| c.stats()).unwrap_or_default()
+    }
+
+    /// What `s3bridge status` shows.
+    pub fn status(&self) -> Status {
+        let (pending_files, pending_bytes) = self.pending_uploads();
+        let cache = self.cache_stats();
+        Status {
+            uptime_secs: self.started.elapsed().as_secs(),
+            pending_files,
+            pending_bytes,
+            uploads_in_flight: self
+                .cfg
+                .background_uploads
+                .max(1)
+                .saturating_sub(self.upload_slots.available_permits()),
+            cache_bytes: cache.bytes,
+            cache_blocks: cache.blocks,
+            cache_hits: cache.hits,
+            cache_misses: cache.misses,
+            s3_requests: self.requests.requests.load(Ordering::Relaxed),
+            s3_errors: self.requests.errors.load(Ordering::Relaxed),
+        }
     }
 
     fn fresh(&self, at: i64) -> bool {

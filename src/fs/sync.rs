@@ -116,7 +116,7 @@ impl Fs {
     /// staged, go up again whole). Returns how many were aborted.
     pub async fn abort_leftover_uploads(&self) -> usize {
         let leftover = std::mem::take(&mut *self.leftover_uploads.lock().unwrap());
-        super::uploads::abort_leftover_uploads(&self.store, leftover).await
+        super::tracked::abort_leftover_uploads(&self.store, leftover).await
     }
 
     /// Starts an upload task for every file that is due and not being uploaded, each taking

@@ -1,5 +1,7 @@
-//! Multipart uploads are recorded in the inode database while they are in flight, so that a
-//! crash never leaves one behind: the next mount of the same cache directory aborts every
+//! The object store as the filesystem uses it: every request counted (for `s3bridge
+//! status`), and multipart uploads recorded in the inode database while they are in flight.
+//!
+//! Multipart uploads are recorded so that a crash never leaves one behind: the next mount of the same cache directory aborts every
 //! upload still recorded (the data is still staged locally and goes up again whole).
 //!
 //! An interrupted multipart upload is invisible to `ls` but holds its parts' storage in the
@@ -10,6 +12,7 @@
 
 use std::ops::Range;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -20,16 +23,44 @@ use crate::store::{
     CompletedPart, Expect, ListPage, ObjectInfo, ObjectStore, StoreResult, WriteHeaders,
 };
 
-/// An object store whose multipart uploads are recorded in the inode database.
-pub struct RecordedUploads {
-    inner: Arc<dyn ObjectStore>,
-    meta: Arc<InodeTable>,
+/// Requests made to the object store and how many failed (after the store's retries).
+#[derive(Debug, Default)]
+pub struct RequestCounts {
+    /// Requests made.
+    pub requests: AtomicU64,
+    /// Requests that ended in an error ("not found" included).
+    pub errors: AtomicU64,
 }
 
-impl RecordedUploads {
-    /// Wraps `inner`, recording its multipart uploads in `meta`.
-    pub fn new(inner: Arc<dyn ObjectStore>, meta: Arc<InodeTable>) -> Self {
-        RecordedUploads { inner, meta }
+/// An object store whose requests are counted and whose multipart uploads are recorded in
+/// the inode database.
+pub struct TrackedStore {
+    inner: Arc<dyn ObjectStore>,
+    meta: Arc<InodeTable>,
+    counts: Arc<RequestCounts>,
+}
+
+impl TrackedStore {
+    /// Wraps `inner`, recording its multipart uploads in `meta` and counting in `counts`.
+    pub fn new(
+        inner: Arc<dyn ObjectStore>,
+        meta: Arc<InodeTable>,
+        counts: Arc<RequestCounts>,
+    ) -> Self {
+        TrackedStore {
+            inner,
+            meta,
+            counts,
+        }
+    }
+
+    /// Counts a request that ended with `result`.
+    fn tally<T>(&self, result: StoreResult<T>) -> StoreResult<T> {
+        self.counts.requests.fetch_add(1, Ordering::Relaxed);
+        if result.is_err() {
+            self.counts.errors.fetch_add(1, Ordering::Relaxed);
+        }
+        result
     }
 
     fn forget(&self, upload_id: &str) {
@@ -67,9 +98,9 @@ pub async fn abort_leftover_uploads(
 }
 
 #[async_trait]
-impl ObjectStore for RecordedUploads {
+impl ObjectStore for TrackedStore {
     async fn head(&self, key: &str) -> StoreResult<ObjectInfo> {
-        self.inner.head(key).await
+        self.tally(self.inner.head(key).await)
     }
 
     async fn get_range(
@@ -78,7 +109,7 @@ impl ObjectStore for RecordedUploads {
         range: Range<u64>,
         if_match: Option<&str>,
     ) -> StoreResult<Bytes> {
-        self.inner.get_range(key, range, if_match).await
+        self.tally(self.inner.get_range(key, range, if_match).await)
     }
 
     async fn get_range_pieces(
@@ -88,9 +119,11 @@ impl ObjectStore for RecordedUploads {
         if_match: Option<&str>,
         piece: usize,
     ) -> StoreResult<Vec<Bytes>> {
-        self.inner
-            .get_range_pieces(key, range, if_match, piece)
-            .await
+        self.tally(
+            self.inner
+                .get_range_pieces(key, range, if_match, piece)
+                .await,
+        )
     }
 
     async fn put(
@@ -100,7 +133,7 @@ impl ObjectStore for RecordedUploads {
         headers: &WriteHeaders,
         expect: Expect<'_>,
     ) -> StoreResult<String> {
-        self.inner.put(key, body, headers, expect).await
+        self.tally(self.inner.put(key, body, headers, expect).await)
     }
 
     async fn copy(
@@ -110,13 +143,15 @@ impl ObjectStore for RecordedUploads {
         src_if_match: Option<&str>,
         headers: &WriteHeaders,
     ) -> StoreResult<String> {
-        self.inner
-            .copy(src_key, dst_key, src_if_match, headers)
-            .await
+        self.tally(
+            self.inner
+                .copy(src_key, dst_key, src_if_match, headers)
+                .await,
+        )
     }
 
     async fn create_multipart(&self, key: &str, headers: &WriteHeaders) -> StoreResult<String> {
-        let upload_id = self.inner.create_multipart(key, headers).await?;
+        let upload_id = self.tally(self.inner.create_multipart(key, headers).await)?;
         if let Err(e) = self.meta.record_upload(&upload_id, key) {
             // Unrecorded, a crash would orphan it: do not use it.
             let _ = self.inner.abort_multipart(key, &upload_id).await;
@@ -134,7 +169,7 @@ impl ObjectStore for RecordedUploads {
         number: i32,
         body: Bytes,
     ) -> StoreResult<String> {
-        self.inner.upload_part(key, upload_id, number, body).await
+        self.tally(self.inner.upload_part(key, upload_id, number, body).await)
     }
 
     async fn upload_part_copy(
@@ -146,9 +181,11 @@ impl ObjectStore for RecordedUploads {
         range: Range<u64>,
         src_if_match: Option<&str>,
     ) -> StoreResult<String> {
-        self.inner
-            .upload_part_copy(key, upload_id, number, src_key, range, src_if_match)
-            .await
+        self.tally(
+            self.inner
+                .upload_part_copy(key, upload_id, number, src_key, range, src_if_match)
+                .await,
+        )
     }
 
     async fn complete_multipart(
@@ -158,16 +195,17 @@ impl ObjectStore for RecordedUploads {
         parts: &[CompletedPart],
         expect: Expect<'_>,
     ) -> StoreResult<String> {
-        let etag = self
-            .inner
-            .complete_multipart(key, upload_id, parts, expect)
-            .await?;
+        let etag = self.tally(
+            self.inner
+                .complete_multipart(key, upload_id, parts, expect)
+                .await,
+        )?;
         self.forget(upload_id);
         Ok(etag)
     }
 
     async fn abort_multipart(&self, key: &str, upload_id: &str) -> StoreResult<()> {
-        match self.inner.abort_multipart(key, upload_id).await {
+        match self.tally(self.inner.abort_multipart(key, upload_id).await) {
             // An upload the server no longer knows is as good as aborted.
             Ok(()) | Err(crate::store::StoreError::NotFound(_)) => {
                 self.forget(upload_id);
@@ -178,11 +216,11 @@ impl ObjectStore for RecordedUploads {
     }
 
     async fn delete(&self, key: &str) -> StoreResult<()> {
-        self.inner.delete(key).await
+        self.tally(self.inner.delete(key).await)
     }
 
     async fn delete_many(&self, keys: &[String]) -> StoreResult<()> {
-        self.inner.delete_many(keys).await
+        self.tally(self.inner.delete_many(keys).await)
     }
 
     async fn list(
@@ -192,6 +230,6 @@ impl ObjectStore for RecordedUploads {
         token: Option<&str>,
         max_keys: Option<i32>,
     ) -> StoreResult<ListPage> {
-        self.inner.list(prefix, delimiter, token, max_keys).await
+        self.tally(self.inner.list(prefix, delimiter, token, max_keys).await)
     }
 }
