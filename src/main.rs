@@ -22,6 +22,8 @@ use s3bridge::store::s3::{S3Options, S3Store};
 
 /// Environment variable through which a daemonizing parent hands its child the write end of
 /// the readiness pipe.
+mod mount_helper;
+
 const READY_FD_ENV: &str = "S3BRIDGE_READY_FD";
 
 #[derive(Parser, Debug)]
@@ -198,7 +200,24 @@ struct MountArgs {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let cli = if mount_helper::is_mount_helper(&args) {
+        match mount_helper::translate(&args) {
+            Ok(mount_helper::Translated { args, env }) => {
+                for (k, v) in env {
+                    // SAFETY: still single-threaded; nothing reads the environment yet.
+                    unsafe { std::env::set_var(k, v) };
+                }
+                Cli::parse_from(args)
+            }
+            Err(msg) => {
+                eprintln!("s3bridge: {msg}");
+                return ExitCode::FAILURE;
+            }
+        }
+    } else {
+        Cli::parse()
+    };
     let result = match cli.command {
         Commands::Mount(args) => mount(*args),
         Commands::Unmount { mountpoint } => unmount(&mountpoint),
