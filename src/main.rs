@@ -546,7 +546,9 @@ fn serve(
         let _ = writeln!(pipe, "ok");
     }
     *ready = None;
+    notify_systemd("READY=1\nSTATUS=mounted");
     let result = session.run();
+    notify_systemd("STOPPING=1");
     drop(fs);
     drop(control);
     drop(pid_file);
@@ -560,6 +562,25 @@ fn serve(
             error!("FUSE session ended: {e}");
             Err(format!("FUSE session ended: {e}"))
         }
+    }
+}
+
+/// Tells systemd (a `Type=notify` service) about the mount's state, if it is listening: one
+/// datagram to `$NOTIFY_SOCKET` (a path, or an abstract name after `@`). Best effort.
+fn notify_systemd(state: &str) {
+    use std::os::linux::net::SocketAddrExt;
+    use std::os::unix::net::{SocketAddr, UnixDatagram};
+    let Some(target) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let bytes = target.as_encoded_bytes();
+    let addr = match bytes.strip_prefix(b"@") {
+        Some(name) => SocketAddr::from_abstract_name(name),
+        None => SocketAddr::from_pathname(&target),
+    };
+    let sent = addr.and_then(|addr| UnixDatagram::unbound()?.send_to_addr(state.as_bytes(), &addr));
+    if let Err(e) = sent {
+        warn!("cannot notify systemd at {}: {e}", target.to_string_lossy());
     }
 }
 
