@@ -23,6 +23,7 @@ use s3bridge::store::s3::{S3Options, S3Store};
 /// Environment variable through which a daemonizing parent hands its child the write end of
 /// the readiness pipe.
 mod mount_helper;
+mod warm;
 
 const READY_FD_ENV: &str = "S3BRIDGE_READY_FD";
 
@@ -53,6 +54,12 @@ enum Commands {
     Flush {
         /// The mount point.
         mountpoint: PathBuf,
+    },
+    /// Load files (a file, or a directory's tree) of a mount into its block cache, so that
+    /// later reads are local; with a progress bar on a terminal.
+    Warm {
+        /// A file or directory inside a mount.
+        path: PathBuf,
     },
     /// Show a mount's activity: pending and running uploads, block cache, S3 requests.
     Status {
@@ -201,7 +208,13 @@ struct MountArgs {
 
 fn main() -> ExitCode {
     let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
-    let cli = if mount_helper::is_mount_helper(&args) {
+    let command = <Cli as clap::CommandFactory>::command();
+    let subcommands: Vec<&str> = command
+        .get_subcommands()
+        .map(|c| c.get_name())
+        .chain(["help"])
+        .collect();
+    let cli = if mount_helper::is_mount_helper(&args, &subcommands) {
         match mount_helper::translate(&args) {
             Ok(mount_helper::Translated { args, env }) => {
                 for (k, v) in env {
@@ -221,6 +234,15 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Commands::Mount(args) => mount(*args),
         Commands::Unmount { mountpoint } => unmount(&mountpoint),
+        Commands::Warm { path } => {
+            let terminal = std::io::IsTerminal::is_terminal(&std::io::stderr());
+            warm::warm(&path, terminal).map(|(files, bytes)| {
+                eprintln!(
+                    "warmed {files} files, {:.1} MiB",
+                    bytes as f64 / (1 << 20) as f64
+                )
+            })
+        }
         Commands::Status { mountpoint, json } => {
             control::status(&mountpoint, json).map(|text| println!("{text}"))
         }

@@ -18,9 +18,9 @@ const IGNORED: &[&str] = &[
 ];
 
 /// Whether this invocation comes from mount(8) or mount.fuse3 rather than a person: the
-/// program is called `mount.s3bridge`, or its first argument is not a subcommand or an option
-/// while a second one (the mount point) follows.
-pub fn is_mount_helper(args: &[OsString]) -> bool {
+/// program is called `mount.s3bridge`, or its first argument is not one of `subcommands` nor
+/// an option while a second one (the mount point) follows.
+pub fn is_mount_helper(args: &[OsString], subcommands: &[&str]) -> bool {
     let program = args
         .first()
         .and_then(|a| std::path::Path::new(a).file_name())
@@ -30,7 +30,7 @@ pub fn is_mount_helper(args: &[OsString]) -> bool {
         return true;
     }
     let first = args.get(1).and_then(|a| a.to_str()).unwrap_or("-");
-    let subcommand = ["mount", "unmount", "flush", "status", "help"].contains(&first);
+    let subcommand = subcommands.contains(&first);
     !subcommand && !first.starts_with('-') && args.len() >= 3
 }
 
@@ -108,13 +108,13 @@ mod tests {
 
     #[test]
     fn mount_and_fuse_invocations_are_recognised() {
-        assert!(is_mount_helper(&os(&["/sbin/mount.s3bridge", "b", "/mnt"])));
-        assert!(is_mount_helper(&os(&[
-            "s3bridge", "b:p/", "/mnt", "-o", "ro"
-        ])));
-        assert!(!is_mount_helper(&os(&["s3bridge", "mount", "b", "/mnt"])));
-        assert!(!is_mount_helper(&os(&["s3bridge", "--help"])));
-        assert!(!is_mount_helper(&os(&["s3bridge", "status", "/mnt"])));
+        let subs = ["mount", "status"];
+        let helper = |v: &[&str]| is_mount_helper(&os(v), &subs);
+        assert!(helper(&["/sbin/mount.s3bridge", "b", "/mnt"]));
+        assert!(helper(&["s3bridge", "b:p/", "/mnt", "-o", "ro"]));
+        assert!(!helper(&["s3bridge", "mount", "b", "/mnt"]));
+        assert!(!helper(&["s3bridge", "--help"]));
+        assert!(!helper(&["s3bridge", "status", "/mnt"]));
     }
 
     #[test]

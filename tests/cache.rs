@@ -7,6 +7,7 @@ mod common;
 use std::fs;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::time::Duration;
 
 use common::{Mount, MountOptions, pattern, scratch, sh, unique};
@@ -182,4 +183,51 @@ fn a_file_written_through_the_mount_is_cached_for_reading_back() {
     m.bucket().delete("written");
     m.remount(ttl("forever"));
     assert!(fs::read(m.p("written")).unwrap() == data);
+}
+
+#[test]
+fn warm_loads_a_tree_into_the_cache() {
+    let m = Mount::with("cache-warm", ttl("forever"));
+    let b = m.bucket();
+    let files = [
+        ("photos/a.jpg", pattern(3 * 1024 * 1024 + 5, 11)),
+        ("photos/2024/b.jpg", pattern(1024 * 1024, 12)),
+        ("photos/2024/c.txt", pattern(10, 13)),
+    ];
+    for (k, v) in &files {
+        b.put(k, v, &[]);
+    }
+    b.put("elsewhere.bin", &pattern(2 * 1024 * 1024, 14), &[]);
+    let out = Command::new(common::binary())
+        .arg("warm")
+        .arg(m.p("photos"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        said.lines().filter(|l| l.starts_with("warmed ")).count(),
+        3,
+        "{said}"
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("warmed 3 files"));
+    // 4 + 1 + 1 blocks, and nothing of the file outside the tree.
+    assert_eq!(block_files(&m.cache_dir).len(), 6);
+    // The bucket can go: the warmed files read from the cache.
+    for (k, _) in &files {
+        b.delete(k);
+    }
+    for (k, v) in &files {
+        assert!(fs::read(m.p(k)).unwrap() == *v, "{k} from the cache");
+    }
+    let missing = Command::new(common::binary())
+        .arg("warm")
+        .arg(m.p("no-such-dir"))
+        .output()
+        .unwrap();
+    assert!(!missing.status.success());
 }
