@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what s3bridge's tests need, skipping whatever is already there:
-#   Debian packages: fuse3, s3fs, rsync, git, vim, curl, python3, python3-venv
+#   Debian packages: fuse3, s3fs, rsync, git, vim, curl, python3, python3-venv, samba,
+#                    smbclient
 #   from crates.io:  garage 2.5.0 (the S3 server; ~11 min to build once), fsx, pjdfstest
 #   the dummy user pjdfstest switches to ("tests")
 # Usage: tests/support/ensure-deps.sh [--no-conformance]
@@ -22,6 +23,9 @@ need vim vim
 need curl curl
 need python3 python3
 need pkg-config pkg-config
+# Front ends the tests put on a mount (tests/samba.rs).
+need smbd samba
+need smbclient smbclient
 # moto (tests/support/moto.sh) is installed into a virtual environment.
 python3 -m venv --help >/dev/null 2>&1 || missing+=(python3-venv)
 if [ ${#missing[@]} -gt 0 ]; then
