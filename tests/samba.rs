@@ -83,7 +83,10 @@ impl Smbd {
             .unwrap();
         let text = String::from_utf8_lossy(&out.stdout).to_string()
             + &String::from_utf8_lossy(&out.stderr);
-        assert!(out.status.success() && !text.contains("NT_STATUS_"), "{commands}:\n{text}");
+        assert!(
+            out.status.success() && !text.contains("NT_STATUS_"),
+            "{commands}:\n{text}"
+        );
         text
     }
 }
@@ -119,7 +122,11 @@ fn a_samba_share_on_the_mount_saves_exactly_what_clients_send() {
          put big.bin big.bin",
     );
     // Overwrite, rename, delete, like an editor's save and a user's tidy-up.
-    fs::write(local.join("report.txt"), b"final version, longer than the draft").unwrap();
+    fs::write(
+        local.join("report.txt"),
+        b"final version, longer than the draft",
+    )
+    .unwrap();
     smbd.client(
         &local,
         "put report.txt docs\\report.txt; rename docs\\report.txt docs\\old\\report-2024.txt; \
@@ -127,8 +134,14 @@ fn a_samba_share_on_the_mount_saves_exactly_what_clients_send() {
     );
     let back = work.join("back");
     fs::create_dir_all(&back).unwrap();
-    smbd.client(&back, "get big.bin big.bin; get docs\\old\\report-2024.txt report.txt");
-    assert!(fs::read(back.join("big.bin")).unwrap() == big, "300 MiB round trip");
+    smbd.client(
+        &back,
+        "get big.bin big.bin; get docs\\old\\report-2024.txt report.txt",
+    );
+    assert!(
+        fs::read(back.join("big.bin")).unwrap() == big,
+        "300 MiB round trip"
+    );
     assert_eq!(
         fs::read(back.join("report.txt")).unwrap(),
         b"final version, longer than the draft"
