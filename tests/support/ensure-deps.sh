@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what s3bridge's tests need, skipping whatever is already there:
 #   Debian packages: fuse3, s3fs, rsync, git, vim, curl, python3, python3-venv, samba,
-#                    smbclient
+#                    smbclient, apache2, php, libapache2-mod-php
 #   from crates.io:  garage 2.5.0 (the S3 server; ~11 min to build once), fsx, pjdfstest
 #   the dummy user pjdfstest switches to ("tests")
 # Usage: tests/support/ensure-deps.sh [--no-conformance]
@@ -23,9 +23,12 @@ need vim vim
 need curl curl
 need python3 python3
 need pkg-config pkg-config
-# Front ends the tests put on a mount (tests/samba.rs).
+# Front ends the tests put on a mount (tests/samba.rs, tests/webapp.rs).
 need smbd samba
 need smbclient smbclient
+need apache2 apache2
+[ -e /usr/lib/apache2/modules/libphp8.2.so ] || ls /usr/lib/apache2/modules/libphp*.so >/dev/null 2>&1 \
+    || missing+=(php libapache2-mod-php)
 # moto (tests/support/moto.sh) is installed into a virtual environment.
 python3 -m venv --help >/dev/null 2>&1 || missing+=(python3-venv)
 if [ ${#missing[@]} -gt 0 ]; then
