@@ -61,6 +61,12 @@ enum Commands {
         /// A file or directory inside a mount.
         path: PathBuf,
     },
+    /// Write the man pages and shell completions into DIR (for packaging).
+    #[command(hide = true)]
+    Generate {
+        /// Output directory; `man/` and `completions/` are created in it.
+        dir: PathBuf,
+    },
     /// Show a mount's activity: pending and running uploads, block cache, S3 requests.
     Status {
         /// The mount point.
@@ -243,6 +249,7 @@ fn main() -> ExitCode {
                 )
             })
         }
+        Commands::Generate { dir } => generate(&dir),
         Commands::Status { mountpoint, json } => {
             control::status(&mountpoint, json).map(|text| println!("{text}"))
         }
@@ -585,6 +592,28 @@ fn serve(
             Err(format!("FUSE session ended: {e}"))
         }
     }
+}
+
+/// Writes `s3bridge.1` and a page per subcommand (`s3bridge-mount.1`, ...) into `dir/man`,
+/// and bash, zsh and fish completions into `dir/completions`: the package ships them.
+fn generate(dir: &Path) -> Result<(), String> {
+    use clap::CommandFactory;
+    let io = |e: std::io::Error| format!("{}: {e}", dir.display());
+    let man = dir.join("man");
+    let completions = dir.join("completions");
+    std::fs::create_dir_all(&man).map_err(io)?;
+    std::fs::create_dir_all(&completions).map_err(io)?;
+    let cmd = Cli::command();
+    clap_mangen::generate_to(cmd.clone(), &man).map_err(io)?;
+    for shell in [
+        clap_complete::Shell::Bash,
+        clap_complete::Shell::Zsh,
+        clap_complete::Shell::Fish,
+    ] {
+        clap_complete::generate_to(shell, &mut cmd.clone(), "s3bridge", &completions)
+            .map_err(io)?;
+    }
+    Ok(())
 }
 
 /// Tells systemd (a `Type=notify` service) about the mount's state, if it is listening: one

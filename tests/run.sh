@@ -4,7 +4,8 @@
 #   1. cargo fmt --check and cargo clippy -D warnings
 #   2. unit tests (fs/ on the in-memory store, meta/, store/, cache/)
 #   3. end-to-end tests: real FUSE mounts of the s3bridge binary, real programs, s3fs
-#   4. conformance: pjdfstest and fsx on a mount (tests/conformance/run.sh)
+#   4. the Debian package: built, installed, mounted with, removed (tests/packaging/deb.sh)
+#   5. conformance: pjdfstest and fsx on a mount (tests/conformance/run.sh)
 # Run as root (FUSE mounts, pjdfstest's user switching). Cleans up its server and mounts
 # whatever happens.
 #
@@ -62,6 +63,9 @@ echo "moto endpoint $S3BRIDGE_MOTO_ENDPOINT"
 
 step "unit and end-to-end tests"
 cargo test --quiet --all-targets -- --test-threads=2
+
+step "packaging: build, install, mount with and remove the Debian package"
+tests/packaging/deb.sh
 
 if [ "${S3BRIDGE_SKIP_CONFORMANCE:-0}" != 1 ]; then
     step "conformance: pjdfstest and fsx"

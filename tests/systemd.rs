@@ -12,7 +12,8 @@ use common::{Server, binary, is_mounted, scratch, unique};
 
 fn verify(unit: &Path) {
     // The units name /usr/bin/s3bridge, which the package installs; here it is the binary
-    // under test. Man pages come with the package too.
+    // under test. Man pages come with the package too (tests/packaging/deb.sh verifies the
+    // installed unit with them).
     let text = std::fs::read_to_string(unit)
         .unwrap()
         .replace("/usr/bin/s3bridge", binary().to_str().unwrap());
