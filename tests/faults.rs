@@ -176,3 +176,39 @@ fn a_minute_without_the_server() {
         );
     }
 }
+
+/// SIGTERM (systemd stopping the service) unmounts only after the write-back queue is in the
+/// bucket: files queued while the server was unreachable go up on the way out.
+#[test]
+fn sigterm_drains_the_write_back_queue_before_exiting() {
+    let server = Server::from_env();
+    let proxy = FaultProxy::start(&server.endpoint);
+    let mut m = Mount::with(
+        "sigterm",
+        through(&proxy, &["--write-back", "--max-attempts", "2"]),
+    );
+    // Listed once, the directory's known contents keep answering lookups while the server
+    // is away (a never-listed one could not say whether a name is free).
+    assert_eq!(fs::read_dir(&m.path).unwrap().count(), 0);
+    proxy.set_down(true);
+    let files: Vec<(String, Vec<u8>)> = (0..10)
+        .map(|i| (format!("q{i}"), pattern(50_000 + i * 10_000, 40 + i as u64)))
+        .collect();
+    for (name, data) in &files {
+        write_checked(&m.p(name), data).unwrap();
+    }
+    // Queued, not uploaded: the server is away.
+    std::thread::sleep(Duration::from_millis(500));
+    proxy.set_down(false);
+    assert!(
+        m.signal_and_wait(libc::SIGTERM, Duration::from_secs(60)),
+        "the daemon exits after SIGTERM"
+    );
+    let b = m.bucket();
+    for (name, data) in &files {
+        assert!(
+            b.get(name).as_deref() == Some(&data[..]),
+            "{name} uploaded on the way out"
+        );
+    }
+}

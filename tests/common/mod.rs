@@ -448,6 +448,24 @@ impl Mount {
         self.start(&opts);
     }
 
+    /// Sends `signal` to the daemon and waits (up to `timeout`) for it to exit; whether it did.
+    pub fn signal_and_wait(&mut self, signal: i32, timeout: Duration) -> bool {
+        let Some(child) = self.child.as_mut() else {
+            return true;
+        };
+        // SAFETY: signalling our own child process.
+        unsafe { libc::kill(child.id() as i32, signal) };
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if child.try_wait().unwrap().is_some() {
+                self.child = None;
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        false
+    }
+
     /// Kills the daemon with SIGKILL (no chance to clean up) and detaches the mount.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
