@@ -672,6 +672,7 @@ impl Fs {
         };
         let headers = self.headers_of(&inode);
         let known = self.known_version(st, &key);
+        debug!(key, ?known, mtime = ?inode.mtime, "uploading");
         let expect = known.expect();
         // What the bucket already holds, when it is exactly our contents (an upload that
         // completed just before a crash): nothing to send.
@@ -952,6 +953,7 @@ impl Fs {
             return Ok(());
         }
         let key = self.key_of(inode)?;
+        debug!(key, etag = ?inode.etag, mtime = ?inode.mtime, "rewriting headers");
         let etag = match inode.kind {
             Kind::Dir => {
                 self.store
