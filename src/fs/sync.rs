@@ -85,7 +85,28 @@ impl Fs {
                 "found files with data not yet uploaded; uploading them"
             );
         }
+        self.remove_stray_staging();
         Ok(recovered)
+    }
+
+    /// Deletes staging files no recovered file owns: those of files unlinked, or uploaded,
+    /// just before a crash (their rows are gone or clean). Nothing else is open at start.
+    fn remove_stray_staging(&self) {
+        let Ok(entries) = std::fs::read_dir(&self.staging_dir) else {
+            return;
+        };
+        let owned: std::collections::HashSet<u64> =
+            self.open_files.lock().unwrap().keys().copied().collect();
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let ino = name
+                .to_str()
+                .and_then(|n| n.strip_suffix(".data"))
+                .and_then(|n| n.parse::<u64>().ok());
+            if ino.is_none_or(|ino| !owned.contains(&ino)) {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
     }
 
     /// Runs the background uploader until the filesystem is dropped: first aborts the

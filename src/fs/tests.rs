@@ -1330,3 +1330,30 @@ async fn our_own_upload_found_after_a_crash_is_not_a_conflict() {
     );
     assert_eq!(mem.count(Op::Put), puts, "nothing sent again");
 }
+
+#[tokio::test]
+async fn staging_files_nobody_owns_are_removed_at_start() {
+    let mem = Arc::new(MemStore::new());
+    let s = setup_write_back(mem.clone(), tempfile::tempdir().unwrap());
+    s.write_file(ROOT, "kept", b"pending").await;
+    let gone = s
+        .write_file(ROOT, "gone", b"unlinked before its upload")
+        .await;
+    s.fs.unlink(ROOT, n("gone")).await.unwrap();
+    let Setup { fs, dir, .. } = s;
+    drop(fs);
+    let staging = dir.path().join("staging");
+    // Left by a crash: a staging file whose row is gone, and a stray temporary.
+    std::fs::write(staging.join(format!("{gone}.data")), b"x").unwrap();
+    std::fs::write(staging.join("leftover.tmp"), b"x").unwrap();
+    let s = setup_write_back(mem.clone(), dir);
+    assert_eq!(s.fs.recover_pending().unwrap(), 1);
+    let left: Vec<String> = std::fs::read_dir(s.dir.path().join("staging"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(left.len(), 1, "{left:?}");
+    assert_eq!(s.fs.flush_all().await, 0);
+    assert_eq!(s.body("pre/kept").unwrap(), b"pending");
+    assert!(s.body("pre/gone").is_none());
+}
