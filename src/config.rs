@@ -96,9 +96,11 @@ pub struct Config {
     pub read_ahead_max: u64,
     /// Size of each ranged GET of a read-ahead window (8 MiB).
     pub read_part_size: u64,
-    /// Read every object's POSIX headers (one HEAD) before showing its attributes, instead of
-    /// the listing's attributes and the defaults until it is opened (false).
-    pub exact_attributes: bool,
+    /// Show files as their listing describes them (size, Last-Modified, the mount's owner and
+    /// mode) and read their headers only when they are opened, instead of reading every
+    /// object's headers with the listing (false). For buckets that only plain S3 clients
+    /// write: there, no object carries headers, and the listing alone is exact.
+    pub trust_listings: bool,
     /// Serve `user.*` extended attributes (stored in s3fs's `x-amz-meta-xattr`). Off, the
     /// kernel is told there are none and stops asking, which saves two round trips per file
     /// of every `ls -l` (false, as s3fs without `use_xattr`).
@@ -143,7 +145,7 @@ impl Default for Config {
             conditional_writes: false,
             read_ahead_max: 64 * 1024 * 1024,
             read_part_size: 8 * 1024 * 1024,
-            exact_attributes: false,
+            trust_listings: false,
             xattrs: false,
             cache_size: 10 << 30,
             cache_min_free: 1 << 30,

@@ -19,6 +19,7 @@ use fuser::{
 };
 use tracing::{debug, warn};
 
+use crate::fs::kernel::{Invalidation, KernelCache};
 use crate::fs::{self, Attr, BLKSIZE, Caller, Fs, FsError, SetAttr, TimeSet};
 use crate::meta::Kind;
 
@@ -88,7 +89,51 @@ pub fn mount(
     mountpoint: &Path,
 ) -> io::Result<fuser::Session<FuseAdapter>> {
     let config = mount_options(&fs);
-    fuser::Session::new(FuseAdapter::new(fs, rt), mountpoint, &config)
+    let session = fuser::Session::new(FuseAdapter::new(fs.clone(), rt), mountpoint, &config)?;
+    fs.set_kernel_cache(Arc::new(KernelNotifier::start(session.notifier())?));
+    Ok(session)
+}
+
+/// The kernel's caches of a mount, told to forget through FUSE notifications.
+///
+/// They are sent from a thread of their own. The kernel applies an invalidation under the
+/// inode's lock, which the request that brought the news (a lookup, a readdir of the
+/// directory) may hold until it is answered: sending from the task that answers it would
+/// wait for itself.
+#[derive(Debug)]
+struct KernelNotifier {
+    queue: std::sync::mpsc::Sender<Invalidation>,
+}
+
+impl KernelNotifier {
+    fn start(notifier: fuser::Notifier) -> io::Result<Self> {
+        let (queue, pending) = std::sync::mpsc::channel::<Invalidation>();
+        std::thread::Builder::new()
+            .name("s3bridge-notify".into())
+            .spawn(move || {
+                // Ends when the filesystem, which holds the sender, is dropped.
+                for what in pending {
+                    let sent = match &what {
+                        Invalidation::Inode(ino) => notifier.inval_inode(INodeNo(*ino), 0, 0),
+                        Invalidation::Attributes(ino) => notifier.inval_inode(INodeNo(*ino), -1, 0),
+                        Invalidation::Entry(parent, name) => {
+                            notifier.inval_entry(INodeNo(*parent), OsStr::new(name))
+                        }
+                    };
+                    if let Err(e) = sent {
+                        debug!(?what, "kernel invalidation not applied: {e}");
+                    }
+                }
+            })?;
+        Ok(KernelNotifier { queue })
+    }
+}
+
+impl KernelCache for KernelNotifier {
+    fn invalidate(&self, what: Invalidation) {
+        // Fails only once the thread is gone, i.e. after the unmount.
+        let _ = self.queue.send(what);
+    }
 }
 
 fn errno(op: &str, e: &FsError) -> Errno {

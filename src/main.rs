@@ -146,11 +146,15 @@ struct MountArgs {
     /// bucket, or `forever` for a bucket only this mount writes.
     #[arg(long, default_value = "5")]
     metadata_ttl: MetadataTtl,
-    /// Read each object's POSIX headers (one HEAD per file) before showing its attributes, as
-    /// s3fs does. Without it, files listed but not yet opened show the listing's size and
-    /// Last-Modified with the default owner and mode: `ls -l` of a cold directory then costs
-    /// LIST requests only. Opens always read the headers and check permissions against them.
+    /// Show files as their listing describes them (size and Last-Modified, with --uid, --gid
+    /// and --file-mode) until they are opened, instead of reading each new object's headers
+    /// with the listing. Only for buckets that plain S3 clients alone write: objects written
+    /// by s3fs or another s3bridge mount (modes, owners, times, symlinks) show wrong until
+    /// opened. Saves one HEAD per object the first time a directory is listed.
     #[arg(long)]
+    trust_listings: bool,
+    /// Accepted for older fstab lines: exact attributes are the default now.
+    #[arg(long, hide = true)]
     exact_attributes: bool,
     /// Serve user.* extended attributes, stored as s3fs stores them (s3fs's use_xattr).
     /// Without it the mount has no xattrs (EOPNOTSUPP), which spares `ls -l` two round trips
@@ -309,7 +313,7 @@ fn build_config(args: &MountArgs) -> Result<Config, String> {
         background_uploads: args.background_uploads.max(1),
         read_ahead_max: args.read_ahead,
         read_part_size: args.read_part_size.max(1),
-        exact_attributes: args.exact_attributes,
+        trust_listings: args.trust_listings,
         xattrs: args.xattr,
         cache_size: args.cache_size,
         cache_min_free: args.cache_min_free,
@@ -506,6 +510,9 @@ fn serve(
         (None, false) => None,
     };
     init_logging(&args.log_level, log_file.as_deref())?;
+    if args.exact_attributes {
+        warn!("--exact-attributes is the default now and can be dropped from the mount options");
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(std::thread::available_parallelism().map_or(4, |n| n.get().max(4)))
         .enable_all()

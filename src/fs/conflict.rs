@@ -147,6 +147,7 @@ impl Fs {
         headers: &WriteHeaders,
     ) -> FsResult<()> {
         let copy = conflict_key(key, SystemTime::now());
+        let _change = self.local.begin(&copy);
         warn!(
             key,
             conflict_copy = copy,
@@ -174,6 +175,7 @@ impl Fs {
         let mut attrs = file.attrs();
         attrs.dirty = false;
         attrs.etag = None;
+        attrs.last_modified = None;
         attrs.headers_known = false;
         attrs.validated_at = 0;
         self.save(&attrs)?;

@@ -672,6 +672,7 @@ impl Fs {
         };
         let headers = self.headers_of(&inode);
         let known = self.known_version(st, &key);
+        let _change = self.local.begin(&key);
         debug!(key, ?known, mtime = ?inode.mtime, "uploading");
         let expect = known.expect();
         // What the bucket already holds, when it is exactly our contents (an upload that
@@ -736,9 +737,8 @@ impl Fs {
                 st.journaled = false;
                 st.no_stream = false;
                 let mut attrs = file.attrs();
-                attrs.etag = Some(uploaded.etag.clone());
+                attrs.wrote(uploaded.etag.clone());
                 attrs.dirty = false;
-                attrs.headers_known = true;
                 attrs.validated_at = now_ns();
                 if was_streamed {
                     self.after_stream(&mut attrs, st.last_write).await?;
@@ -833,9 +833,12 @@ impl Fs {
         }
         let key = self.key_of(attrs)?;
         if let Ok(info) = self.store.head(&key).await {
-            attrs.mtime = Timestamp::from(info.last_modified);
+            let version =
+                crate::meta::ObjectVersion::new(&info.etag, info.size, info.last_modified);
+            attrs.mtime = version.modified();
             attrs.ctime = attrs.mtime;
             attrs.atime = attrs.mtime;
+            attrs.last_modified = Some(version.last_modified);
         }
         Ok(())
     }
@@ -953,6 +956,7 @@ impl Fs {
             return Ok(());
         }
         let key = self.key_of(inode)?;
+        let _change = self.local.begin(&key);
         debug!(key, etag = ?inode.etag, mtime = ?inode.mtime, "rewriting headers");
         let etag = match inode.kind {
             Kind::Dir => {
@@ -976,8 +980,7 @@ impl Fs {
                 None => return Ok(()),
             },
         };
-        inode.etag = Some(etag);
-        inode.headers_known = true;
+        inode.wrote(etag);
         inode.validated_at = now_ns();
         Ok(())
     }

@@ -15,8 +15,11 @@
 //! 4. short synchronous locks (the inode table, the handle table), never held across `.await`.
 
 pub mod budget;
+mod changes;
 mod conflict;
 mod files;
+pub mod kernel;
+mod listing;
 mod locks;
 mod namespace;
 pub mod read;
@@ -43,15 +46,17 @@ use crate::cache::blocks::{BlockCache, CacheLimits, CacheStats};
 use crate::cache::staging::Original;
 use crate::config::Config;
 use crate::meta::headers::{self, DIR_CONTENT_TYPE, PosixHeaders};
-use crate::meta::names::{self, HiddenKeyLog, Listed, NameError};
+use crate::meta::names::{self, HiddenKeyLog, NameError};
+use crate::meta::objects::SYMLINK_MAX;
 use crate::meta::{
-    EntryDefaults, Inode, InodeTable, Kind, ListedFile, Listing, MetaError, ROOT_INO, Timestamp,
-    now_ns,
+    Changes, EntryDefaults, Found, Headers, Inode, InodeTable, Kind, MetaError, ObjectMeta,
+    ObjectVersion, ROOT_INO, Timestamp, now_ns,
 };
-use crate::store::{ObjectInfo, ObjectStore, StoreError, WriteHeaders};
+use crate::store::{ObjectStore, StoreError, WriteHeaders};
 
 use budget::MemoryBudget;
 pub use files::{OpenFile, Opened, SetAttr, TimeSet};
+use kernel::{Invalidation, KernelCache, NoKernel};
 use locks::LockMap;
 pub use xattr::is_stored_xattr;
 
@@ -312,6 +317,12 @@ pub struct Fs {
     open_files: Mutex<HashMap<u64, Arc<OpenFile>>>,
     dir_locks: LockMap,
     tree: tokio::sync::RwLock<()>,
+    /// Keys this mount is changing, which listings running meanwhile leave alone.
+    local: changes::LocalChanges,
+    /// Reads the headers that listings lack, within one budget of requests.
+    headers: listing::HeaderReader,
+    /// The kernel's caches, once the mount exists.
+    kernel: std::sync::OnceLock<Arc<dyn KernelCache>>,
     lookups: Mutex<HashMap<u64, u64>>,
     negative: Mutex<HashMap<(u64, String), i64>>,
     /// Per inode, the ETag of the version whose pages the kernel may have cached.
@@ -407,6 +418,7 @@ impl Fs {
             meta.clone(),
             requests.clone(),
         ));
+        let headers = listing::HeaderReader::new(store.clone(), !cfg.trust_listings);
         let buffers = MemoryBudget::new(cfg.max_buffer_memory);
         let blocks = Arc::new(read::BlockSource::new(
             store.clone(),
@@ -431,6 +443,9 @@ impl Fs {
             open_files: Mutex::new(HashMap::new()),
             dir_locks: LockMap::default(),
             tree: tokio::sync::RwLock::new(()),
+            local: changes::LocalChanges::default(),
+            headers,
+            kernel: std::sync::OnceLock::new(),
             lookups: Mutex::new(HashMap::new()),
             negative: Mutex::new(HashMap::new()),
             page_cached: Mutex::new(HashMap::new()),
@@ -446,6 +461,19 @@ impl Fs {
     /// The mount's configuration.
     pub fn config(&self) -> &Config {
         &self.cfg
+    }
+
+    /// Connects the kernel's caches (the FUSE session's notifications), so that what the
+    /// mount learns changed outside is forgotten there too. Set once, when mounted.
+    pub fn set_kernel_cache(&self, kernel: Arc<dyn KernelCache>) {
+        let _ = self.kernel.set(kernel);
+    }
+
+    fn kernel(&self) -> &dyn KernelCache {
+        match self.kernel.get() {
+            Some(k) => k.as_ref(),
+            None => &NoKernel,
+        }
     }
 
     /// Counters of the block cache (all zero when it is off).
@@ -635,6 +663,7 @@ impl Fs {
             .await?
             .ok_or(FsError::NotFound)?;
         let inode = self.stat_view(inode).await?;
+        let inode = self.with_fresh_clock(inode).await?;
         let attr = self.attr(&inode)?;
         self.remember(inode.ino);
         Ok(attr)
@@ -655,21 +684,35 @@ impl Fs {
             inode
         };
         let inode = self.stat_view(inode).await?;
+        let inode = self.with_fresh_clock(inode).await?;
         self.attr(&inode)
     }
 
-    /// `inode` as `stat` shows it. A listed file's attributes come from the listing (size,
-    /// Last-Modified) and the mount's defaults until its headers are read, at open or by a
-    /// change of attributes, so `ls -l` of a cold directory costs LIST pages and no HEAD per
-    /// file. Directories are few and their modes gate every lookup beneath them, so their
-    /// markers are read at once; `--exact-attributes` reads every file's headers too, as
-    /// s3fs does.
+    /// `inode` as `stat` shows it: with the headers of its object (design.md §4: exact from
+    /// the first look). Listings read them already; this reads those a listing could not.
+    /// With `--trust-listings` a file shows what its listing said until it is opened.
     async fn stat_view(&self, inode: Inode) -> FsResult<Inode> {
-        if inode.kind == Kind::Dir || self.cfg.exact_attributes {
+        if inode.kind == Kind::Dir || !self.cfg.trust_listings {
             self.ensure_headers(inode).await
         } else {
             Ok(inode)
         }
+    }
+
+    /// A directory this mount listed before, with its listing brought up to date first if it
+    /// is stale: its mtime is how programs notice that its entries changed (Nextcloud
+    /// compares `filemtime(dir)` with what it stored, shared/nextcloud.md), so a `stat` of it
+    /// must reflect what the bucket holds now, not what it held at the last `ls`. A
+    /// directory never listed has nothing to compare against and is left alone.
+    async fn with_fresh_clock(&self, inode: Inode) -> FsResult<Inode> {
+        let stale = inode.kind == Kind::Dir
+            && inode.listed_at.is_some_and(|t| !self.fresh(t))
+            && (inode.parent.is_some() || inode.ino == ROOT_INO);
+        if !stale {
+            return Ok(inode);
+        }
+        self.refresh_dir_or_stale(&inode).await?;
+        self.inode(inode.ino)
     }
 
     /// The child `name` of `dir`: from the table while fresh, else asked of the bucket.
@@ -722,9 +765,11 @@ impl Fs {
     }
 
     /// Asks the bucket whether `name` exists in `dir`: a HEAD of the file key and a one-key
-    /// LIST of the directory prefix, concurrently. A directory wins over a file.
+    /// LIST of the directory prefix, concurrently (and the marker's headers when they are
+    /// news). A directory wins over a file.
     async fn probe_child(&self, dir: &Inode, name: &str) -> FsResult<Option<Inode>> {
-        let started = now_ns();
+        let read = self.local.start_read();
+        let dir_key = self.key_of(dir)?;
         let file_key = self.child_key(dir, name, false)?;
         let dir_prefix = format!("{file_key}/");
         let (head, list) = tokio::join!(
@@ -737,65 +782,65 @@ impl Fs {
             Err(e) => return Err(e.into()),
         };
         let list = list?;
-        // Someone (this mount) changed the entry while we asked: theirs is newer.
-        let row = self.meta.child(dir.ino, name)?;
-        if let Some(r) = &row
-            && (r.dirty || r.validated_at > started)
-        {
-            return Ok(row);
-        }
         let is_dir = !list.objects.is_empty() || !list.prefixes.is_empty();
-        if is_dir {
-            let marker = list
-                .objects
-                .first()
-                .filter(|o| o.key == dir_prefix)
-                .map(|o| o.etag.clone());
-            let mut inode = match row {
-                Some(r) if r.kind == Kind::Dir => r,
-                other => {
-                    if let Some(old) = other {
-                        self.meta.unlink(old.ino)?;
+        let headers = if is_dir {
+            match list.objects.first().filter(|o| o.key == dir_prefix) {
+                None => Headers::Gone,
+                Some(o) => {
+                    let v = ObjectVersion::new(&o.etag, o.size, o.last_modified);
+                    let row = self.meta.child(dir.ino, name)?;
+                    let shown =
+                        row.is_some_and(|r| r.kind == Kind::Dir && r.headers_known && r.holds(&v));
+                    if shown {
+                        Headers::Unread
+                    } else {
+                        self.headers.read(&dir_prefix).await?
                     }
-                    let mut fresh = self.new_inode(dir.ino, name, Kind::Dir, started);
-                    self.meta.insert(&mut fresh)?;
-                    fresh
                 }
-            };
-            if inode.etag != marker {
-                inode.etag = marker;
-                inode.headers_known = inode.etag.is_none();
             }
-            inode.validated_at = started;
-            self.meta.save(&inode)?;
-            return Ok(Some(inode));
-        }
-        match head {
-            Some(info) if names::is_valid_component(name) => {
-                let mut inode = match row {
-                    Some(r) if r.kind != Kind::Dir => r,
-                    other => {
-                        if let Some(old) = other {
-                            self.meta.unlink(old.ino)?;
-                        }
-                        let mut fresh = self.new_inode(dir.ino, name, Kind::File, started);
-                        self.meta.insert(&mut fresh)?;
-                        fresh
-                    }
-                };
-                self.apply_head(&mut inode, &info);
-                inode.validated_at = started;
-                self.meta.save(&inode)?;
-                Ok(Some(inode))
-            }
-            _ => {
-                if let Some(old) = row {
-                    self.meta.unlink(old.ino)?;
+        } else {
+            match head {
+                Some(info) => {
+                    let v = ObjectVersion::new(&info.etag, info.size, info.last_modified);
+                    Headers::Read(ObjectMeta::new(v, &info.metadata))
                 }
-                self.remember_absent(dir.ino, name);
-                Ok(None)
+                None => Headers::Gone,
             }
+        };
+        let found = match &headers {
+            _ if is_dir => Found::Dir(&headers),
+            Headers::Read(m) => Found::File(&m.version, &headers),
+            _ => Found::Absent,
+        };
+        let row = self.apply_found(dir.ino, &dir_key, name, found, &read)?;
+        if row.is_none() {
+            self.remember_absent(dir.ino, name);
         }
+        Ok(row)
+    }
+
+    /// Records what a probe started with `read` found of `name` in directory `dir_ino`
+    /// (key prefix `dir_key`), and tells the kernel what changed.
+    fn apply_found(
+        &self,
+        dir_ino: u64,
+        dir_key: &str,
+        name: &str,
+        found: Found<'_>,
+        read: &changes::ReadGuard,
+    ) -> FsResult<Option<Inode>> {
+        let busy = || self.local.busy(dir_key, read.started());
+        let (row, changes) =
+            self.meta
+                .apply_probe(dir_ino, name, found, read.started(), &self.defaults, &busy)?;
+        self.after_changes(dir_ino, &changes);
+        if let Some(r) = &row
+            && let Some(open) = self.open_file_of(r.ino)
+            && !open.attrs().dirty
+        {
+            open.set_attrs(r.clone());
+        }
+        Ok(row)
     }
 
     /// Re-reads an entry whose row is stale: HEAD for objects, a probe for directories.
@@ -818,39 +863,6 @@ impl Fs {
         Inode::new_entry(Some(parent), name, kind, &self.defaults, now, validated_at)
     }
 
-    /// Takes size, ETag and POSIX headers from a HEAD answer (headers absent: defaults).
-    fn apply_head(&self, inode: &mut Inode, info: &ObjectInfo) {
-        let h = headers::decode(&info.metadata);
-        let is_dir = inode.kind == Kind::Dir;
-        if !is_dir {
-            inode.kind = h
-                .mode
-                .and_then(Kind::from_mode)
-                .filter(|k| *k != Kind::Dir)
-                .unwrap_or(Kind::File);
-            if inode.etag.as_deref() != Some(info.etag.as_str()) {
-                inode.symlink_target = None;
-            }
-            inode.size = info.size;
-        }
-        let default_perm = if is_dir {
-            self.defaults.dir_perm
-        } else {
-            self.defaults.file_perm
-        };
-        let last_modified = Timestamp::from(info.last_modified);
-        inode.perm = h.mode.map(|m| m & 0o7777).unwrap_or(default_perm);
-        inode.uid = h.uid.unwrap_or(self.defaults.uid);
-        inode.gid = h.gid.unwrap_or(self.defaults.gid);
-        inode.mtime = h.mtime.unwrap_or(last_modified);
-        inode.ctime = h.ctime.unwrap_or(inode.mtime);
-        inode.atime = h.atime.unwrap_or(inode.mtime);
-        inode.rdev = h.rdev.unwrap_or(0);
-        inode.xattrs = h.xattrs;
-        inode.etag = Some(info.etag.clone());
-        inode.headers_known = true;
-    }
-
     /// The POSIX headers describing `inode`.
     fn headers_of(&self, inode: &Inode) -> WriteHeaders {
         let h = PosixHeaders {
@@ -869,27 +881,28 @@ impl Fs {
         }
     }
 
-    /// Makes sure the POSIX headers of `inode` were read (one HEAD, remembered per ETag).
-    async fn ensure_headers(&self, mut inode: Inode) -> FsResult<Inode> {
-        if inode.headers_known || inode.dirty || inode.ino == ROOT_INO || inode.parent.is_none() {
+    /// Makes sure the attributes of `inode` are its object's headers (one HEAD, remembered
+    /// per object version). Fails with ENOENT if the object turns out to be gone or to be
+    /// something else now.
+    async fn ensure_headers(&self, inode: Inode) -> FsResult<Inode> {
+        if inode.headers_known || inode.dirty || inode.ino == ROOT_INO {
             return Ok(inode);
         }
-        let key = self.key_of(&inode)?;
-        match self.store.head(&key).await {
-            Ok(info) => self.apply_head(&mut inode, &info),
-            Err(StoreError::NotFound(_)) if inode.kind == Kind::Dir => {
-                // An implicit directory: no marker, the defaults apply.
-                inode.etag = None;
-                inode.headers_known = true;
-            }
-            Err(StoreError::NotFound(_)) => {
-                self.meta.unlink(inode.ino)?;
-                return Err(FsError::NotFound);
-            }
-            Err(e) => return Err(e.into()),
+        let Some(parent) = inode.parent else {
+            return Ok(inode);
+        };
+        let read = self.local.start_read();
+        let dir_key = self.key_of(&self.dir(parent)?)?;
+        let headers = self.headers.read(&self.key_of(&inode)?).await?;
+        let found = match (&headers, inode.kind) {
+            (_, Kind::Dir) => Found::Dir(&headers),
+            (Headers::Read(m), _) => Found::File(&m.version, &headers),
+            _ => Found::Absent,
+        };
+        match self.apply_found(parent, &dir_key, &inode.name, found, &read)? {
+            Some(row) if row.ino == inode.ino => Ok(row),
+            _ => Err(FsError::NotFound),
         }
-        self.save(&inode)?;
-        Ok(inode)
     }
 
     /// Lists `dir` from the bucket unless its listing is fresh. Concurrent callers share one
@@ -905,44 +918,69 @@ impl Fs {
             return Ok(());
         }
         let prefix = self.key_of(&dir)?;
-        let mut listing = Listing {
-            started_at: now_ns(),
-            ..Default::default()
-        };
-        let mut token: Option<String> = None;
-        loop {
-            let page = self
-                .store
-                .list(&prefix, Some("/"), token.as_deref(), None)
-                .await?;
-            for obj in page.objects {
-                match names::classify_object(&prefix, &obj.key) {
-                    Listed::Marker => listing.marker_etag = Some(obj.etag),
-                    Listed::File(name) => listing.files.push(ListedFile {
-                        name: name.to_string(),
-                        size: obj.size,
-                        etag: obj.etag,
-                        last_modified: obj.last_modified.into(),
-                    }),
-                    _ => self.hidden.hide(&obj.key),
-                }
-            }
-            for p in page.prefixes {
-                match names::classify_prefix(&prefix, &p) {
-                    Listed::Dir(name) => listing.dirs.push(name.to_string()),
-                    _ => self.hidden.hide(&p),
-                }
-            }
-            match page.next_token {
-                Some(t) => token = Some(t),
-                None => break,
-            }
-        }
-        self.meta.apply_listing(dir_ino, &listing, &self.defaults)?;
+        let read = self.local.start_read();
+        let known: HashMap<String, Inode> = self
+            .meta
+            .children(dir_ino)?
+            .into_iter()
+            .map(|r| (r.name.clone(), r))
+            .collect();
+        let listing = self
+            .headers
+            .list(&prefix, &known, &dir, read.started(), &self.hidden)
+            .await?;
+        drop(known);
+        let busy = || self.local.busy(&prefix, read.started());
+        let changes = self
+            .meta
+            .apply_listing(dir_ino, &listing, &self.defaults, &busy)?;
+        self.after_changes(dir_ino, &changes);
         if let Some(f) = self.open_file_of(dir_ino) {
             f.set_attrs(self.meta.get(dir_ino)?.ok_or(FsError::NotFound)?);
         }
         Ok(())
+    }
+
+    /// Acts on changes made outside this mount that a listing or probe of `dir` found: the
+    /// kernel forgets what it cached of them, open files that nobody changed here show the
+    /// new version from their next open, and a name that appeared is no longer known absent.
+    fn after_changes(&self, dir: u64, changes: &Changes) {
+        for name in &changes.added {
+            self.forget_absent(dir, name);
+            self.kernel()
+                .invalidate(Invalidation::Entry(dir, name.clone()));
+        }
+        for (ino, name) in changes.removed.iter().chain(&changes.replaced) {
+            debug!(dir, name, ino, "changed outside this mount");
+            self.kernel().invalidate(Invalidation::Inode(*ino));
+            self.kernel()
+                .invalidate(Invalidation::Entry(dir, name.clone()));
+            self.follow_new_version(*ino);
+        }
+        if changes.clock_moved {
+            self.kernel().invalidate(Invalidation::Attributes(dir));
+        }
+    }
+
+    /// An open file whose object another client replaced: if it has no changes of its own,
+    /// its next open reads the new version (handles open now keep failing with ESTALE rather
+    /// than mixing versions: their reads are pinned to the old ETag).
+    fn follow_new_version(&self, ino: u64) {
+        let Some(file) = self.open_file_of(ino) else {
+            return;
+        };
+        let Ok(mut st) = file.state.try_lock() else {
+            // Busy: an upload or a write of ours, which settles any conflict itself.
+            return;
+        };
+        let Ok(Some(row)) = self.meta.get(ino) else {
+            return;
+        };
+        if st.dirty || st.staging.is_some() || row.parent.is_none() {
+            return;
+        }
+        st.remote = self.original_of(&row).ok().flatten();
+        file.set_attrs(row);
     }
 
     /// Opens a directory handle.
@@ -961,7 +999,21 @@ impl Fs {
     #[instrument(level = "debug", skip(self))]
     pub async fn readdir(&self, ino: u64, fh: u64, offset: u64) -> FsResult<Vec<DirEntry>> {
         let batch = self.dir_batch(ino, fh, offset, READDIR_BATCH).await?;
-        Ok(batch.into_iter().map(|(e, _)| e).collect())
+        let mut entries = Vec::with_capacity(batch.len());
+        for (mut entry, row) in batch {
+            // `d_type` must be right (fuser cannot send DT_UNKNOWN): an object whose headers
+            // a listing could not read and that is small enough to be a symlink or special
+            // file is read now. Listings normally read them all.
+            let unsure = !row.headers_known
+                && !self.cfg.trust_listings
+                && row.kind == Kind::File
+                && row.size <= SYMLINK_MAX as u64;
+            if unsure {
+                entry.kind = self.ensure_headers(row).await?.kind;
+            }
+            entries.push(entry);
+        }
+        Ok(entries)
     }
 
     /// Entries of an open directory from `offset` with their attributes (READDIRPLUS): one
@@ -1104,12 +1156,13 @@ impl Fs {
         }
     }
 
-    /// Updates a directory's mtime and ctime after its entries changed (kept locally).
+    /// Updates a directory's mtime and ctime after this mount changed its entries (kept
+    /// locally). Never backwards: a clock moved ahead for an outside change stays ahead.
     fn touch_dir(&self, ino: u64) -> FsResult<()> {
         let mut dir = self.inode(ino)?;
         let now = Timestamp::now();
-        dir.mtime = now;
-        dir.ctime = now;
+        dir.mtime = dir.mtime.max(now);
+        dir.ctime = dir.ctime.max(now);
         self.save(&dir)
     }
 

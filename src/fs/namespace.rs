@@ -19,6 +19,7 @@ use super::locks::DirGuard;
 use super::{Attr, Caller, Fs, FsError, FsResult, write};
 use crate::cache::staging::{Original, Staging};
 use crate::meta::names::{self, NameError};
+use crate::meta::objects::SYMLINK_MAX;
 use crate::meta::{DirRename, Inode, Kind, ROOT_INO, Timestamp, now_ns};
 use crate::store::{Expect, ListedObject, StoreError};
 
@@ -26,8 +27,6 @@ use crate::store::{Expect, ListedObject, StoreError};
 /// link, and takes tens of milliseconds: 16 at once moves a 1,000-object directory in a few
 /// seconds without flooding the server.
 const RENAME_CONCURRENCY: usize = 16;
-/// Longest symlink target (PATH_MAX less the NUL).
-const SYMLINK_MAX: usize = 4095;
 
 impl Fs {
     /// A row for a new entry created by `caller` in `dir`. In a set-group-ID directory the
@@ -87,11 +86,12 @@ impl Fs {
         body: Bytes,
         mut inode: Inode,
     ) -> FsResult<Attr> {
+        let _change = self.local.begin(key);
         let etag = self
             .store
             .put(key, body, &self.headers_of(&inode), Expect::Any)
             .await?;
-        inode.etag = Some(etag);
+        inode.wrote(etag);
         inode.validated_at = now_ns();
         if inode.kind == Kind::Dir {
             // A new directory is empty: its listing is known.
@@ -252,11 +252,12 @@ impl Fs {
             return Ok(());
         }
         let key = self.key_of(&dir)?;
-        dir.etag = Some(
-            self.store
-                .put(&key, Bytes::new(), &self.headers_of(&dir), Expect::Any)
-                .await?,
-        );
+        let _change = self.local.begin(&key);
+        let etag = self
+            .store
+            .put(&key, Bytes::new(), &self.headers_of(&dir), Expect::Any)
+            .await?;
+        dir.wrote(etag);
         self.save(&dir)
     }
 
@@ -351,6 +352,7 @@ impl Fs {
         self.keep_dir_alive(&dir).await?;
         self.keep_open_contents(&child).await?;
         let key = self.key_of(&child)?;
+        let _change = self.local.begin(&key);
         match self.open_file_of(child.ino) {
             Some(file) => {
                 // Under the content lock: an upload in flight finishes first (and its object
@@ -399,7 +401,9 @@ impl Fs {
         }
         self.check_empty(&child).await?;
         self.keep_dir_alive(&dir).await?;
-        self.store.delete(&self.key_of(&child)?).await?;
+        let key = self.key_of(&child)?;
+        let _change = self.local.begin(&key);
+        self.store.delete(&key).await?;
         self.meta.unlink(child.ino)?;
         if !self.is_referenced(child.ino) {
             self.meta.forget(child.ino)?;
@@ -461,6 +465,15 @@ impl Fs {
         if parent != newparent {
             self.keep_dir_alive(&src_dir).await?;
         }
+        let old_key = self.key_of(&src)?;
+        let _changes = if src.kind == Kind::Dir {
+            [
+                self.local.begin_subtree(&old_key),
+                self.local.begin_subtree(&new_key),
+            ]
+        } else {
+            [self.local.begin(&old_key), self.local.begin(&new_key)]
+        };
         let mut journal = None;
         // A replaced file is held (its content lock) from here until it is detached: an
         // upload of it in flight finishes first, and none starts that would put its contents
@@ -533,6 +546,7 @@ impl Fs {
             live.name = moved.name.clone();
             live.ctime = moved.ctime;
             live.etag = moved.etag.clone();
+            live.last_modified = moved.last_modified;
             moved = live;
         }
         self.save(&moved)?;
@@ -613,7 +627,7 @@ impl Fs {
                         st.remote = Some(now_at);
                     }
                 }
-                moved.etag = Some(new_etag);
+                moved.wrote(new_etag);
             }
             None => {
                 // Not uploaded yet: the upload will write the new key. What the name held
@@ -752,7 +766,9 @@ impl Fs {
                 let Some(etag) = new_etags.get(&old_key) else {
                     continue;
                 };
+                // The copy is another object: its Last-Modified comes with the next listing.
                 child.etag = Some(etag.clone());
+                child.last_modified = None;
                 self.meta.save(&child)?;
                 if let Some(f) = self.open_file_of(child.ino) {
                     let new_key = format!("{new_prefix}{}", &old_key[old_prefix.len()..]);
@@ -775,6 +791,7 @@ impl Fs {
                     }
                     let mut live = f.attrs();
                     live.etag = Some(etag.clone());
+                    live.last_modified = None;
                     f.set_attrs(live);
                 }
             }

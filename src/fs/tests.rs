@@ -781,13 +781,28 @@ async fn ls_l(s: &Setup, dir: u64) -> Vec<Attr> {
     out
 }
 
+/// A mount of `mem` with its cache in `dir`, trusting listings (`--trust-listings`).
+fn setup_trusting(mem: Arc<MemStore>, dir: tempfile::TempDir) -> Setup {
+    setup_configured(mem, MetadataTtl::For(Duration::from_secs(60)), dir, |cfg| {
+        cfg.trust_listings = true
+    })
+}
+
 #[tokio::test]
-async fn a_cold_ls_l_costs_list_pages_only() {
-    let s = setup();
+async fn a_cold_ls_l_reads_each_objects_headers_once_and_a_warm_one_nothing() {
+    let mem = Arc::new(MemStore::new());
     for i in 0..2500 {
-        s.mem
-            .insert(&format!("pre/d/f{i:05}"), b"abcd", WriteHeaders::default());
+        mem.insert(
+            &format!("pre/d/f{i:05}"),
+            b"abcd",
+            s3fs_headers(libc::S_IFREG | 0o600, 33),
+        );
     }
+    let s = setup_with(
+        mem.clone(),
+        MetadataTtl::For(Duration::from_millis(300)),
+        tempfile::tempdir().unwrap(),
+    );
     let d = s.fs.lookup(ROOT, n("d")).await.unwrap();
     let (lists, heads) = (s.mem.count(Op::List), s.mem.count(Op::Head));
     let attrs = ls_l(&s, d.ino).await;
@@ -795,9 +810,10 @@ async fn a_cold_ls_l_costs_list_pages_only() {
     assert!(
         attrs
             .iter()
-            .all(|a| a.size == 4 && a.perm == 0o644 && a.uid == 7)
+            .all(|a| a.size == 4 && a.perm == 0o600 && a.uid == 33),
+        "exact from the first look"
     );
-    assert_eq!(s.mem.count(Op::Head), heads, "no HEAD per file");
+    assert_eq!(s.mem.count(Op::Head) - heads, 2500, "one HEAD per object");
     assert_eq!(
         s.mem.count(Op::List) - lists,
         3,
@@ -805,13 +821,48 @@ async fn a_cold_ls_l_costs_list_pages_only() {
     );
     // Warm: no request at all.
     let before = (s.mem.count(Op::List), s.mem.count(Op::Head));
-    assert_eq!(ls_l(&s, d.ino).await.len(), 2500);
+    assert_eq!(ls_l(&s, d.ino).await, attrs);
     assert_eq!((s.mem.count(Op::List), s.mem.count(Op::Head)), before);
+    // After the TTL the directory is listed again, and nothing else is read.
+    tokio::time::sleep(Duration::from_millis(350)).await;
+    assert_eq!(ls_l(&s, d.ino).await, attrs, "the same attributes");
+    assert_eq!(
+        s.mem.count(Op::Head),
+        before.1,
+        "headers are not read again"
+    );
+    // A remount of the same cache directory neither.
+    let Setup { fs, dir, .. } = s;
+    drop(fs);
+    let s = setup_with(mem, MetadataTtl::For(Duration::from_millis(300)), dir);
+    let heads = s.mem.count(Op::Head);
+    let d = s.fs.lookup(ROOT, n("d")).await.unwrap();
+    assert_eq!(ls_l(&s, d.ino).await, attrs);
+    assert_eq!(s.mem.count(Op::Head), heads);
 }
 
 #[tokio::test]
-async fn opening_a_listed_file_applies_its_real_mode() {
-    let s = setup();
+async fn trusting_listings_costs_list_pages_only() {
+    let s = setup_trusting(Arc::new(MemStore::new()), tempfile::tempdir().unwrap());
+    for i in 0..2500 {
+        s.mem
+            .insert(&format!("pre/d/f{i:05}"), b"abcd", WriteHeaders::default());
+    }
+    let d = s.fs.lookup(ROOT, n("d")).await.unwrap();
+    let (lists, heads) = (s.mem.count(Op::List), s.mem.count(Op::Head));
+    let attrs = ls_l(&s, d.ino).await;
+    assert!(
+        attrs
+            .iter()
+            .all(|a| a.size == 4 && a.perm == 0o644 && a.uid == 7)
+    );
+    assert_eq!(s.mem.count(Op::Head), heads, "no HEAD per file");
+    assert_eq!(s.mem.count(Op::List) - lists, 3);
+}
+
+#[tokio::test]
+async fn trusting_listings_a_listed_file_shows_its_real_mode_once_opened() {
+    let s = setup_trusting(Arc::new(MemStore::new()), tempfile::tempdir().unwrap());
     s.mem
         .insert("pre/secret", b"x", s3fs_headers(libc::S_IFREG | 0o600, 33));
     let attrs = ls_l(&s, ROOT).await;
@@ -833,19 +884,15 @@ async fn opening_a_listed_file_applies_its_real_mode() {
 }
 
 #[tokio::test]
-async fn a_listed_s3fs_symlink_turns_out_stale_at_open_then_is_a_symlink() {
-    let s = setup();
+async fn trusting_listings_a_listed_s3fs_symlink_turns_out_stale_at_open() {
+    let s = setup_trusting(Arc::new(MemStore::new()), tempfile::tempdir().unwrap());
     s.mem.insert(
         "pre/link",
         b"target",
         s3fs_headers(libc::S_IFLNK | 0o777, 0),
     );
     let attrs = ls_l(&s, ROOT).await;
-    assert_eq!(
-        attrs[0].kind,
-        Kind::File,
-        "not known before its headers are read"
-    );
+    assert_eq!(attrs[0].kind, Kind::File, "the listing's view");
     let err =
         s.fs.open(attrs[0].ino, libc::O_RDONLY, ROOT_CALLER)
             .await
@@ -857,27 +904,195 @@ async fn a_listed_s3fs_symlink_turns_out_stale_at_open_then_is_a_symlink() {
 }
 
 #[tokio::test]
-async fn exact_attributes_read_every_files_headers() {
-    let dir = tempfile::tempdir().unwrap();
-    let mem = Arc::new(MemStore::new());
-    let cfg = Config {
-        bucket: "b".into(),
-        prefix: "pre/".into(),
-        cache_dir: dir.path().to_path_buf(),
-        exact_attributes: true,
-        ..Config::default()
+async fn the_first_look_shows_types_modes_owners_times_and_link_targets() {
+    let s = setup();
+    let mut meta = s3fs_headers(libc::S_IFREG | 0o600, 33).metadata;
+    meta.insert("gid".into(), "34".into());
+    meta.insert("mtime".into(), "1262304000".into());
+    let file = WriteHeaders {
+        content_type: None,
+        metadata: meta,
     };
-    let s = Setup {
-        fs: Fs::new(cfg, mem.clone()).unwrap(),
-        mem,
-        dir,
-    };
+    s.mem.insert("pre/secret", b"x", file);
+    s.mem.insert(
+        "pre/link",
+        b"secret",
+        s3fs_headers(libc::S_IFLNK | 0o777, 0),
+    );
     s.mem
-        .insert("pre/a", b"x", s3fs_headers(libc::S_IFREG | 0o600, 33));
-    s.mem.insert("pre/b", b"x", WriteHeaders::default());
+        .insert("pre/fifo", b"", s3fs_headers(libc::S_IFIFO | 0o640, 0));
+    s.mem.insert(
+        "pre/big-claims-link",
+        &[b'x'; 5000],
+        s3fs_headers(libc::S_IFLNK | 0o777, 0),
+    );
+    s.mem.insert("pre/plain", b"abc", WriteHeaders::default());
+    s.mem
+        .insert("pre/sub/", b"", s3fs_headers(libc::S_IFDIR | 0o750, 33));
+    let fh = s.fs.opendir(ROOT).await.unwrap();
+    let types: Vec<(String, Kind)> =
+        s.fs.readdir(ROOT, fh, 0)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|e| (e.name, e.kind))
+            .filter(|(n, _)| !n.starts_with('.'))
+            .collect();
+    s.fs.releasedir(fh);
+    assert_eq!(
+        types,
+        [
+            ("big-claims-link".to_string(), Kind::File),
+            ("fifo".to_string(), Kind::Fifo),
+            ("link".to_string(), Kind::Symlink),
+            ("plain".to_string(), Kind::File),
+            ("secret".to_string(), Kind::File),
+            ("sub".to_string(), Kind::Dir),
+        ],
+        "d_type right from the first readdir"
+    );
+    let gets = s.mem.count(Op::Get);
+    let heads = s.mem.count(Op::Head);
     let attrs = ls_l(&s, ROOT).await;
-    assert_eq!((attrs[0].perm, attrs[0].uid), (0o600, 33));
-    assert_eq!(s.mem.count(Op::Head), 2);
+    let by_name = |name: &str| {
+        let i = ["big-claims-link", "fifo", "link", "plain", "secret", "sub"]
+            .iter()
+            .position(|n| *n == name)
+            .unwrap();
+        attrs[i].clone()
+    };
+    let secret = by_name("secret");
+    assert_eq!((secret.perm, secret.uid, secret.gid), (0o600, 33, 34));
+    assert_eq!(
+        secret.mtime,
+        std::time::UNIX_EPOCH + Duration::from_secs(1_262_304_000)
+    );
+    let plain = by_name("plain");
+    assert_eq!((plain.perm, plain.uid, plain.gid), (0o644, 7, 8));
+    let sub = by_name("sub");
+    assert_eq!((sub.kind, sub.perm, sub.uid), (Kind::Dir, 0o750, 33));
+    assert_eq!(by_name("fifo").perm, 0o640);
+    let link = by_name("link");
+    assert_eq!(s.fs.readlink(link.ino).await.unwrap(), b"secret");
+    assert_eq!(
+        (s.mem.count(Op::Get), s.mem.count(Op::Head)),
+        (gets, heads),
+        "the listing read everything, the target included"
+    );
+}
+
+#[tokio::test]
+async fn what_stat_shows_is_stable_across_opens_ttls_and_remounts() {
+    let mem = Arc::new(MemStore::new());
+    mem.insert(
+        "pre/d/s3fs",
+        b"abc",
+        s3fs_headers(libc::S_IFREG | 0o600, 33),
+    );
+    mem.insert("pre/d/plain", b"abcd", WriteHeaders::default());
+    let ttl = MetadataTtl::For(Duration::from_millis(200));
+    let s = setup_with(mem.clone(), ttl, tempfile::tempdir().unwrap());
+    let d = s.fs.lookup(ROOT, n("d")).await.unwrap();
+    let first = ls_l(&s, d.ino).await;
+    let dir_first = s.fs.getattr(d.ino).await.unwrap();
+    for a in &first {
+        assert_eq!(&s.fs.getattr(a.ino).await.unwrap(), a);
+        assert_eq!(s.read_all(a.ino).await.len() as u64, a.size);
+        assert_eq!(&s.fs.getattr(a.ino).await.unwrap(), a, "after an open");
+    }
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    assert_eq!(ls_l(&s, d.ino).await, first, "after the TTL");
+    assert_eq!(
+        s.fs.getattr(d.ino).await.unwrap(),
+        dir_first,
+        "listed again, same clock"
+    );
+    let Setup { fs, dir, .. } = s;
+    drop(fs);
+    let s = setup_with(mem.clone(), ttl, dir);
+    assert_eq!(s.fs.lookup(ROOT, n("d")).await.unwrap(), dir_first);
+    assert_eq!(ls_l(&s, d.ino).await, first, "after a remount");
+    // A fresh cache directory (another front end): the same view, inode numbers aside.
+    let fresh = setup_with(mem, ttl, tempfile::tempdir().unwrap());
+    let d2 = fresh.fs.lookup(ROOT, n("d")).await.unwrap();
+    let other: Vec<Attr> = ls_l(&fresh, d2.ino)
+        .await
+        .into_iter()
+        .zip(&first)
+        .map(|(a, f)| Attr { ino: f.ino, ..a })
+        .collect();
+    assert_eq!(other, first);
+}
+
+#[tokio::test]
+async fn outside_changes_move_the_directory_clock_and_reach_the_kernel() {
+    let mem = Arc::new(MemStore::new());
+    mem.insert("pre/d/a", b"1", WriteHeaders::default());
+    let ttl = MetadataTtl::For(Duration::from_millis(100));
+    let s = setup_with(mem.clone(), ttl, tempfile::tempdir().unwrap());
+    let kernel = kernel::RecordedKernel::default();
+    s.fs.set_kernel_cache(Arc::new(kernel.clone()));
+    let d = s.fs.lookup(ROOT, n("d")).await.unwrap();
+    let a = s.fs.lookup(d.ino, n("a")).await.unwrap();
+    assert_eq!(s.names(d.ino).await, ["a"]);
+    let stored = s.fs.getattr(d.ino).await.unwrap().mtime;
+    let secs =
+        |t: std::time::SystemTime| t.duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    let wait_ttl = || tokio::time::sleep(Duration::from_millis(150));
+    // Unchanged: a stat after the TTL lists it again and the clock stays.
+    wait_ttl().await;
+    assert_eq!(s.fs.getattr(d.ino).await.unwrap().mtime, stored);
+    assert!(kernel.0.lock().unwrap().is_empty());
+    // Added, from outside: a stat of the directory alone shows it (Nextcloud's check).
+    mem.insert("pre/d/b", b"2", WriteHeaders::default());
+    wait_ttl().await;
+    let added = s.fs.getattr(d.ino).await.unwrap().mtime;
+    assert!(secs(added) > secs(stored), "{added:?} after {stored:?}");
+    assert!(
+        kernel
+            .0
+            .lock()
+            .unwrap()
+            .contains(&kernel::Invalidation::Entry(d.ino, "b".into()))
+    );
+    // Replaced with new contents: the file shows them, and the kernel drops its pages.
+    mem.insert("pre/d/a", b"replaced", WriteHeaders::default());
+    wait_ttl().await;
+    let replaced = s.fs.getattr(d.ino).await.unwrap().mtime;
+    assert!(secs(replaced) > secs(added));
+    assert!(
+        kernel
+            .0
+            .lock()
+            .unwrap()
+            .contains(&kernel::Invalidation::Inode(a.ino))
+    );
+    assert_eq!(s.read_all(a.ino).await, b"replaced");
+    // Copied onto itself with new headers (a chmod from another mount): same ETag.
+    mem.advance_clock(Duration::from_secs(2));
+    let before = s.mem.object("pre/d/a").unwrap().0;
+    s.mem
+        .insert("pre/d/a", &before, s3fs_headers(libc::S_IFREG | 0o600, 33));
+    wait_ttl().await;
+    let chmodded = s.fs.getattr(d.ino).await.unwrap().mtime;
+    assert!(secs(chmodded) > secs(replaced));
+    assert_eq!(s.fs.getattr(a.ino).await.unwrap().perm, 0o600);
+    // Removed.
+    s.mem.delete("pre/d/b").await.unwrap();
+    wait_ttl().await;
+    let removed = s.fs.getattr(d.ino).await.unwrap().mtime;
+    assert!(secs(removed) > secs(chmodded));
+    assert_eq!(s.names(d.ino).await, ["a"]);
+    // This mount's own changes move it as POSIX says, and never back.
+    s.write_file(d.ino, "mine", b"x").await;
+    let mine = s.fs.getattr(d.ino).await.unwrap().mtime;
+    assert!(mine >= removed);
+    wait_ttl().await;
+    assert_eq!(
+        s.fs.getattr(d.ino).await.unwrap().mtime,
+        mine,
+        "not news to itself"
+    );
 }
 
 /// Creates `name` and writes `len` bytes front to back in 1 MiB writes, without closing it.

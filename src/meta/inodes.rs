@@ -4,7 +4,7 @@
 //! single-row update, microseconds), and the big writes — applying a listing of up to 1,000
 //! entries per page — run in one transaction. No S3 request is ever made with the lock held.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
 use std::sync::Mutex;
 
@@ -12,7 +12,7 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use rusqlite::{Connection, OptionalExtension, Row, params};
 
-use super::{Inode, Kind, MetaResult, ROOT_INO, Timestamp, schema};
+use super::{Headers, Inode, Kind, MetaResult, ObjectVersion, ROOT_INO, Timestamp, schema};
 
 /// Owner and permissions for entries whose object carries no POSIX headers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -27,17 +27,24 @@ pub struct EntryDefaults {
     pub dir_perm: u32,
 }
 
-/// A file seen in a listing.
+/// A file seen in a listing, with what reading its headers gave.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ListedFile {
     /// Name in the directory.
     pub name: String,
-    /// Size.
-    pub size: u64,
-    /// ETag.
-    pub etag: String,
-    /// Last-Modified.
-    pub last_modified: Timestamp,
+    /// The version the listing shows.
+    pub version: ObjectVersion,
+    /// Its headers, if they were read with the listing.
+    pub headers: Headers,
+}
+
+/// A subdirectory seen in a listing (a common prefix), with what reading its marker gave.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListedDir {
+    /// Name in the directory.
+    pub name: String,
+    /// Its marker: read, absent (an implicit directory), or not read.
+    pub marker: Headers,
 }
 
 /// The complete listing of one directory.
@@ -46,12 +53,183 @@ pub struct Listing {
     /// Files (objects directly under the directory's prefix).
     pub files: Vec<ListedFile>,
     /// Subdirectories (common prefixes).
-    pub dirs: Vec<String>,
-    /// ETag of the directory's own marker object, if the listing showed one.
-    pub marker_etag: Option<String>,
+    pub dirs: Vec<ListedDir>,
+    /// The directory's own marker object, if the listing showed one, and what reading its
+    /// headers gave.
+    pub marker: Option<(ObjectVersion, Headers)>,
     /// When the listing started ([`super::now_ns`]): rows changed after that are newer than
     /// the listing and are left alone.
     pub started_at: i64,
+}
+
+/// What one name of a directory turned out to be in the bucket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Found<'a> {
+    /// An object (file, symlink, special file) of this version, and what reading its
+    /// headers gave.
+    File(&'a ObjectVersion, &'a Headers),
+    /// A directory, and what reading its marker gave.
+    Dir(&'a Headers),
+    /// Nothing.
+    Absent,
+}
+
+/// What this mount is changing itself in a directory while a listing or probe of it runs.
+/// The listing may have been answered before or after each such change, so it is no
+/// evidence about those names: they are left as the mount's own change leaves them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum Busy {
+    /// Nothing.
+    #[default]
+    Nothing,
+    /// These entries, and the directory's own marker if `marker`.
+    Names {
+        /// Entry names.
+        names: HashSet<String>,
+        /// The directory's marker.
+        marker: bool,
+    },
+    /// The whole directory (a move of it or of a directory above it).
+    All,
+}
+
+impl Busy {
+    fn name(&self, name: &str) -> bool {
+        match self {
+            Busy::Nothing => false,
+            Busy::Names { names, .. } => names.contains(name),
+            Busy::All => true,
+        }
+    }
+
+    fn marker(&self) -> bool {
+        match self {
+            Busy::Nothing => false,
+            Busy::Names { marker, .. } => *marker,
+            Busy::All => true,
+        }
+    }
+}
+
+/// Changes made outside this mount that a listing or probe found in one directory.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Changes {
+    /// Names that appeared (only counted in a directory listed before: the first listing
+    /// of a directory is no news).
+    pub added: Vec<String>,
+    /// Entries that disappeared: (inode, name).
+    pub removed: Vec<(u64, String)>,
+    /// Entries whose object is another version now: (inode, name).
+    pub replaced: Vec<(u64, String)>,
+    /// The directory's mtime and ctime moved forward (entries changed, or a new marker).
+    pub clock_moved: bool,
+}
+
+impl Changes {
+    /// Whether any entry changed.
+    pub fn entries_changed(&self) -> bool {
+        !(self.added.is_empty() && self.removed.is_empty() && self.replaced.is_empty())
+    }
+}
+
+/// What [`reconcile`] needs to know besides the name.
+struct Reconcile<'a> {
+    dir: u64,
+    started: i64,
+    now: Timestamp,
+    defaults: &'a EntryDefaults,
+    listed_before: bool,
+}
+
+/// Brings the row of one name of a directory in line with what the bucket holds, recording
+/// what changed; returns the row the name has now. Rows with local changes, and rows
+/// changed after the listing or probe started, are newer than what it found and are kept.
+fn reconcile(
+    conn: &Connection,
+    ctx: &Reconcile<'_>,
+    name: &str,
+    found: Found<'_>,
+    row: Option<Inode>,
+    changes: &mut Changes,
+) -> MetaResult<Option<Inode>> {
+    if let Some(r) = &row
+        && (r.dirty || r.validated_at > ctx.started)
+    {
+        return Ok(row);
+    }
+    let found = match found {
+        Found::File(_, Headers::Gone) => Found::Absent,
+        other => other,
+    };
+    let replaced_row = |row: Option<Inode>, changes: &mut Changes| -> MetaResult<()> {
+        match row {
+            Some(old) => {
+                detach(conn, old.ino)?;
+                changes.replaced.push((old.ino, name.to_string()));
+            }
+            None if ctx.listed_before => changes.added.push(name.to_string()),
+            None => {}
+        }
+        Ok(())
+    };
+    match found {
+        Found::Absent => {
+            if let Some(old) = row {
+                detach(conn, old.ino)?;
+                changes.removed.push((old.ino, name.to_string()));
+            }
+            Ok(None)
+        }
+        Found::Dir(marker) => {
+            let mut r = match row {
+                Some(r) if r.kind == Kind::Dir => r,
+                other => {
+                    replaced_row(other, changes)?;
+                    let mut fresh = listed_dir(ctx.dir, name, ctx.defaults, ctx.started);
+                    fresh.ino = insert_row(conn, None, &fresh)?;
+                    fresh
+                }
+            };
+            r.apply_marker(marker, ctx.defaults, ctx.now);
+            r.validated_at = ctx.started;
+            update_row(conn, &r)?;
+            Ok(Some(r))
+        }
+        Found::File(listed, headers) => {
+            // A HEAD after the listing saw the newer version.
+            let version = match headers {
+                Headers::Read(m) => &m.version,
+                _ => listed,
+            };
+            let mut r = match row {
+                Some(r) if r.kind != Kind::Dir => {
+                    if !r.holds(version) {
+                        changes.replaced.push((r.ino, name.to_string()));
+                    }
+                    r
+                }
+                other => {
+                    replaced_row(other, changes)?;
+                    let mut fresh = listed_dir(ctx.dir, name, ctx.defaults, ctx.started);
+                    fresh.kind = Kind::File;
+                    fresh.describe_listed_file(version, ctx.defaults);
+                    fresh.ino = insert_row(conn, None, &fresh)?;
+                    fresh
+                }
+            };
+            match headers {
+                Headers::Read(m) if !r.headers_known || !r.holds(version) => {
+                    r.describe_file(m, ctx.defaults)
+                }
+                _ if !r.holds(version) => r.describe_listed_file(version, ctx.defaults),
+                // Our own upload: its Last-Modified is learned now.
+                _ => r.last_modified = Some(version.last_modified),
+            }
+            r.validated_at = ctx.started;
+            update_row(conn, &r)?;
+            Ok(Some(r))
+        }
+    }
 }
 
 /// Persistent bookkeeping of a staging file (see `cache::staging`).
@@ -93,7 +271,7 @@ pub struct InodeTable {
 
 const COLUMNS: &str = "ino, parent, name, kind, perm, uid, gid, size, rdev, atime_s, atime_ns, \
      mtime_s, mtime_ns, ctime_s, ctime_ns, etag, headers_known, symlink_target, xattrs, dirty, \
-     validated_at, listed_at";
+     validated_at, listed_at, last_modified";
 
 fn encode_xattrs(x: &BTreeMap<String, Vec<u8>>) -> Option<String> {
     if x.is_empty() {
@@ -146,6 +324,7 @@ fn from_row(r: &Row<'_>) -> rusqlite::Result<Inode> {
         dirty: r.get(19)?,
         validated_at: r.get(20)?,
         listed_at: r.get(21)?,
+        last_modified: r.get(22)?,
     })
 }
 
@@ -183,7 +362,9 @@ impl InodeTable {
             root_row.parent = None;
             root_row.name = String::new();
             if exists {
-                // Keep the listing timestamps of a previous run; take the new attributes.
+                // Owner and mode come from this mount's options; the listing timestamps and
+                // the times are the root's own and stay what they were (design.md §4:
+                // stable across remounts).
                 let old = conn.query_row(
                     &format!("SELECT {COLUMNS} FROM inodes WHERE ino = ?1"),
                     [ROOT_INO],
@@ -191,6 +372,9 @@ impl InodeTable {
                 )?;
                 root_row.listed_at = old.listed_at;
                 root_row.validated_at = old.validated_at;
+                root_row.atime = old.atime;
+                root_row.mtime = old.mtime;
+                root_row.ctime = old.ctime;
             }
             update_row(&conn, &root_row)?;
             purge_unreachable(&conn)?;
@@ -208,11 +392,7 @@ impl InodeTable {
 
     /// The entry `name` in directory `parent`.
     pub fn child(&self, parent: u64, name: &str) -> MetaResult<Option<Inode>> {
-        let conn = self.conn.lock().unwrap();
-        let mut stmt = conn.prepare_cached(&format!(
-            "SELECT {COLUMNS} FROM inodes WHERE parent = ?1 AND name = ?2"
-        ))?;
-        Ok(stmt.query_row(params![parent, name], from_row).optional()?)
+        child_row(&self.conn.lock().unwrap(), parent, name)
     }
 
     /// All entries of directory `parent`, sorted by name.
@@ -325,18 +505,30 @@ impl InodeTable {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
-    /// Reconciles directory `dir` with a complete listing of its prefix, in one transaction.
+    /// Reconciles directory `dir` with a complete listing of its prefix, in one transaction,
+    /// and returns what changed outside this mount. If anything did, the directory's mtime
+    /// and ctime move forward ([`super::objects::advance`]).
     ///
-    /// Rows with local changes, and rows changed after the listing started, are left alone.
-    /// A name that is both a file and a prefix becomes a directory (design.md §3).
+    /// `busy` tells, when the transaction runs, what this mount is changing in the directory
+    /// itself: those names are left alone (see [`Busy`]). Rows with local changes, and rows
+    /// changed after the listing started, are left alone too. A name that is both a file and
+    /// a prefix becomes a directory (design.md §3).
     pub fn apply_listing(
         &self,
         dir: u64,
         listing: &Listing,
         defaults: &EntryDefaults,
-    ) -> MetaResult<()> {
+        busy: &dyn Fn() -> Busy,
+    ) -> MetaResult<Changes> {
         let mut conn = self.conn.lock().unwrap();
         let tx = conn.transaction()?;
+        let busy = busy();
+        let mut changes = Changes::default();
+        if busy == Busy::All {
+            // Moving as a whole: the listing may show it half moved. The next look lists
+            // it again.
+            return Ok(changes);
+        }
         let mut existing: HashMap<String, Inode> = {
             let mut stmt =
                 tx.prepare_cached(&format!("SELECT {COLUMNS} FROM inodes WHERE parent = ?1"))?;
@@ -344,78 +536,97 @@ impl InodeTable {
             rows.map(|r| r.map(|i| (i.name.clone(), i)))
                 .collect::<Result<_, _>>()?
         };
+        let mut dir_row = get_row(&tx, dir)?;
         let started = listing.started_at;
-        let untouchable = |i: &Inode| i.dirty || i.validated_at > started;
-        let mut dir_names = std::collections::HashSet::new();
-        for name in &listing.dirs {
-            dir_names.insert(name.as_str());
-            match existing.remove(name) {
-                Some(mut row) if row.kind == Kind::Dir => {
-                    if !untouchable(&row) {
-                        row.validated_at = started;
-                        update_row(&tx, &row)?;
-                    }
-                }
-                Some(row) if untouchable(&row) => {}
-                old => {
-                    if let Some(row) = old {
-                        detach(&tx, row.ino)?;
-                    }
-                    insert_row(&tx, None, &listed_dir(dir, name, defaults, started))?;
-                }
-            }
-        }
-        for file in &listing.files {
-            if dir_names.contains(file.name.as_str()) {
+        let ctx = Reconcile {
+            dir,
+            started,
+            now: Timestamp::now(),
+            defaults,
+            listed_before: dir_row.listed_at.is_some(),
+        };
+        let mut seen = HashSet::new();
+        let dirs = listing
+            .dirs
+            .iter()
+            .map(|d| (&d.name, Found::Dir(&d.marker)));
+        let files = listing
+            .files
+            .iter()
+            .map(|f| (&f.name, Found::File(&f.version, &f.headers)));
+        for (name, found) in dirs.chain(files) {
+            // Directories come first and win over a file of the same name.
+            if !seen.insert(name.as_str()) || busy.name(name) {
+                existing.remove(name);
                 continue;
             }
-            match existing.remove(&file.name) {
-                Some(row) if untouchable(&row) => {}
-                Some(mut row) if row.kind != Kind::Dir => {
-                    if row.etag.as_deref() != Some(file.etag.as_str()) {
-                        refresh_file(&mut row, file, defaults);
-                    }
-                    row.validated_at = started;
-                    update_row(&tx, &row)?;
-                }
-                old => {
-                    if let Some(row) = old {
-                        detach(&tx, row.ino)?;
-                    }
-                    insert_row(&tx, None, &listed_file(dir, file, defaults, started))?;
-                }
+            let row = existing.remove(name);
+            reconcile(&tx, &ctx, name, found, row, &mut changes)?;
+        }
+        for (name, row) in existing {
+            if !busy.name(&name) {
+                reconcile(&tx, &ctx, &name, Found::Absent, Some(row), &mut changes)?;
             }
         }
-        for row in existing.values() {
-            if !untouchable(row) {
-                detach(&tx, row.ino)?;
+        let shown = (dir_row.mtime, dir_row.ctime);
+        let untouchable = dir_row.validated_at > started;
+        if dir != ROOT_INO && !untouchable && !busy.marker() {
+            match &listing.marker {
+                Some((v, _)) if dir_row.headers_known && dir_row.holds(v) => {
+                    dir_row.last_modified = Some(v.last_modified)
+                }
+                Some((_, marker)) => dir_row.apply_marker(marker, defaults, ctx.now),
+                None => dir_row.apply_marker(&Headers::Gone, defaults, ctx.now),
             }
         }
-        let mut dir_row = tx.query_row(
-            &format!("SELECT {COLUMNS} FROM inodes WHERE ino = ?1"),
-            [dir],
-            from_row,
-        )?;
-        if dir != ROOT_INO && !untouchable(&dir_row) {
-            match &listing.marker_etag {
-                Some(etag) if dir_row.etag.as_ref() != Some(etag) => {
-                    dir_row.etag = Some(etag.clone());
-                    dir_row.headers_known = false;
-                }
-                Some(_) => {}
-                None => {
-                    dir_row.etag = None;
-                    dir_row.headers_known = true;
-                }
-            }
+        if changes.entries_changed() && (dir_row.mtime, dir_row.ctime) == shown {
+            dir_row.advance_clock(ctx.now);
         }
+        changes.clock_moved = (dir_row.mtime, dir_row.ctime) != shown;
         dir_row.listed_at = Some(started);
-        if !untouchable(&dir_row) {
+        if !untouchable {
             dir_row.validated_at = started;
         }
         update_row(&tx, &dir_row)?;
         tx.commit()?;
-        Ok(())
+        Ok(changes)
+    }
+
+    /// Reconciles one name of directory `dir` with what a probe started at `started` found
+    /// in the bucket; returns the row the name has now and what changed outside this mount
+    /// (the directory's clock moves forward if anything did).
+    pub fn apply_probe(
+        &self,
+        dir: u64,
+        name: &str,
+        found: Found<'_>,
+        started: i64,
+        defaults: &EntryDefaults,
+        busy: &dyn Fn() -> Busy,
+    ) -> MetaResult<(Option<Inode>, Changes)> {
+        let mut conn = self.conn.lock().unwrap();
+        let tx = conn.transaction()?;
+        let row = child_row(&tx, dir, name)?;
+        let mut changes = Changes::default();
+        if busy().name(name) {
+            return Ok((row, changes));
+        }
+        let mut dir_row = get_row(&tx, dir)?;
+        let ctx = Reconcile {
+            dir,
+            started,
+            now: Timestamp::now(),
+            defaults,
+            listed_before: dir_row.listed_at.is_some(),
+        };
+        let row = reconcile(&tx, &ctx, name, found, row, &mut changes)?;
+        if changes.entries_changed() {
+            dir_row.advance_clock(ctx.now);
+            changes.clock_moved = true;
+            update_row(&tx, &dir_row)?;
+        }
+        tx.commit()?;
+        Ok((row, changes))
     }
 
     /// Stores the staging bookkeeping of `ino`.
@@ -576,27 +787,16 @@ fn listed_dir(parent: u64, name: &str, d: &EntryDefaults, now: i64) -> Inode {
     Inode::new_entry(Some(parent), name, Kind::Dir, d, at, now)
 }
 
-fn listed_file(parent: u64, f: &ListedFile, d: &EntryDefaults, now: i64) -> Inode {
-    let mut row = listed_dir(parent, &f.name, d, now);
-    row.kind = Kind::File;
-    refresh_file(&mut row, f, d);
-    row
+fn get_row(conn: &Connection, ino: u64) -> MetaResult<Inode> {
+    let mut stmt = conn.prepare_cached(&format!("SELECT {COLUMNS} FROM inodes WHERE ino = ?1"))?;
+    Ok(stmt.query_row([ino], from_row)?)
 }
 
-/// Takes size, ETag and times from a listing; the POSIX headers must be read again.
-fn refresh_file(row: &mut Inode, f: &ListedFile, d: &EntryDefaults) {
-    row.kind = Kind::File;
-    row.size = f.size;
-    row.etag = Some(f.etag.clone());
-    row.perm = d.file_perm;
-    row.uid = d.uid;
-    row.gid = d.gid;
-    row.mtime = f.last_modified;
-    row.ctime = f.last_modified;
-    row.atime = f.last_modified;
-    row.headers_known = false;
-    row.symlink_target = None;
-    row.xattrs.clear();
+fn child_row(conn: &Connection, parent: u64, name: &str) -> MetaResult<Option<Inode>> {
+    let mut stmt = conn.prepare_cached(&format!(
+        "SELECT {COLUMNS} FROM inodes WHERE parent = ?1 AND name = ?2"
+    ))?;
+    Ok(stmt.query_row(params![parent, name], from_row).optional()?)
 }
 
 fn detach(conn: &Connection, ino: u64) -> MetaResult<()> {
@@ -610,7 +810,7 @@ fn detach(conn: &Connection, ino: u64) -> MetaResult<()> {
 fn insert_row(conn: &Connection, ino: Option<u64>, i: &Inode) -> MetaResult<u64> {
     let sql = format!(
         "INSERT INTO inodes ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, \
-         ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22)"
+         ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23)"
     );
     write_row(conn, &sql, ino, i)?;
     Ok(conn.last_insert_rowid() as u64)
@@ -636,7 +836,8 @@ fn update_row(conn: &Connection, i: &Inode) -> MetaResult<()> {
     const SQL: &str = "UPDATE inodes SET parent = ?2, name = ?3, kind = ?4, perm = ?5, uid = ?6,
              gid = ?7, size = ?8, rdev = ?9, atime_s = ?10, atime_ns = ?11, mtime_s = ?12,
              mtime_ns = ?13, ctime_s = ?14, ctime_ns = ?15, etag = ?16, headers_known = ?17,
-             symlink_target = ?18, xattrs = ?19, dirty = ?20, validated_at = ?21, listed_at = ?22
+             symlink_target = ?18, xattrs = ?19, dirty = ?20, validated_at = ?21, listed_at = ?22,
+             last_modified = ?23
          WHERE ino = ?1";
     write_row(conn, SQL, Some(i.ino), i)
 }
@@ -667,6 +868,7 @@ fn write_row(conn: &Connection, sql: &str, ino: Option<u64>, i: &Inode) -> MetaR
         i.dirty,
         i.validated_at,
         i.listed_at,
+        i.last_modified,
     ])?;
     Ok(())
 }
@@ -691,7 +893,8 @@ fn purge_unreachable(conn: &Connection) -> MetaResult<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::meta::now_ns;
+    use crate::meta::{ObjectMeta, now_ns};
+    use crate::store::UserMetadata;
 
     const DEFAULTS: EntryDefaults = EntryDefaults {
         uid: 7,
@@ -701,28 +904,71 @@ mod tests {
     };
 
     fn root() -> Inode {
-        listed_dir(0, "", &DEFAULTS, now_ns())
+        let mut r = listed_dir(0, "", &DEFAULTS, now_ns());
+        r.headers_known = true;
+        r
     }
 
+    fn version(etag: &str, lm: i64) -> ObjectVersion {
+        ObjectVersion {
+            etag: etag.into(),
+            size: 3,
+            last_modified: lm,
+        }
+    }
+
+    /// A listed file whose s3fs headers were read with the listing.
     fn file(name: &str, etag: &str) -> ListedFile {
+        file_at(name, etag, 100)
+    }
+
+    fn file_at(name: &str, etag: &str, lm: i64) -> ListedFile {
+        let mut meta = UserMetadata::new();
+        meta.insert("mode".into(), (libc::S_IFREG | 0o600).to_string());
+        meta.insert("uid".into(), "33".into());
         ListedFile {
             name: name.into(),
-            size: 3,
-            etag: etag.into(),
-            last_modified: Timestamp { sec: 100, nsec: 0 },
+            version: version(etag, lm),
+            headers: Headers::Read(ObjectMeta::new(version(etag, lm), &meta)),
         }
+    }
+
+    fn dir(name: &str) -> ListedDir {
+        ListedDir {
+            name: name.into(),
+            marker: Headers::Gone,
+        }
+    }
+
+    fn listing(files: Vec<ListedFile>, dirs: Vec<ListedDir>) -> Listing {
+        Listing {
+            files,
+            dirs,
+            marker: None,
+            started_at: now_ns(),
+        }
+    }
+
+    fn apply(t: &InodeTable, l: &Listing) -> Changes {
+        t.apply_listing(ROOT_INO, l, &DEFAULTS, &|| Busy::Nothing)
+            .unwrap()
+    }
+
+    fn new_file(parent: u64, name: &str, validated_at: i64) -> Inode {
+        let mut row = listed_dir(parent, name, &DEFAULTS, validated_at);
+        row.kind = Kind::File;
+        row.describe_listed_file(&version("\"e\"", 100), &DEFAULTS);
+        row
     }
 
     #[test]
     fn listing_inserts_updates_and_removes_entries() {
         let t = InodeTable::open_in_memory(&root()).unwrap();
-        let mut listing = Listing {
-            files: vec![file("a", "e1"), file("both", "e2")],
-            dirs: vec!["both".into(), "d".into()],
-            marker_etag: None,
-            started_at: now_ns(),
-        };
-        t.apply_listing(ROOT_INO, &listing, &DEFAULTS).unwrap();
+        let mut l = listing(
+            vec![file("a", "e1"), file("both", "e2")],
+            vec![dir("both"), dir("d")],
+        );
+        apply(&t, &l);
         let kids = t.children(ROOT_INO).unwrap();
         let names: Vec<_> = kids.iter().map(|k| (k.name.as_str(), k.kind)).collect();
         assert_eq!(
@@ -730,12 +976,17 @@ mod tests {
             [("a", Kind::File), ("both", Kind::Dir), ("d", Kind::Dir)]
         );
         let a = t.child(ROOT_INO, "a").unwrap().unwrap();
-        assert_eq!((a.uid, a.perm, a.size), (7, 0o644, 3));
+        assert_eq!(
+            (a.uid, a.perm, a.size),
+            (33, 0o600, 3),
+            "the headers, not a guess"
+        );
+        assert!(a.headers_known);
 
-        listing.files = vec![file("a", "e9")];
-        listing.dirs = vec!["d".into()];
-        listing.started_at = now_ns();
-        t.apply_listing(ROOT_INO, &listing, &DEFAULTS).unwrap();
+        l.files = vec![file("a", "e9")];
+        l.dirs = vec![dir("d")];
+        l.started_at = now_ns();
+        apply(&t, &l);
         let a2 = t.child(ROOT_INO, "a").unwrap().unwrap();
         assert_eq!(a2.ino, a.ino, "inode numbers are stable");
         assert_eq!(a2.etag.as_deref(), Some("e9"));
@@ -744,28 +995,187 @@ mod tests {
     }
 
     #[test]
-    fn dirty_and_newer_rows_survive_an_older_listing() {
+    fn dirty_newer_and_busy_rows_survive_an_older_listing() {
         let t = InodeTable::open_in_memory(&root()).unwrap();
         let started = now_ns();
-        let mut dirty = listed_file(ROOT_INO, &file("dirty", "x"), &DEFAULTS, started - 10);
+        let mut dirty = new_file(ROOT_INO, "dirty", started - 10);
         dirty.dirty = true;
         t.insert(&mut dirty).unwrap();
-        let mut newer = listed_file(ROOT_INO, &file("newer", "x"), &DEFAULTS, started + 10);
+        let mut newer = new_file(ROOT_INO, "newer", started + 10);
         t.insert(&mut newer).unwrap();
-        let mut stale = listed_file(ROOT_INO, &file("stale", "x"), &DEFAULTS, started - 10);
+        let mut stale = new_file(ROOT_INO, "stale", started - 10);
         t.insert(&mut stale).unwrap();
-        let listing = Listing {
-            started_at: started,
-            ..Default::default()
+        let mut busy = new_file(ROOT_INO, "busy", started - 10);
+        t.insert(&mut busy).unwrap();
+        let mut l = listing(vec![file("ghost", "g")], vec![]);
+        l.started_at = started;
+        let busy_names = || Busy::Names {
+            names: ["busy".to_string(), "ghost".to_string()].into(),
+            marker: false,
         };
-        t.apply_listing(ROOT_INO, &listing, &DEFAULTS).unwrap();
+        t.apply_listing(ROOT_INO, &l, &DEFAULTS, &busy_names)
+            .unwrap();
         let names: Vec<_> = t
             .children(ROOT_INO)
             .unwrap()
             .into_iter()
             .map(|i| i.name)
             .collect();
-        assert_eq!(names, ["dirty", "newer"]);
+        assert_eq!(
+            names,
+            ["busy", "dirty", "newer"],
+            "a name being changed here is neither removed nor added by a listing"
+        );
+        let all = t
+            .apply_listing(ROOT_INO, &l, &DEFAULTS, &|| Busy::All)
+            .unwrap();
+        assert_eq!(all, Changes::default());
+        assert_eq!(
+            t.children(ROOT_INO).unwrap().len(),
+            3,
+            "a moving directory is left alone"
+        );
+    }
+
+    #[test]
+    fn a_first_listing_is_no_news_and_keeps_the_clock() {
+        let t = InodeTable::open_in_memory(&root()).unwrap();
+        let before = t.get(ROOT_INO).unwrap().unwrap();
+        let changes = apply(&t, &listing(vec![file("a", "e1")], vec![dir("d")]));
+        assert_eq!(changes, Changes::default());
+        let after = t.get(ROOT_INO).unwrap().unwrap();
+        assert_eq!((after.mtime, after.ctime), (before.mtime, before.ctime));
+        // Listed again, unchanged: the clock stays.
+        let again = apply(&t, &listing(vec![file("a", "e1")], vec![dir("d")]));
+        assert_eq!(again, Changes::default());
+        assert_eq!(t.get(ROOT_INO).unwrap().unwrap().mtime, before.mtime);
+    }
+
+    /// Lists the root with `files` and returns what changed and the root's mtime.
+    fn relist(t: &InodeTable, files: Vec<ListedFile>) -> (Changes, Timestamp) {
+        let changes = apply(t, &listing(files, vec![]));
+        (changes, t.get(ROOT_INO).unwrap().unwrap().mtime)
+    }
+
+    #[test]
+    fn outside_changes_move_the_clock_a_whole_second_forward() {
+        let t = InodeTable::open_in_memory(&root()).unwrap();
+        let (_, t0) = relist(&t, vec![file("a", "e1")]);
+        let steps: Vec<(&str, Vec<ListedFile>)> = vec![
+            ("added", vec![file("a", "e1"), file("b", "e2")]),
+            ("removed", vec![file("b", "e2")]),
+            ("replaced", vec![file("b", "e3")]),
+            ("copied onto itself", vec![file_at("b", "e3", 200)]),
+        ];
+        let mut last = t0;
+        for (what, files) in steps {
+            let (changes, mtime) = relist(&t, files);
+            assert!(changes.clock_moved, "{what}");
+            assert!(changes.entries_changed(), "{what}");
+            assert!(mtime.sec > last.sec, "{what}: {mtime:?} after {last:?}");
+            let root = t.get(ROOT_INO).unwrap().unwrap();
+            assert!(root.ctime.sec > last.sec, "{what}: ctime too");
+            last = mtime;
+        }
+        let (changes, mtime) = relist(&t, vec![file_at("b", "e3", 200)]);
+        assert_eq!(changes, Changes::default());
+        assert_eq!(mtime, last, "no change, no move");
+        let b = t.child(ROOT_INO, "b").unwrap().unwrap();
+        assert_eq!(b.last_modified, Some(200));
+    }
+
+    #[test]
+    fn a_probe_moves_the_clock_for_a_name_the_last_listing_lacked() {
+        let t = InodeTable::open_in_memory(&root()).unwrap();
+        let v = version("\"p\"", 100);
+        let headers = Headers::Unread;
+        // Before any listing, finding a name is no news.
+        let (row, changes) = t
+            .apply_probe(
+                ROOT_INO,
+                "p",
+                Found::File(&v, &headers),
+                now_ns(),
+                &DEFAULTS,
+                &|| Busy::Nothing,
+            )
+            .unwrap();
+        assert!(row.is_some());
+        assert_eq!(changes, Changes::default());
+        let (_, before) = relist(&t, vec![file("p", "\"p\"")]);
+        let (_, changes) = t
+            .apply_probe(
+                ROOT_INO,
+                "q",
+                Found::File(&v, &headers),
+                now_ns(),
+                &DEFAULTS,
+                &|| Busy::Nothing,
+            )
+            .unwrap();
+        assert_eq!(changes.added, ["q"]);
+        let after = t.get(ROOT_INO).unwrap().unwrap().mtime;
+        assert!(after.sec > before.sec);
+        let (row, changes) = t
+            .apply_probe(ROOT_INO, "q", Found::Absent, now_ns(), &DEFAULTS, &|| {
+                Busy::Nothing
+            })
+            .unwrap();
+        assert!(row.is_none());
+        assert_eq!(changes.removed.len(), 1);
+        assert!(t.get(ROOT_INO).unwrap().unwrap().mtime.sec > after.sec);
+    }
+
+    #[test]
+    fn headers_read_once_are_kept_while_the_version_holds_across_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("meta.db");
+        let ino = {
+            let t = InodeTable::open(&db, &root()).unwrap();
+            apply(&t, &listing(vec![file("a", "e1")], vec![]));
+            t.child(ROOT_INO, "a").unwrap().unwrap().ino
+        };
+        let t = InodeTable::open(&db, &root()).unwrap();
+        // The same version listed without its headers (a warm listing reads none).
+        let unread = ListedFile {
+            name: "a".into(),
+            version: version("e1", 100),
+            headers: Headers::Unread,
+        };
+        let changes = apply(&t, &listing(vec![unread.clone()], vec![]));
+        assert_eq!(changes, Changes::default());
+        let a = t.child(ROOT_INO, "a").unwrap().unwrap();
+        assert_eq!(
+            (a.ino, a.uid, a.perm, a.headers_known),
+            (ino, 33, 0o600, true)
+        );
+        // Another version whose headers were not read: the listing's view, to be read.
+        let newer = ListedFile {
+            version: version("e2", 100),
+            ..unread
+        };
+        apply(&t, &listing(vec![newer], vec![]));
+        let a = t.child(ROOT_INO, "a").unwrap().unwrap();
+        assert_eq!((a.uid, a.headers_known), (7, false));
+    }
+
+    #[test]
+    fn a_remount_keeps_the_roots_times() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("meta.db");
+        let first = {
+            let t = InodeTable::open(&db, &root()).unwrap();
+            apply(&t, &listing(vec![file("a", "e1")], vec![]));
+            apply(&t, &listing(vec![], vec![]));
+            t.get(ROOT_INO).unwrap().unwrap()
+        };
+        let mut other_options = root();
+        other_options.perm = 0o700;
+        other_options.mtime = Timestamp { sec: 1, nsec: 0 };
+        let t = InodeTable::open(&db, &other_options).unwrap();
+        let again = t.get(ROOT_INO).unwrap().unwrap();
+        assert_eq!(again.perm, 0o700, "owner and mode: the options");
+        assert_eq!((again.mtime, again.ctime), (first.mtime, first.ctime));
     }
 
     #[test]
@@ -773,13 +1183,13 @@ mod tests {
         let t = InodeTable::open_in_memory(&root()).unwrap();
         let mut d = listed_dir(ROOT_INO, "d", &DEFAULTS, now_ns());
         t.insert(&mut d).unwrap();
-        let mut f = listed_file(d.ino, &file("f", "e"), &DEFAULTS, now_ns());
+        let mut f = new_file(d.ino, "f", now_ns());
         t.insert(&mut f).unwrap();
         assert_eq!(t.path(f.ino).unwrap().unwrap(), ["d", "f"]);
         t.unlink(f.ino).unwrap();
         assert_eq!(t.path(f.ino).unwrap(), None);
         t.forget(f.ino).unwrap();
-        let mut g = listed_file(d.ino, &file("f", "e"), &DEFAULTS, now_ns());
+        let mut g = new_file(d.ino, "f", now_ns());
         t.insert(&mut g).unwrap();
         assert!(g.ino > f.ino);
     }
@@ -790,9 +1200,9 @@ mod tests {
         let db = dir.path().join("meta.db");
         let (kept, dropped) = {
             let t = InodeTable::open(&db, &root()).unwrap();
-            let mut a = listed_file(ROOT_INO, &file("a", "e"), &DEFAULTS, now_ns());
+            let mut a = new_file(ROOT_INO, "a", now_ns());
             t.insert(&mut a).unwrap();
-            let mut b = listed_file(ROOT_INO, &file("b", "e"), &DEFAULTS, now_ns());
+            let mut b = new_file(ROOT_INO, "b", now_ns());
             t.insert(&mut b).unwrap();
             t.unlink(b.ino).unwrap();
             (a.ino, b.ino)

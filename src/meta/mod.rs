@@ -8,12 +8,17 @@
 pub mod headers;
 pub mod inodes;
 pub mod names;
+pub mod objects;
 mod schema;
 
 use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-pub use inodes::{DirRename, EntryDefaults, InodeTable, ListedFile, Listing, StagingRecord};
+pub use inodes::{
+    Busy, Changes, DirRename, EntryDefaults, Found, InodeTable, ListedDir, ListedFile, Listing,
+    StagingRecord,
+};
+pub use objects::{Headers, ObjectMeta, ObjectVersion};
 
 /// Inode number of the mount's root directory (FUSE's fixed root id).
 pub const ROOT_INO: u64 = 1;
@@ -176,8 +181,12 @@ pub struct Inode {
     pub ctime: Timestamp,
     /// ETag of the object behind this entry (a directory's marker); `None` when there is none.
     pub etag: Option<String>,
-    /// Whether the POSIX headers of that object were read (or written by us): until then,
-    /// owner and mode are the mount's defaults, as far as the listing tells.
+    /// Last-Modified of that object in whole seconds; `None` when there is no object or this
+    /// mount wrote it (then it is learned from the next listing).
+    pub last_modified: Option<i64>,
+    /// Whether the attributes are those of that object's POSIX headers (read, or written by
+    /// us). Until then they are the mount's defaults and the listing's size and time, which
+    /// is shown only with `--trust-listings`.
     pub headers_known: bool,
     /// Target of a symlink, once read.
     pub symlink_target: Option<String>,
@@ -220,6 +229,7 @@ impl Inode {
             mtime: at,
             ctime: at,
             etag: None,
+            last_modified: None,
             headers_known: false,
             symlink_target: None,
             xattrs: BTreeMap::new(),

@@ -5,7 +5,7 @@ use rusqlite::Connection;
 use super::{MetaError, MetaResult};
 
 /// Schema version written by this build (`PRAGMA user_version`).
-const VERSION: i64 = 3;
+const VERSION: i64 = 4;
 
 /// Sets the connection up and brings the schema to [`VERSION`].
 ///
@@ -89,6 +89,17 @@ pub(super) fn prepare(conn: &Connection) -> MetaResult<()> {
                  new_prefix TEXT NOT NULL
              );
              PRAGMA user_version = 3;
+             COMMIT;",
+        )?;
+    }
+    if version < 4 {
+        // The Last-Modified (whole seconds) of the object version a row shows: with the
+        // ETag and size it names the version, so headers read once are not read again
+        // while it holds, and a CopyObject onto the same key (same ETag) is seen as new.
+        conn.execute_batch(
+            "BEGIN;
+             ALTER TABLE inodes ADD COLUMN last_modified INTEGER;
+             PRAGMA user_version = 4;
              COMMIT;",
         )?;
     }

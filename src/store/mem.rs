@@ -1,8 +1,10 @@
 //! In-memory [`ObjectStore`] for unit tests of `fs/`, with fault injection.
 //!
 //! It follows S3's observable rules that the filesystem relies on (keys sorted by byte,
-//! delimiter grouping, ETags changing on every write, multipart parts of at least 5 MiB,
-//! `If-Match`), and counts requests so tests can assert that, say, a listing costs no HEAD.
+//! delimiter grouping, ETags that name the contents — the same body has the same ETag, so a
+//! copy onto itself with new headers keeps it and only Last-Modified tells the versions
+//! apart —, multipart parts of at least 5 MiB, `If-Match`), and counts requests so tests can
+//! assert that, say, a listing costs no HEAD.
 //! It is never used instead of a real S3 server in the end-to-end tests.
 
 use std::collections::{BTreeMap, HashMap};
@@ -64,6 +66,8 @@ struct State {
     bytes_read: u64,
     /// Conditional writes are ignored, as Garage does.
     ignores_conditions: bool,
+    /// How far the store's clock (Last-Modified of new writes) is ahead of the real one.
+    clock_ahead: std::time::Duration,
 }
 
 /// An object store held in memory.
@@ -113,16 +117,23 @@ impl MemStore {
 
     /// Stores an object directly, as another S3 client would.
     pub fn insert(&self, key: &str, data: &[u8], headers: WriteHeaders) {
-        let etag = self.new_etag();
-        self.state.lock().unwrap().objects.insert(
+        let mut state = self.state.lock().unwrap();
+        let last_modified = state.now();
+        state.objects.insert(
             key.to_string(),
             MemObject {
                 data: Bytes::copy_from_slice(data),
-                etag,
-                last_modified: SystemTime::now(),
+                etag: etag_of(data),
+                last_modified,
                 headers,
             },
         );
+    }
+
+    /// Moves the store's clock `by` ahead: later writes carry a later Last-Modified, as if
+    /// that much time had passed (S3 times are whole seconds).
+    pub fn advance_clock(&self, by: std::time::Duration) {
+        self.state.lock().unwrap().clock_ahead += by;
     }
 
     /// The body and headers of an object, if present.
@@ -144,10 +155,6 @@ impl MemStore {
         self.state.lock().unwrap().uploads.len()
     }
 
-    fn new_etag(&self) -> String {
-        format!("\"mem-{}\"", self.next_id.fetch_add(1, Ordering::Relaxed))
-    }
-
     /// Counts a request and fails it if a fault is armed for its kind.
     fn enter(&self, op: Op) -> StoreResult<std::sync::MutexGuard<'_, State>> {
         let mut state = self.state.lock().unwrap();
@@ -160,6 +167,17 @@ impl MemStore {
         }
         Ok(state)
     }
+}
+
+impl State {
+    fn now(&self) -> SystemTime {
+        SystemTime::now() + self.clock_ahead
+    }
+}
+
+/// The ETag of a single-part object with body `data` (S3's is its MD5).
+fn etag_of(data: &[u8]) -> String {
+    format!("\"{}\"", &blake3::hash(data).to_hex()[..32])
 }
 
 /// The upload `upload_id`, which must be one of `key`.
@@ -242,15 +260,16 @@ impl ObjectStore for MemStore {
         headers: &WriteHeaders,
         expect: Expect<'_>,
     ) -> StoreResult<String> {
-        let etag = self.new_etag();
+        let etag = etag_of(&body);
         let mut state = self.enter(Op::Put)?;
         check_expect(&state, key, expect)?;
+        let last_modified = state.now();
         state.objects.insert(
             key.to_string(),
             MemObject {
                 data: body,
                 etag: etag.clone(),
-                last_modified: SystemTime::now(),
+                last_modified,
                 headers: headers.clone(),
             },
         );
@@ -264,17 +283,18 @@ impl ObjectStore for MemStore {
         src_if_match: Option<&str>,
         headers: &WriteHeaders,
     ) -> StoreResult<String> {
-        let etag = self.new_etag();
         let mut state = self.enter(Op::Copy)?;
+        let last_modified = state.now();
         let src = state
             .objects
             .get(src_key)
             .ok_or_else(|| StoreError::NotFound(src_key.to_string()))?;
         check_etag(src, src_key, src_if_match)?;
+        let etag = src.etag.clone();
         let copied = MemObject {
             data: src.data.clone(),
             etag: etag.clone(),
-            last_modified: SystemTime::now(),
+            last_modified,
             headers: headers.clone(),
         };
         state.objects.insert(dst_key.to_string(), copied);
@@ -302,7 +322,7 @@ impl ObjectStore for MemStore {
         number: i32,
         body: Bytes,
     ) -> StoreResult<String> {
-        let etag = self.new_etag();
+        let etag = etag_of(&body);
         let mut state = self.enter(Op::UploadPart)?;
         upload_of(&mut state, upload_id, key)?
             .parts
@@ -319,7 +339,6 @@ impl ObjectStore for MemStore {
         range: Range<u64>,
         src_if_match: Option<&str>,
     ) -> StoreResult<String> {
-        let etag = self.new_etag();
         let mut state = self.enter(Op::UploadPart)?;
         let src = state
             .objects
@@ -330,6 +349,7 @@ impl ObjectStore for MemStore {
             return Err(StoreError::InvalidRange(src_key.to_string()));
         }
         let body = src.data.slice(range.start as usize..range.end as usize);
+        let etag = etag_of(&body);
         upload_of(&mut state, upload_id, key)?
             .parts
             .insert(number, (etag.clone(), body));
@@ -343,7 +363,6 @@ impl ObjectStore for MemStore {
         parts: &[CompletedPart],
         expect: Expect<'_>,
     ) -> StoreResult<String> {
-        let etag = self.new_etag();
         let mut state = self.enter(Op::Multipart)?;
         check_expect(&state, key, expect)?;
         let upload = state
@@ -352,6 +371,7 @@ impl ObjectStore for MemStore {
             .filter(|u| u.key == key)
             .ok_or_else(|| StoreError::NotFound(format!("upload {upload_id}")))?;
         let mut data = Vec::new();
+        let mut part_etags = String::new();
         for (i, part) in parts.iter().enumerate() {
             let (part_etag, body) = upload
                 .parts
@@ -364,13 +384,21 @@ impl ObjectStore for MemStore {
                 return Err(StoreError::Other(format!("part {} too small", part.number)));
             }
             data.extend_from_slice(body);
+            part_etags.push_str(part_etag);
         }
+        // As S3's: a hash of the parts' ETags and their number.
+        let etag = format!(
+            "{}-{}\"",
+            etag_of(part_etags.as_bytes()).trim_end_matches('"'),
+            parts.len()
+        );
+        let last_modified = state.now();
         state.objects.insert(
             key.to_string(),
             MemObject {
                 data: data.into(),
                 etag: etag.clone(),
-                last_modified: SystemTime::now(),
+                last_modified,
                 headers: upload.headers,
             },
         );
