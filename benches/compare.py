@@ -13,15 +13,18 @@ Every filesystem runs the same workloads on its own prefix of the same bucket:
   rand 4K     fio, 4 KiB random reads of the 1 GiB file, cold and then warm (same offsets)
   1000 files  cp -r of 1,000 files of 1-16 KiB
   untar       tar x of a real source tree (tokio's crate)
-  ls -l       of 10,000 objects written with the S3 API, cold (fresh mount) and warm
+  ls -l       of 10,000 objects carrying s3fs headers (mode, owner, mtime), cold (fresh mount,
+              empty cache) and warm, with the daemon's CPU seconds for the cold one; plain
+              `ls` (names and types only) cold
   rename      mv of the 1 GiB file
 
 With --latency-ms, everything runs a second time with that delay added each way between
 the clients and the server (tc netem on lo, or benches/latency_proxy.rs where the kernel has
 no netem).
 
-References in the same run: raw multipart PUT and parallel ranged GET of 1 GiB and a raw
-server-side copy (benches/raw_s3.rs), and reading the same bytes from the local disk. Peak
+References in the same run: raw multipart PUT and parallel ranged GET of 1 GiB, a raw
+server-side copy, and a raw exact listing (LIST pages and a HEAD of each of the 10,000
+objects, 64 at a time) (benches/raw_s3.rs), and reading the same bytes from the local disk. Peak
 RSS is each daemon's VmHWM, the largest over its mounts.
 
 Writes results/latest.{md,json,svg} next to this script and prints the table.
@@ -128,6 +131,11 @@ class Mount:
 
     def env(self):
         return dict(ENV)
+
+    def cpu_seconds(self):
+        """User and system CPU time the daemon has used so far."""
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def rss_kib(self):
         try:
@@ -245,12 +253,16 @@ def run_filesystem(fs, raw, local, size_mib, tree, tarball):
     r["small_files"] = timed(["cp", "-r", str(tree), fs.p("small")])
     os.mkdir(fs.p("untar"))
     r["untar"] = timed(["tar", "xzf", tarball, "-C", fs.p("untar")])
-    log(f"{fs.name}: ls -l of 10,000 objects")
-    raw("put-many", fs.prefix + "list/", "10000")
+    log(f"{fs.name}: ls -l of 10,000 objects with s3fs headers")
+    raw("put-many-s3fs", fs.prefix + "list/", "10000")
     fs.remount_cold()
     ls = ["ls", "-l", fs.p("list")]
+    cpu = fs.cpu_seconds()
     r["ls_cold"] = timed(ls)
+    r["ls_cold_cpu"] = fs.cpu_seconds() - cpu
     r["ls_warm"] = timed(ls)
+    fs.remount_cold()
+    r["ls_plain_cold"] = timed(["ls", fs.p("list")])
     log(f"{fs.name}: rename")
     r["rename"] = timed(["mv", fs.p("big"), fs.p("big-renamed")])
     fs.unmount()
@@ -264,6 +276,8 @@ def references(raw, local, work, size_mib):
     r["write"] = float(raw("put", "raw/big", str(size_mib))["transfer_seconds"])
     r["cold_read"] = float(raw("get", "raw/big")["seconds"])
     r["rename"] = float(raw("copy", "raw/big", "raw/big-copy")["seconds"])
+    raw("put-many-s3fs", "raw/list/", "10000")
+    r["ls_cold"] = float(raw("head-all", "raw/list/", "64")["seconds"])
     # The least a rename can cost on S3: the copy, then the delete of the old key.
     r["move"] = float(raw("move", "raw/big-copy", "raw/big-moved")["seconds"])
     # What the local disk gives the same fio job: the bound for a warm cache on that disk.
@@ -303,8 +317,10 @@ ROWS = [
     ("rand_warm_iops", "random 4K reads, warm", "IOPS", True),
     ("small_files", "cp -r 1,000 small files", "s", False),
     ("untar", "untar tokio source tree", "s", False),
-    ("ls_cold", "ls -l 10,000 objects, cold", "s", False),
+    ("ls_cold", "ls -l 10,000 objects (s3fs headers), cold", "s", False),
+    ("ls_cold_cpu", "  ... daemon CPU", "s", False),
     ("ls_warm", "ls -l 10,000 objects, warm", "s", False),
+    ("ls_plain_cold", "ls 10,000 objects, cold", "s", False),
     ("rename", "rename {size}", "s", False),
     ("peak_rss_mib", "peak RSS of the daemon", "MiB", False),
 ]
@@ -357,7 +373,8 @@ def table(results, refs, title):
     if refs.get("move") is not None:
         lines.append("")
         lines.append(f"Raw copy then delete (the least a rename costs on S3): {fmt(refs['move'], 's')} s. "
-                     "Random 4K warm, raw/local: the same fio job on the local disk.")
+                     "Random 4K warm, raw/local: the same fio job on the local disk. "
+                     "ls -l cold, raw: LIST pages and a HEAD of every object, 64 in flight.")
     lines.append("")
     return "\n".join(lines)
 
@@ -365,7 +382,7 @@ def table(results, refs, title):
 def svg(all_runs, path):
     """Horizontal bars: each filesystem's speed relative to s3bridge (log scale), per workload."""
     colors = {"s3bridge": "#1f77b4", "s3fs": "#ff7f0e", "rclone": "#2ca02c"}
-    rows = [r for r in ROWS if r[0] not in ("write_in_bucket", "peak_rss_mib")]
+    rows = [r for r in ROWS if r[0] not in ("write_in_bucket", "peak_rss_mib", "ls_cold_cpu")]
     import math
     bar, gap, left, width = 9, 10, 250, 420
     blocks = []

@@ -4,7 +4,8 @@
 //!
 //! Run by `benches/run.sh`; by hand:
 //! `cargo bench --bench raw_s3 -- put KEY SIZE_MIB` (and `get KEY`, `copy SRC DST`, `move SRC DST`,
-//! `size KEY`, `put-many PREFIX COUNT`, `delete-prefix PREFIX`). Endpoint, bucket and credentials come
+//! `size KEY`, `put-many PREFIX COUNT`, `put-many-s3fs PREFIX COUNT`, `head-all PREFIX
+//! CONCURRENCY`, `delete-prefix PREFIX`). Endpoint, bucket and credentials come
 //! from the environment that `tests/support/garage.sh start` prints. Each command prints
 //! one line: `seconds=<elapsed>`.
 
@@ -31,7 +32,8 @@ fn env(k: &str) -> String {
 #[tokio::main]
 async fn main() {
     let Some(args) = support::args_or_usage(
-        "raw_s3 put KEY MIB | get KEY | copy SRC DST | move SRC DST | size KEY | put-many PREFIX N",
+        "raw_s3 put KEY MIB | get KEY | copy SRC DST | move SRC DST | size KEY | put-many PREFIX N \
+         | put-many-s3fs PREFIX N | head-all PREFIX CONCURRENCY | delete-prefix PREFIX",
         1,
     ) else {
         return;
@@ -78,7 +80,14 @@ async fn main() {
             println!("size={size}");
             return;
         }
-        "put-many" => put_many(&store, arg(1), arg(2).parse().unwrap()).await,
+        "put-many" => {
+            put_many(&store, arg(1), arg(2).parse().unwrap(), |_| {
+                WriteHeaders::default()
+            })
+            .await
+        }
+        "put-many-s3fs" => put_many(&store, arg(1), arg(2).parse().unwrap(), s3fs_headers).await,
+        "head-all" => head_all(&store, arg(1), arg(2).parse().unwrap()).await,
         "delete-prefix" => {
             let keys = list_all(&store, arg(1)).await;
             for chunk in keys.chunks(1000) {
@@ -152,22 +161,54 @@ async fn get(store: &Arc<dyn ObjectStore>, key: &str) {
     assert_eq!(total, info.size);
 }
 
-/// `count` objects of 1 KiB under `prefix`, 64 at a time.
-async fn put_many(store: &Arc<dyn ObjectStore>, prefix: &str, count: usize) {
+/// `count` objects of 1 KiB under `prefix` with the headers `headers(i)`, 64 at a time.
+async fn put_many(
+    store: &Arc<dyn ObjectStore>,
+    prefix: &str,
+    count: usize,
+    headers: impl Fn(usize) -> WriteHeaders,
+) {
     let body = Bytes::from(vec![b'x'; 1024]);
     futures::stream::iter(0..count)
         .map(|i| {
             let (store, body) = (store.clone(), body.clone());
             let key = format!("{prefix}f{i:05}");
+            let headers = headers(i);
             async move {
-                store
-                    .put(&key, body, &WriteHeaders::default(), Expect::Any)
-                    .await
-                    .unwrap();
+                store.put(&key, body, &headers, Expect::Any).await.unwrap();
             }
         })
         .buffer_unordered(64)
         .collect::<Vec<()>>()
+        .await;
+}
+
+/// The headers s3fs writes for a file of a Nextcloud data directory: mode 0640, owner
+/// www-data, mtimes a second apart.
+fn s3fs_headers(i: usize) -> WriteHeaders {
+    let mut h = WriteHeaders::default();
+    for (k, v) in [
+        ("mode", (0o100640u32).to_string()),
+        ("uid", "33".into()),
+        ("gid", "33".into()),
+        ("mtime", (1_600_000_000 + i).to_string()),
+    ] {
+        h.metadata.insert(k.into(), v);
+    }
+    h
+}
+
+/// What an exact listing costs at least: every page of `prefix`, and a HEAD of every object,
+/// `concurrency` at a time.
+async fn head_all(store: &Arc<dyn ObjectStore>, prefix: &str, concurrency: usize) {
+    let keys = list_all(store, prefix).await;
+    futures::stream::iter(keys)
+        .map(|key| {
+            let store = store.clone();
+            async move { store.head(&key).await.unwrap() }
+        })
+        .buffer_unordered(concurrency)
+        .collect::<Vec<_>>()
         .await;
 }
 

@@ -4,62 +4,10 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::time::{Duration, Instant};
+use std::path::Path;
 
-use common::{Mount, MountOptions, Server, is_mounted, scratch, sh, unique};
-
-/// A running s3fs mount of one prefix; unmounted when dropped.
-struct S3fs {
-    path: PathBuf,
-}
-
-impl S3fs {
-    fn mount(server: &Server, prefix: &str) -> S3fs {
-        let base = scratch().join(unique("s3fs"));
-        let path = base.join("mnt");
-        std::fs::create_dir_all(&path).unwrap();
-        let passwd = base.join("passwd");
-        std::fs::write(
-            &passwd,
-            format!("{}:{}", server.access_key, server.secret_key),
-        )
-        .unwrap();
-        std::fs::set_permissions(&passwd, std::os::unix::fs::PermissionsExt::from_mode(0o600))
-            .unwrap();
-        let status = Command::new("s3fs")
-            .arg(format!(
-                "{}:/{}",
-                server.bucket,
-                prefix.trim_end_matches('/')
-            ))
-            .arg(&path)
-            .args(["-o", &format!("passwd_file={}", passwd.display())])
-            .args(["-o", &format!("url={}", server.endpoint)])
-            .args(["-o", "use_path_request_style,endpoint=us-east-1,use_xattr"])
-            // No stat cache: every check below reads the bucket.
-            .args(["-o", "max_stat_cache_size=0"])
-            .status()
-            .expect("s3fs is not installed: tests/run.sh installs it (apt-get install s3fs)");
-        assert!(status.success(), "s3fs failed to mount");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !is_mounted(&path) {
-            assert!(Instant::now() < deadline, "s3fs mount did not appear");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        S3fs { path }
-    }
-}
-
-impl Drop for S3fs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg(&self.path).status();
-        if is_mounted(&self.path) {
-            let _ = Command::new("umount").arg("-l").arg(&self.path).status();
-        }
-    }
-}
+use common::s3fs::S3fs;
+use common::{Mount, MountOptions, Server, sh, unique};
 
 /// Writes the same small tree with chmod, chown, utimes, a symlink, directories and an xattr.
 const MAKE_TREE: &str = "
@@ -107,19 +55,19 @@ fn a_tree_written_by_s3fs_reads_the_same_in_s3bridge() {
         want.contains("d/file f 640 1234 5678 1500000000.2500000000 8"),
         "{want}"
     );
-    // With --exact-attributes every header is read at once: the same view as s3fs's.
-    let exact = MountOptions {
-        extra: vec!["--exact-attributes".into(), "--xattr".into()],
-        ..MountOptions::default()
-    };
-    let m = Mount::of_prefix(&prefix, exact);
+    // From the first look: every header is read with the listing, symlinks are symlinks.
+    let m = Mount::of_prefix(&prefix, with_xattrs());
     assert_eq!(describe(&m.path), want);
     assert_eq!(std::fs::read(m.p("link")).unwrap(), b"content\n");
     drop(m);
-    // By default a listing shows listed files with the defaults until they are opened; the
+    // --trust-listings shows listed files with the defaults until they are opened; the
     // symlink, listed as a file, is found to be a symlink when opened (ESTALE, the kernel
     // looks it up again) and then everything reads as s3fs wrote it.
-    let m = Mount::of_prefix(&prefix, with_xattrs());
+    let trusting = MountOptions {
+        extra: vec!["--trust-listings".into(), "--xattr".into()],
+        ..MountOptions::default()
+    };
+    let m = Mount::of_prefix(&prefix, trusting);
     let listed = sh(&m.path, "ls -l . d");
     assert!(listed.contains("-rw-r--r--"), "listing view: {listed}");
     assert_eq!(std::fs::read(m.p("link")).unwrap(), b"content\n");

@@ -63,6 +63,8 @@ pub(super) struct FileState {
     pub journaled: bool,
     /// The background uploader is working on this file.
     pub uploading: bool,
+    /// How many times another client replaced the object while the file was open here.
+    pub replaced: u64,
 }
 
 impl OpenFile {
@@ -103,6 +105,10 @@ pub(super) struct FileHandle {
     pub file: Arc<OpenFile>,
     reader: tokio::sync::Mutex<Reader>,
     writable: bool,
+    /// [`FileState::replaced`] when the handle was opened: reads of a version another
+    /// client has replaced since fail with ESTALE rather than mix the two (the next open
+    /// reads the new one).
+    opened_on: u64,
 }
 
 /// A time given to setattr.
@@ -306,8 +312,9 @@ impl Fs {
             return Err(e);
         }
         let keep_cache = self.keep_page_cache(&file).await;
+        let opened_on = file.state.lock().await.replaced;
         Ok(Opened {
-            fh: self.new_file_handle(file, writable),
+            fh: self.new_file_handle(file, writable, opened_on),
             keep_cache,
         })
     }
@@ -351,7 +358,12 @@ impl Fs {
         }
     }
 
-    pub(super) fn new_file_handle(&self, file: Arc<OpenFile>, writable: bool) -> u64 {
+    pub(super) fn new_file_handle(
+        &self,
+        file: Arc<OpenFile>,
+        writable: bool,
+        opened_on: u64,
+    ) -> u64 {
         let fh = self
             .next_handle
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -359,6 +371,7 @@ impl Fs {
             file,
             reader: tokio::sync::Mutex::new(Reader::default()),
             writable,
+            opened_on,
         };
         self.handles
             .lock()
@@ -377,6 +390,9 @@ impl Fs {
                 let missing = staging.missing_for_read(offset..offset + size as u64);
                 write::fetch_blocks(&self.store, self.blocks.cache(), staging, missing).await?;
                 return Ok(Bytes::from(staging.read(offset, size as usize)?));
+            }
+            if st.replaced != h.opened_on {
+                return Err(FsError::Stale);
             }
             match &st.remote {
                 Some(o) => ObjectVersion {

@@ -963,8 +963,8 @@ impl Fs {
     }
 
     /// An open file whose object another client replaced: if it has no changes of its own,
-    /// its next open reads the new version (handles open now keep failing with ESTALE rather
-    /// than mixing versions: their reads are pinned to the old ETag).
+    /// its next open reads the new version; reads through handles opened before fail with
+    /// ESTALE rather than mix versions.
     fn follow_new_version(&self, ino: u64) {
         let Some(file) = self.open_file_of(ino) else {
             return;
@@ -980,6 +980,7 @@ impl Fs {
             return;
         }
         st.remote = self.original_of(&row).ok().flatten();
+        st.replaced += 1;
         file.set_attrs(row);
     }
 

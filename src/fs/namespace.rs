@@ -162,7 +162,7 @@ impl Fs {
             .unwrap()
             .insert(attr.ino, file.clone());
         let writable = flags & libc::O_ACCMODE != libc::O_RDONLY;
-        Ok((attr, self.new_file_handle(file, writable)))
+        Ok((attr, self.new_file_handle(file, writable, 0)))
     }
 
     /// Creates a file of any type: regular files become empty objects, the other types

@@ -1572,3 +1572,41 @@ async fn staging_files_nobody_owns_are_removed_at_start() {
     assert_eq!(s.body("pre/kept").unwrap(), b"pending");
     assert!(s.body("pre/gone").is_none());
 }
+
+#[tokio::test]
+async fn a_file_replaced_outside_while_open_reads_new_on_the_next_open_and_stale_on_the_old() {
+    let mem = Arc::new(MemStore::new());
+    mem.insert("pre/f", b"old contents", WriteHeaders::default());
+    let ttl = MetadataTtl::For(Duration::from_millis(100));
+    let s = setup_with(mem.clone(), ttl, tempfile::tempdir().unwrap());
+    let f = s.fs.lookup(ROOT, n("f")).await.unwrap();
+    let old = s.fs.open(f.ino, libc::O_RDONLY, ROOT_CALLER).await.unwrap();
+    assert_eq!(
+        &s.fs.read(old.fh, 0, 100).await.unwrap()[..],
+        b"old contents"
+    );
+    mem.insert("pre/f", b"new contents!", WriteHeaders::default());
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    assert_eq!(s.names(ROOT).await, ["f"], "the listing finds it replaced");
+    assert_eq!(s.fs.getattr(f.ino).await.unwrap().size, 13);
+    assert_eq!(
+        s.read_all(f.ino).await,
+        b"new contents!",
+        "a new open reads the new version"
+    );
+    let err = s.fs.read(old.fh, 0, 100).await.unwrap_err();
+    assert_eq!(
+        err.errno(),
+        libc::ESTALE,
+        "the old handle does not mix versions"
+    );
+    s.fs.release(old.fh).await;
+    // A rename of this mount's own keeps a reader reading.
+    let r = s.fs.open(f.ino, libc::O_RDONLY, ROOT_CALLER).await.unwrap();
+    s.fs.rename(ROOT, n("f"), ROOT, n("g"), 0).await.unwrap();
+    assert_eq!(
+        &s.fs.read(r.fh, 0, 100).await.unwrap()[..],
+        b"new contents!"
+    );
+    s.fs.release(r.fh).await;
+}

@@ -201,12 +201,10 @@ fn reconcile(
                 Headers::Read(m) => &m.version,
                 _ => listed,
             };
-            let mut r = match row {
+            let (mut r, known) = match row {
                 Some(r) if r.kind != Kind::Dir => {
-                    if !r.holds(version) {
-                        changes.replaced.push((r.ino, name.to_string()));
-                    }
-                    r
+                    let known = r.headers_known;
+                    (r, known)
                 }
                 other => {
                     replaced_row(other, changes)?;
@@ -214,16 +212,29 @@ fn reconcile(
                     fresh.kind = Kind::File;
                     fresh.describe_listed_file(version, ctx.defaults);
                     fresh.ino = insert_row(conn, None, &fresh)?;
-                    fresh
+                    (fresh, false)
                 }
             };
+            let before = r.clone();
             match headers {
-                Headers::Read(m) if !r.headers_known || !r.holds(version) => {
-                    r.describe_file(m, ctx.defaults)
-                }
+                // What a HEAD says is the object as it is now, even where the version looks
+                // the same (headers rewritten within one second keep ETag and, on servers
+                // that give whole seconds, Last-Modified).
+                Headers::Read(m) => r.describe_file(m, ctx.defaults),
                 _ if !r.holds(version) => r.describe_listed_file(version, ctx.defaults),
-                // Our own upload: its Last-Modified is learned now.
-                _ => r.last_modified = Some(version.last_modified),
+                _ => {}
+            }
+            // Shown before with other attributes: another version (the first description of
+            // an entry, or of a file listed but never read, is no change).
+            if known && !r.shows_same(&before) {
+                changes.replaced.push((r.ino, name.to_string()));
+            } else if !known && !before.holds(version) && before.etag.is_some() {
+                changes.replaced.push((r.ino, name.to_string()));
+            }
+            // A listing's Last-Modified may say more than the HEAD's (milliseconds), and
+            // that of our own upload is learned only now.
+            if r.holds(listed) {
+                r.learn_modified(listed);
             }
             r.validated_at = ctx.started;
             update_row(conn, &r)?;
@@ -573,7 +584,7 @@ impl InodeTable {
         if dir != ROOT_INO && !untouchable && !busy.marker() {
             match &listing.marker {
                 Some((v, _)) if dir_row.headers_known && dir_row.holds(v) => {
-                    dir_row.last_modified = Some(v.last_modified)
+                    dir_row.learn_modified(v)
                 }
                 Some((_, marker)) => dir_row.apply_marker(marker, defaults, ctx.now),
                 None => dir_row.apply_marker(&Headers::Gone, defaults, ctx.now),
@@ -909,11 +920,12 @@ mod tests {
         r
     }
 
+    /// A version last modified at `lm` (whole seconds).
     fn version(etag: &str, lm: i64) -> ObjectVersion {
         ObjectVersion {
             etag: etag.into(),
             size: 3,
-            last_modified: lm,
+            last_modified: lm * 1000,
         }
     }
 
@@ -1081,7 +1093,7 @@ mod tests {
         assert_eq!(changes, Changes::default());
         assert_eq!(mtime, last, "no change, no move");
         let b = t.child(ROOT_INO, "b").unwrap().unwrap();
-        assert_eq!(b.last_modified, Some(200));
+        assert_eq!(b.last_modified, Some(200_000));
     }
 
     #[test]

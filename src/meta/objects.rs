@@ -39,35 +39,46 @@ pub struct ObjectVersion {
     pub etag: String,
     /// Size in bytes.
     pub size: u64,
-    /// Last-Modified in whole seconds: listings carry milliseconds on some servers and HEAD
-    /// answers (HTTP dates) whole seconds, and both must name the same version.
+    /// Last-Modified in milliseconds since the epoch. Listings carry milliseconds on some
+    /// servers (Garage) and HEAD answers (HTTP dates) whole seconds; see [`same_moment`].
     pub last_modified: i64,
 }
 
 impl ObjectVersion {
-    /// The version with this ETag, size and Last-Modified (cut to whole seconds).
+    /// The version with this ETag, size and Last-Modified.
     pub fn new(etag: &str, size: u64, last_modified: SystemTime) -> Self {
+        let ms = match last_modified.duration_since(UNIX_EPOCH) {
+            Ok(d) => d.as_millis() as i64,
+            Err(e) => -(e.duration().as_millis() as i64),
+        };
         ObjectVersion {
             etag: etag.to_string(),
             size,
-            last_modified: whole_seconds(last_modified),
+            last_modified: ms,
         }
     }
 
-    /// Last-Modified as a timestamp (whole seconds).
+    /// Last-Modified in whole seconds, as an object without an mtime header shows it: the
+    /// same whether a listing or a HEAD told it.
     pub fn modified(&self) -> Timestamp {
         Timestamp {
-            sec: self.last_modified,
+            sec: self.last_modified.div_euclid(1000),
             nsec: 0,
         }
     }
 }
 
-fn whole_seconds(t: SystemTime) -> i64 {
-    match t.duration_since(UNIX_EPOCH) {
-        Ok(d) => d.as_secs() as i64,
-        Err(e) => -(e.duration().as_secs_f64().ceil() as i64),
-    }
+/// Whether two Last-Modified values (ms) can name the same version: equal, or equal in the
+/// second where one of them came without milliseconds (a HEAD's HTTP date). Servers that
+/// list milliseconds so tell apart two versions written within one second, where the ETag
+/// is the same (a `chmod` from another mount right after a write); those that do not, cannot.
+pub fn same_moment(a: i64, b: i64) -> bool {
+    a == b || ((a % 1000 == 0 || b % 1000 == 0) && a.div_euclid(1000) == b.div_euclid(1000))
+}
+
+/// Of two values [`same_moment`] finds equal, the one that says more.
+fn finer(a: i64, b: i64) -> i64 {
+    if a % 1000 == 0 { b } else { a }
 }
 
 /// What the bucket says of one object: its version, its POSIX headers and, for a symlink
@@ -136,7 +147,35 @@ impl Inode {
     pub fn holds(&self, v: &ObjectVersion) -> bool {
         self.etag.as_deref() == Some(v.etag.as_str())
             && (self.kind == Kind::Dir || self.size == v.size)
-            && self.last_modified.is_none_or(|lm| lm == v.last_modified)
+            && self
+                .last_modified
+                .is_none_or(|lm| same_moment(lm, v.last_modified))
+    }
+
+    /// Whether `stat` would show the same for both (the bookkeeping aside).
+    pub fn shows_same(&self, other: &Inode) -> bool {
+        (
+            self.kind, self.perm, self.uid, self.gid, self.size, self.rdev, self.mtime, self.ctime,
+        ) == (
+            other.kind,
+            other.perm,
+            other.uid,
+            other.gid,
+            other.size,
+            other.rdev,
+            other.mtime,
+            other.ctime,
+        ) && self.xattrs == other.xattrs
+            && self.etag == other.etag
+    }
+
+    /// Takes the Last-Modified of `v`, a version this entry [`Self::holds`]: learned for an
+    /// object this mount wrote, or more precise than what a HEAD told.
+    pub fn learn_modified(&mut self, v: &ObjectVersion) {
+        self.last_modified = Some(match self.last_modified {
+            Some(lm) => finer(lm, v.last_modified),
+            None => v.last_modified,
+        });
     }
 
     /// Records that this mount wrote the entry's object and got `etag` back: its headers are
@@ -232,7 +271,7 @@ impl Inode {
     /// that is gone (the directory is implicit from now on; its attributes stay).
     pub fn apply_marker(&mut self, marker: &Headers, d: &EntryDefaults, now: Timestamp) {
         match marker {
-            Headers::Read(m) if !self.headers_known || !self.holds(&m.version) => {
+            Headers::Read(m) if !self.headers_known || !self.marker_is(m, d) => {
                 self.describe_dir(Some(m), d, now)
             }
             Headers::Gone if !self.headers_known || self.etag.is_some() => {
@@ -240,6 +279,18 @@ impl Inode {
             }
             _ => {}
         }
+    }
+
+    /// Whether this directory shows marker `m`: its version, and the mode, owner and
+    /// attributes it carries (a marker rewritten within the same second keeps its ETag and,
+    /// where the server gives whole seconds, its Last-Modified).
+    fn marker_is(&self, m: &ObjectMeta, d: &EntryDefaults) -> bool {
+        let h = &m.headers;
+        self.holds(&m.version)
+            && self.perm == h.mode.map_or(d.dir_perm, |m| m & 0o7777)
+            && self.uid == h.uid.unwrap_or(d.uid)
+            && self.gid == h.gid.unwrap_or(d.gid)
+            && self.xattrs == h.xattrs
     }
 
     /// Moves a directory's clock forward: its entries changed outside this mount.
@@ -264,11 +315,12 @@ mod tests {
         Timestamp { sec, nsec }
     }
 
+    /// A version last modified at `lm` (whole seconds).
     fn version(etag: &str, size: u64, lm: i64) -> ObjectVersion {
         ObjectVersion {
             etag: etag.into(),
             size,
-            last_modified: lm,
+            last_modified: lm * 1000,
         }
     }
 
@@ -376,6 +428,30 @@ mod tests {
         m.version.etag = "\"u\"".into();
         r.describe_file(&m, &D);
         assert_eq!(r.symlink_target, None, "another body: read again");
+    }
+
+    #[test]
+    fn milliseconds_tell_versions_apart_where_the_server_gives_them() {
+        let listed = |ms| ObjectVersion {
+            etag: "\"e\"".into(),
+            size: 1,
+            last_modified: ms,
+        };
+        assert!(
+            same_moment(10_000, 10_250),
+            "a HEAD's whole second and a listing's ms"
+        );
+        assert!(!same_moment(10_250, 10_600), "two listings: two versions");
+        assert!(!same_moment(10_000, 11_000));
+        let mut r = row(Kind::File);
+        r.size = 1;
+        r.etag = Some("\"e\"".into());
+        r.last_modified = Some(10_000);
+        assert!(r.holds(&listed(10_250)));
+        r.learn_modified(&listed(10_250));
+        assert_eq!(r.last_modified, Some(10_250), "the finer time is kept");
+        assert!(!r.holds(&listed(10_600)), "a chmod within the same second");
+        assert_eq!(listed(10_600).modified(), ts(10, 0));
     }
 
     #[test]

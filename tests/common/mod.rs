@@ -9,6 +9,7 @@
 #![allow(dead_code)]
 
 pub mod fault_proxy;
+pub mod s3fs;
 
 use std::collections::HashMap;
 use std::os::unix::process::CommandExt;
