@@ -226,9 +226,12 @@ fn reconcile(
             }
             // Shown before with other attributes: another version (the first description of
             // an entry, or of a file listed but never read, is no change).
-            if known && !r.shows_same(&before) {
-                changes.replaced.push((r.ino, name.to_string()));
-            } else if !known && !before.holds(version) && before.etag.is_some() {
+            let other = if known {
+                !r.shows_same(&before)
+            } else {
+                before.etag.is_some() && !before.holds(version)
+            };
+            if other {
                 changes.replaced.push((r.ino, name.to_string()));
             }
             // A listing's Last-Modified may say more than the HEAD's (milliseconds), and
