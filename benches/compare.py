@@ -228,63 +228,73 @@ def source_tarball():
     return found[-1]
 
 
-def run_filesystem(fs, raw, local, size_mib, tree, tarball):
+WORKLOADS = ("data", "small", "ls")
+
+
+def run_filesystem(fs, raw, local, size_mib, tree, tarball, workloads):
     r = {}
-    log(f"{fs.name}: write {size_mib} MiB")
     fs.mount(clear_cache=True)
-    r["write"] = timed(["cp", str(local), fs.p("big")])
-    start = time.monotonic()
-    wait_for(lambda: raw.size(fs.prefix + "big") == size_mib * MIB, "upload", timeout=600)
-    r["write_in_bucket"] = r["write"] + (time.monotonic() - start)
-    # rclone keeps uploading after close: let it finish before measuring reads.
-    log(f"{fs.name}: reads")
-    fs.remount_cold()
-    dd = ["dd", f"if={fs.p('big')}", "of=/dev/null", "bs=1M"]
-    r["cold_read"] = timed(dd, stderr=subprocess.DEVNULL)
-    drop_caches()
-    r["warm_read"] = timed(dd, stderr=subprocess.DEVNULL)
-    r["hot_read"] = timed(dd, stderr=subprocess.DEVNULL)
-    log(f"{fs.name}: random 4K reads")
-    fs.remount_cold()
-    r["rand_cold_iops"] = fio_iops(fs.p("big"), 2000, size_mib * MIB)
-    drop_caches()
-    r["rand_warm_iops"] = fio_iops(fs.p("big"), 2000, size_mib * MIB)
-    log(f"{fs.name}: small files and untar")
-    r["small_files"] = timed(["cp", "-r", str(tree), fs.p("small")])
-    os.mkdir(fs.p("untar"))
-    r["untar"] = timed(["tar", "xzf", tarball, "-C", fs.p("untar")])
-    log(f"{fs.name}: ls -l of 10,000 objects with s3fs headers")
-    raw("put-many-s3fs", fs.prefix + "list/", "10000")
-    fs.remount_cold()
-    ls = ["ls", "-l", fs.p("list")]
-    cpu = fs.cpu_seconds()
-    r["ls_cold"] = timed(ls)
-    r["ls_cold_cpu"] = fs.cpu_seconds() - cpu
-    r["ls_warm"] = timed(ls)
-    fs.remount_cold()
-    r["ls_plain_cold"] = timed(["ls", fs.p("list")])
-    log(f"{fs.name}: rename")
-    r["rename"] = timed(["mv", fs.p("big"), fs.p("big-renamed")])
+    if "data" in workloads:
+        log(f"{fs.name}: write {size_mib} MiB")
+        r["write"] = timed(["cp", str(local), fs.p("big")])
+        start = time.monotonic()
+        wait_for(lambda: raw.size(fs.prefix + "big") == size_mib * MIB, "upload", timeout=600)
+        r["write_in_bucket"] = r["write"] + (time.monotonic() - start)
+        # rclone keeps uploading after close: let it finish before measuring reads.
+        log(f"{fs.name}: reads")
+        fs.remount_cold()
+        dd = ["dd", f"if={fs.p('big')}", "of=/dev/null", "bs=1M"]
+        r["cold_read"] = timed(dd, stderr=subprocess.DEVNULL)
+        drop_caches()
+        r["warm_read"] = timed(dd, stderr=subprocess.DEVNULL)
+        r["hot_read"] = timed(dd, stderr=subprocess.DEVNULL)
+        log(f"{fs.name}: random 4K reads")
+        fs.remount_cold()
+        r["rand_cold_iops"] = fio_iops(fs.p("big"), 2000, size_mib * MIB)
+        drop_caches()
+        r["rand_warm_iops"] = fio_iops(fs.p("big"), 2000, size_mib * MIB)
+    if "small" in workloads:
+        log(f"{fs.name}: small files and untar")
+        r["small_files"] = timed(["cp", "-r", str(tree), fs.p("small")])
+        os.mkdir(fs.p("untar"))
+        r["untar"] = timed(["tar", "xzf", tarball, "-C", fs.p("untar")])
+    if "ls" in workloads:
+        log(f"{fs.name}: ls -l of 10,000 objects with s3fs headers")
+        raw("put-many-s3fs", fs.prefix + "list/", "10000")
+        fs.remount_cold()
+        ls = ["ls", "-l", fs.p("list")]
+        cpu = fs.cpu_seconds()
+        r["ls_cold"] = timed(ls)
+        r["ls_cold_cpu"] = fs.cpu_seconds() - cpu
+        r["ls_warm"] = timed(ls)
+        fs.remount_cold()
+        r["ls_plain_cold"] = timed(["ls", fs.p("list")])
+    if "data" in workloads:
+        log(f"{fs.name}: rename")
+        r["rename"] = timed(["mv", fs.p("big"), fs.p("big-renamed")])
     fs.unmount()
     r["peak_rss_mib"] = fs.peak_rss_kib / 1024
     return r
 
 
-def references(raw, local, work, size_mib):
+def references(raw, local, size_mib, workloads):
     r = {}
     log("raw S3 and local disk references")
-    r["write"] = float(raw("put", "raw/big", str(size_mib))["transfer_seconds"])
-    r["cold_read"] = float(raw("get", "raw/big")["seconds"])
-    r["rename"] = float(raw("copy", "raw/big", "raw/big-copy")["seconds"])
-    raw("put-many-s3fs", "raw/list/", "10000")
-    r["ls_cold"] = float(raw("head-all", "raw/list/", "64")["seconds"])
-    # The least a rename can cost on S3: the copy, then the delete of the old key.
-    r["move"] = float(raw("move", "raw/big-copy", "raw/big-moved")["seconds"])
-    # What the local disk gives the same fio job: the bound for a warm cache on that disk.
-    r["rand_warm_iops"] = fio_iops(local, 2000, size_mib * MIB)
-    drop_caches()
-    r["warm_read"] = timed(["dd", f"if={local}", "of=/dev/null", "bs=1M"], stderr=subprocess.DEVNULL)
-    r["hot_read"] = timed(["dd", f"if={local}", "of=/dev/null", "bs=1M"], stderr=subprocess.DEVNULL)
+    if "data" in workloads:
+        r["write"] = float(raw("put", "raw/big", str(size_mib))["transfer_seconds"])
+        r["cold_read"] = float(raw("get", "raw/big")["seconds"])
+        r["rename"] = float(raw("copy", "raw/big", "raw/big-copy")["seconds"])
+        # The least a rename can cost on S3: the copy, then the delete of the old key.
+        r["move"] = float(raw("move", "raw/big-copy", "raw/big-moved")["seconds"])
+        # What the local disk gives the same fio job: the bound for a warm cache on that disk.
+        r["rand_warm_iops"] = fio_iops(local, 2000, size_mib * MIB)
+        drop_caches()
+        dd = ["dd", f"if={local}", "of=/dev/null", "bs=1M"]
+        r["warm_read"] = timed(dd, stderr=subprocess.DEVNULL)
+        r["hot_read"] = timed(dd, stderr=subprocess.DEVNULL)
+    if "ls" in workloads:
+        raw("put-many-s3fs", "raw/list/", "10000")
+        r["ls_cold"] = float(raw("head-all", "raw/list/", "64")["seconds"])
     return r
 
 
@@ -358,6 +368,8 @@ def table(results, refs, title):
              "| workload | unit | s3bridge | s3fs | rclone | raw/local | vs best peer | vs raw |",
              "|---|---|---:|---:|---:|---:|---:|---:|"]
     for key, label, unit, hib in ROWS:
+        if all(r.get(key) is None for r in results.values()):
+            continue  # a workload group that did not run
         ours = results["s3bridge"].get(key)
         peers = [results[p].get(key) for p in PEERS if results.get(p)]
         peers = [p for p in peers if p is not None]
@@ -370,11 +382,14 @@ def table(results, refs, title):
         lines.append(f"| {label_of(label)} | {unit} | " + " | ".join(cells) +
                      f" | {fmt(ref, unit)} | {'-' if vs_peer is None else f'{vs_peer:.2f}x'}"
                      f" | {'-' if vs_raw is None else f'{vs_raw:.2f}x'} |")
+    notes = []
     if refs.get("move") is not None:
-        lines.append("")
-        lines.append(f"Raw copy then delete (the least a rename costs on S3): {fmt(refs['move'], 's')} s. "
-                     "Random 4K warm, raw/local: the same fio job on the local disk. "
-                     "ls -l cold, raw: LIST pages and a HEAD of every object, 64 in flight.")
+        notes.append(f"Raw copy then delete (the least a rename costs on S3): {fmt(refs['move'], 's')} s. "
+                     "Random 4K warm, raw/local: the same fio job on the local disk.")
+    if refs.get("ls_cold") is not None:
+        notes.append("ls -l cold, raw: LIST pages and a HEAD of every object, 64 in flight.")
+    if notes:
+        lines += ["", " ".join(notes)]
     lines.append("")
     return "\n".join(lines)
 
@@ -391,6 +406,8 @@ def svg(all_runs, path):
         blocks.append(f'<text x="10" y="{y}" font-weight="bold">{title}</text>')
         y += 12
         for key, label, unit, hib in rows:
+            if all(r.get(key) is None for r in results.values()):
+                continue
             ours = results["s3bridge"].get(key)
             blocks.append(f'<text x="{left - 8}" y="{y + 14}" text-anchor="end">{label_of(label).strip()}</text>')
             for i, name in enumerate(["s3bridge"] + PEERS):
@@ -426,6 +443,9 @@ def main():
                     help="one-way delay added on lo with netem for the second pass (0: skip it)")
     ap.add_argument("--memory-mib", type=int, default=4096, help="size of the in-and-out copy (0: skip)")
     ap.add_argument("--only", default="s3bridge,s3fs,rclone")
+    ap.add_argument("--workloads", default=",".join(WORKLOADS),
+                    help="which groups to run: data (write, reads, random reads, rename), "
+                         "small (cp -r, untar), ls (listings)")
     args = ap.parse_args()
 
     global S3BRIDGE, SIZE_LABEL
@@ -433,9 +453,15 @@ def main():
     SIZE_LABEL = size_label(args.size_mib)
     work = Path(args.work)
     raw = Raw(args.raw)
+    workloads = args.workloads.split(",")
+    unknown = set(workloads) - set(WORKLOADS)
+    if unknown:
+        ap.error(f"unknown workloads: {', '.join(sorted(unknown))}")
     local = work / "big.bin"
-    log(f"making {args.size_mib} MiB of test data")
-    run(["dd", "if=/dev/urandom", f"of={local}", "bs=1M", f"count={args.size_mib}"], stderr=subprocess.DEVNULL)
+    if "data" in workloads:
+        log(f"making {args.size_mib} MiB of test data")
+        run(["dd", "if=/dev/urandom", f"of={local}", "bs=1M", f"count={args.size_mib}"],
+            stderr=subprocess.DEVNULL)
     tree = work / "small"
     small_tree(tree)
     tarball = source_tarball()
@@ -466,12 +492,13 @@ def main():
                 ENDPOINT = f"http://{listening}"
                 title += " (tc netem unavailable on this machine: a delaying TCP proxy, benches/latency_proxy.rs)"
         try:
-            refs = references(raw, local, work, args.size_mib)
+            refs = references(raw, local, args.size_mib, workloads)
             results = {}
             for n in names:
                 fs = classes[n](work / f"pass{int(delay * 1000)}", f"bench-{stamp}-{int(delay * 1000)}-{n}/")
                 try:
-                    results[n] = run_filesystem(fs, raw, local, args.size_mib, tree, tarball)
+                    results[n] = run_filesystem(fs, raw, local, args.size_mib, tree, tarball,
+                                                workloads)
                 finally:
                     fs.unmount()
         finally:
@@ -485,7 +512,7 @@ def main():
         everything["passes"].append({"title": title, "references": refs, "results": results})
         print(md[-1], flush=True)
 
-    if args.memory_mib and "s3bridge" in names:
+    if args.memory_mib and "s3bridge" in names and "data" in workloads:
         mem = memory_run(work / "memory", args.memory_mib, f"bench-{stamp}-memory/")
         everything["memory"] = mem
         md.append(f"### Memory\n\nPeak RSS of s3bridge copying {mem['size_mib']} MiB in ({mem['in']:.1f} s) "

@@ -96,23 +96,36 @@ pub fn mount(
 
 /// The kernel's caches of a mount, told to forget through FUSE notifications.
 ///
-/// They are sent from a thread of their own. The kernel applies an invalidation under the
-/// inode's lock, which the request that brought the news (a lookup, a readdir of the
-/// directory) may hold until it is answered: sending from the task that answers it would
-/// wait for itself.
+/// They are sent from threads of their own: the kernel applies an entry's invalidation under
+/// its directory's lock, which the request that brought the news (a lookup, a readdir of the
+/// directory) may hold until it is answered, so sending from the task that answers it would
+/// wait for itself. Inodes have a thread apart from entries, so that an inode's invalidation,
+/// which that task does wait for (see `fs::kernel`), never queues behind such an entry.
 #[derive(Debug)]
 struct KernelNotifier {
-    queue: std::sync::mpsc::Sender<Invalidation>,
+    entries: Queue,
+    inodes: Queue,
 }
+
+type Applied = tokio::sync::oneshot::Sender<()>;
+type Queue = std::sync::mpsc::Sender<(Invalidation, Option<Applied>)>;
 
 impl KernelNotifier {
     fn start(notifier: fuser::Notifier) -> io::Result<Self> {
-        let (queue, pending) = std::sync::mpsc::channel::<Invalidation>();
+        Ok(KernelNotifier {
+            entries: Self::sender("s3bridge-inval-e", notifier.clone())?,
+            inodes: Self::sender("s3bridge-inval-i", notifier)?,
+        })
+    }
+
+    /// A thread that applies what it is sent, in order; it ends when the filesystem, which
+    /// holds the sender, is dropped.
+    fn sender(name: &str, notifier: fuser::Notifier) -> io::Result<Queue> {
+        let (queue, pending) = std::sync::mpsc::channel::<(Invalidation, Option<Applied>)>();
         std::thread::Builder::new()
-            .name("s3bridge-notify".into())
+            .name(name.into())
             .spawn(move || {
-                // Ends when the filesystem, which holds the sender, is dropped.
-                for what in pending {
+                for (what, applied) in pending {
                     let sent = match &what {
                         Invalidation::Inode(ino) => notifier.inval_inode(INodeNo(*ino), 0, 0),
                         Invalidation::Attributes(ino) => notifier.inval_inode(INodeNo(*ino), -1, 0),
@@ -123,16 +136,23 @@ impl KernelNotifier {
                     if let Err(e) = sent {
                         debug!(?what, "kernel invalidation not applied: {e}");
                     }
+                    if let Some(done) = applied {
+                        let _ = done.send(());
+                    }
                 }
             })?;
-        Ok(KernelNotifier { queue })
+        Ok(queue)
     }
 }
 
 impl KernelCache for KernelNotifier {
-    fn invalidate(&self, what: Invalidation) {
+    fn invalidate(&self, what: Invalidation, applied: Option<Applied>) {
+        let queue = match what {
+            Invalidation::Entry(..) => &self.entries,
+            _ => &self.inodes,
+        };
         // Fails only once the thread is gone, i.e. after the unmount.
-        let _ = self.queue.send(what);
+        let _ = queue.send((what, applied));
     }
 }
 

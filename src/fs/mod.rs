@@ -298,6 +298,10 @@ const READDIR_BATCH: usize = 1024;
 /// when a lookup in them finds their listing stale.
 const RELIST_MAX_ENTRIES: u64 = 1000;
 
+/// Longest wait for the kernel to apply an inode's invalidation (it takes microseconds, or
+/// as long as a read of that file in flight holds its pages).
+const KERNEL_INVALIDATION_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Entries prepared per READDIRPLUS request: the kernel's 4 KiB buffer holds about 25 with
 /// their attributes, and each one prepared but not sent is wasted work.
 const READDIRPLUS_BATCH: usize = 32;
@@ -812,7 +816,9 @@ impl Fs {
             Headers::Read(m) => Found::File(&m.version, &headers),
             _ => Found::Absent,
         };
-        let row = self.apply_found(dir.ino, &dir_key, name, found, &read)?;
+        let row = self
+            .apply_found(dir.ino, &dir_key, name, found, &read)
+            .await?;
         if row.is_none() {
             self.remember_absent(dir.ino, name);
         }
@@ -821,7 +827,7 @@ impl Fs {
 
     /// Records what a probe started with `read` found of `name` in directory `dir_ino`
     /// (key prefix `dir_key`), and tells the kernel what changed.
-    fn apply_found(
+    async fn apply_found(
         &self,
         dir_ino: u64,
         dir_key: &str,
@@ -833,7 +839,7 @@ impl Fs {
         let (row, changes) =
             self.meta
                 .apply_probe(dir_ino, name, found, read.started(), &self.defaults, &busy)?;
-        self.after_changes(dir_ino, &changes);
+        self.after_changes(dir_ino, &changes).await;
         if let Some(r) = &row
             && let Some(open) = self.open_file_of(r.ino)
             && !open.attrs().dirty
@@ -899,7 +905,10 @@ impl Fs {
             (Headers::Read(m), _) => Found::File(&m.version, &headers),
             _ => Found::Absent,
         };
-        match self.apply_found(parent, &dir_key, &inode.name, found, &read)? {
+        match self
+            .apply_found(parent, &dir_key, &inode.name, found, &read)
+            .await?
+        {
             Some(row) if row.ino == inode.ino => Ok(row),
             _ => Err(FsError::NotFound),
         }
@@ -934,7 +943,7 @@ impl Fs {
         let changes = self
             .meta
             .apply_listing(dir_ino, &listing, &self.defaults, &busy)?;
-        self.after_changes(dir_ino, &changes);
+        self.after_changes(dir_ino, &changes).await;
         if let Some(f) = self.open_file_of(dir_ino) {
             f.set_attrs(self.meta.get(dir_ino)?.ok_or(FsError::NotFound)?);
         }
@@ -942,23 +951,48 @@ impl Fs {
     }
 
     /// Acts on changes made outside this mount that a listing or probe of `dir` found: the
-    /// kernel forgets what it cached of them, open files that nobody changed here show the
-    /// new version from their next open, and a name that appeared is no longer known absent.
-    fn after_changes(&self, dir: u64, changes: &Changes) {
+    /// kernel forgets what it cached of them (inodes before this returns, see
+    /// [`kernel`]), open files that nobody changed here show the new version from their next
+    /// open, and a name that appeared is no longer known absent.
+    async fn after_changes(&self, dir: u64, changes: &Changes) {
+        let mut forget = Vec::new();
         for name in &changes.added {
             self.forget_absent(dir, name);
-            self.kernel()
-                .invalidate(Invalidation::Entry(dir, name.clone()));
+            forget.push(Invalidation::Entry(dir, name.clone()));
         }
         for (ino, name) in changes.removed.iter().chain(&changes.replaced) {
             debug!(dir, name, ino, "changed outside this mount");
-            self.kernel().invalidate(Invalidation::Inode(*ino));
-            self.kernel()
-                .invalidate(Invalidation::Entry(dir, name.clone()));
+            forget.push(Invalidation::Inode(*ino));
+            forget.push(Invalidation::Entry(dir, name.clone()));
             self.follow_new_version(*ino);
         }
         if changes.clock_moved {
-            self.kernel().invalidate(Invalidation::Attributes(dir));
+            forget.push(Invalidation::Attributes(dir));
+        }
+        let mut applied = Vec::new();
+        for what in forget {
+            let done = if what.is_waited_for() {
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                applied.push(rx);
+                Some(tx)
+            } else {
+                None
+            };
+            self.kernel().invalidate(what, done);
+        }
+        if applied.is_empty() {
+            return;
+        }
+        // Bounded: a kernel that does not answer must not hold up the request for good.
+        let all = futures::future::join_all(applied);
+        if tokio::time::timeout(KERNEL_INVALIDATION_WAIT, all)
+            .await
+            .is_err()
+        {
+            warn!(
+                dir,
+                "the kernel took too long to drop what it cached of changed files"
+            );
         }
     }
 
