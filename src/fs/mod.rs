@@ -12,7 +12,9 @@
 //! 2. the tree lock: uploads share it, directory renames take it exclusively so that no
 //!    upload computes a key in the middle of a subtree move;
 //! 3. the content lock of one open file ([`OpenFile::state`]);
-//! 4. short synchronous locks (the inode table, the handle table), never held across `.await`.
+//! 4. short synchronous locks (the inode table, the handle table), never held across `.await`;
+//!    the table's may be held while [`changes::LocalChanges`]' is taken (a listing asks what
+//!    this mount is changing inside its transaction), never the other way round.
 
 pub mod budget;
 mod changes;
