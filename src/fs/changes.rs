@@ -11,7 +11,8 @@
 //! mount's own ([`LocalChanges::busy`]); the next listing, which starts after, sees them.
 //!
 //! Entries are dropped once no listing in flight started before they ended, so the map holds
-//! only the changes of the last moments.
+//! only the changes of the last moments. "Before" is counted in events under one lock, not
+//! read off the wall clock, which may step back.
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -26,10 +27,12 @@ pub(super) struct LocalChanges {
 
 #[derive(Debug, Default)]
 struct Inner {
+    /// Counts the starts and ends of changes and reads: their order.
+    events: u64,
     /// By key: an object (`a/b`, a marker `a/b/`) or, for a subtree, its prefix.
     keys: BTreeMap<String, Activity>,
-    /// Start times of listings and probes in flight (ns), with how many started then.
-    reads: BTreeMap<i64, usize>,
+    /// Listings and probes in flight, by the event that started them.
+    reads: BTreeMap<u64, usize>,
 }
 
 #[derive(Debug, Default, Clone, Copy)]
@@ -38,13 +41,13 @@ struct Activity {
     running: usize,
     /// Whether one of them moves everything under the key (a directory rename).
     subtree: bool,
-    /// When the last one ended (ns).
-    ended_at: i64,
+    /// The event that ended the last one.
+    ended: u64,
 }
 
 impl Activity {
-    fn overlaps(&self, started: i64) -> bool {
-        self.running > 0 || self.ended_at > started
+    fn overlaps(&self, read: u64) -> bool {
+        self.running > 0 || self.ended > read
     }
 }
 
@@ -59,11 +62,12 @@ pub(super) struct ChangeGuard {
 #[derive(Debug)]
 pub(super) struct ReadGuard {
     inner: Arc<Mutex<Inner>>,
+    event: u64,
     started: i64,
 }
 
 impl ReadGuard {
-    /// When the read started (ns since the epoch).
+    /// When the read started (ns since the epoch): rows changed later are newer than it.
     pub fn started(&self) -> i64 {
         self.started
     }
@@ -83,6 +87,7 @@ impl LocalChanges {
 
     fn register(&self, key: &str, subtree: bool) -> ChangeGuard {
         let mut inner = self.inner.lock().unwrap();
+        inner.events += 1;
         let a = inner.keys.entry(key.to_string()).or_default();
         a.running += 1;
         a.subtree |= subtree;
@@ -95,18 +100,21 @@ impl LocalChanges {
     /// Registers a listing or probe starting now.
     pub fn start_read(&self) -> ReadGuard {
         let mut inner = self.inner.lock().unwrap();
-        let started = now_ns();
-        *inner.reads.entry(started).or_default() += 1;
+        inner.events += 1;
+        let event = inner.events;
+        *inner.reads.entry(event).or_default() += 1;
         ReadGuard {
             inner: self.inner.clone(),
-            started,
+            event,
+            started: now_ns(),
         }
     }
 
-    /// What a read of the directory with key prefix `prefix` (`""` for the bucket's root)
-    /// started at `started` must leave alone: entries with a change that overlapped it, and
-    /// everything if the directory or one above it was moving.
-    pub fn busy(&self, prefix: &str, started: i64) -> Busy {
+    /// What `read` of the directory with key prefix `prefix` (`""` for the bucket's root)
+    /// must leave alone: entries with a change that overlapped it, and everything if the
+    /// directory or one above it was moving.
+    pub fn busy(&self, prefix: &str, read: &ReadGuard) -> Busy {
+        let started = read.event;
         let inner = self.inner.lock().unwrap();
         let moving_above = prefix
             .match_indices('/')
@@ -145,16 +153,18 @@ impl Inner {
     fn prune(&mut self) {
         let oldest = self.reads.keys().next().copied();
         self.keys
-            .retain(|_, a| a.running > 0 || oldest.is_some_and(|s| a.ended_at > s));
+            .retain(|_, a| a.running > 0 || oldest.is_some_and(|s| a.ended > s));
     }
 }
 
 impl Drop for ChangeGuard {
     fn drop(&mut self) {
         let mut inner = self.inner.lock().unwrap();
+        inner.events += 1;
+        let event = inner.events;
         if let Some(a) = inner.keys.get_mut(&self.key) {
             a.running -= 1;
-            a.ended_at = now_ns();
+            a.ended = event;
         }
         inner.prune();
     }
@@ -163,10 +173,10 @@ impl Drop for ChangeGuard {
 impl Drop for ReadGuard {
     fn drop(&mut self) {
         let mut inner = self.inner.lock().unwrap();
-        if let Some(n) = inner.reads.get_mut(&self.started) {
+        if let Some(n) = inner.reads.get_mut(&self.event) {
             *n -= 1;
             if *n == 0 {
-                inner.reads.remove(&self.started);
+                inner.reads.remove(&self.event);
             }
         }
         inner.prune();
@@ -192,20 +202,20 @@ mod tests {
     fn a_change_overlapping_a_read_makes_its_name_busy() {
         let c = LocalChanges::default();
         let read = c.start_read();
-        assert_eq!(c.busy("d/", read.started()), Busy::Nothing);
+        assert_eq!(c.busy("d/", &read), Busy::Nothing);
         let file = c.begin("d/f");
         let deep = c.begin("d/sub/x");
-        assert_eq!(names(c.busy("d/", read.started())), ["f", "sub"]);
+        assert_eq!(names(c.busy("d/", &read)), ["f", "sub"]);
         drop(file);
         drop(deep);
         assert_eq!(
-            names(c.busy("d/", read.started())),
+            names(c.busy("d/", &read)),
             ["f", "sub"],
             "ended after the read started"
         );
         drop(read);
         let later = c.start_read();
-        assert_eq!(c.busy("d/", later.started()), Busy::Nothing);
+        assert_eq!(c.busy("d/", &later), Busy::Nothing);
         assert!(c.inner.lock().unwrap().keys.is_empty(), "pruned");
     }
 
@@ -214,13 +224,13 @@ mod tests {
         let c = LocalChanges::default();
         let read = c.start_read();
         let mv = c.begin_subtree("a/b/");
-        assert_eq!(c.busy("a/b/c/", read.started()), Busy::All);
-        assert_eq!(c.busy("a/b/", read.started()), Busy::All);
-        assert_eq!(names(c.busy("a/", read.started())), ["b"]);
-        assert_eq!(c.busy("x/", read.started()), Busy::Nothing);
+        assert_eq!(c.busy("a/b/c/", &read), Busy::All);
+        assert_eq!(c.busy("a/b/", &read), Busy::All);
+        assert_eq!(names(c.busy("a/", &read)), ["b"]);
+        assert_eq!(c.busy("x/", &read), Busy::Nothing);
         drop(mv);
         let marker = c.begin("x/");
-        match c.busy("x/", read.started()) {
+        match c.busy("x/", &read) {
             Busy::Names { names, marker } => assert!(names.is_empty() && marker),
             other => panic!("{other:?}"),
         }
@@ -232,6 +242,6 @@ mod tests {
         let c = LocalChanges::default();
         let read = c.start_read();
         let _g = c.begin("top");
-        assert_eq!(names(c.busy("", read.started())), ["top"]);
+        assert_eq!(names(c.busy("", &read)), ["top"]);
     }
 }

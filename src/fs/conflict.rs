@@ -180,6 +180,10 @@ impl Fs {
         attrs.validated_at = 0;
         self.save(&attrs)?;
         self.meta.delete_staging(attrs.ino)?;
+        // Not waited for: this holds the file's content lock, which a read of the file the
+        // kernel may be waiting on needs.
+        self.kernel()
+            .invalidate(super::kernel::Invalidation::Inode(attrs.ino), None);
         if let Some(parent) = attrs.parent {
             // The copy is a new entry of the directory.
             self.listing_is_stale(parent.max(ROOT_INO))?;

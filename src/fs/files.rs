@@ -31,6 +31,9 @@ pub struct OpenFile {
     ino: u64,
     attrs: Mutex<Inode>,
     pub(super) state: tokio::sync::Mutex<FileState>,
+    /// Another client replaced the object, and the state was busy when that was found: the
+    /// next holder of the content lock takes the new version ([`Fs::take_new_version`]).
+    pub(super) new_version: std::sync::atomic::AtomicBool,
 }
 
 /// Contents and bookkeeping of an open inode, behind its content lock.
@@ -73,6 +76,7 @@ impl OpenFile {
             ino: inode.ino,
             attrs: Mutex::new(inode),
             state: tokio::sync::Mutex::new(state),
+            new_version: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -187,6 +191,7 @@ impl Fs {
             if st.closed {
                 continue;
             }
+            self.take_new_version(&file, &mut st);
             st.opens += 1;
             drop(st);
             return Ok(file);
@@ -319,6 +324,16 @@ impl Fs {
         })
     }
 
+    /// Fails with ESTALE if another client replaced the file's object since `h` was opened:
+    /// what the handle would read or change is not there any more.
+    fn check_current(&self, h: &FileHandle, st: &mut FileState) -> FsResult<()> {
+        self.take_new_version(&h.file, st);
+        if st.replaced != h.opened_on {
+            return Err(FsError::Stale);
+        }
+        Ok(())
+    }
+
     /// Checks an open against attributes the kernel did not know when it checked: those of
     /// an object listed but never HEADed get the mount's defaults until it is opened. If the
     /// headers make it something other than a file (an s3fs symlink), the open is ESTALE, so
@@ -386,13 +401,14 @@ impl Fs {
         let h = self.file_handle(fh)?;
         let version = {
             let mut st = h.file.state.lock().await;
+            self.take_new_version(&h.file, &mut st);
+            if st.replaced != h.opened_on {
+                return Err(FsError::Stale);
+            }
             if let Some(staging) = st.staging.as_mut() {
                 let missing = staging.missing_for_read(offset..offset + size as u64);
                 write::fetch_blocks(&self.store, self.blocks.cache(), staging, missing).await?;
                 return Ok(Bytes::from(staging.read(offset, size as usize)?));
-            }
-            if st.replaced != h.opened_on {
-                return Err(FsError::Stale);
             }
             match &st.remote {
                 Some(o) => ObjectVersion {
@@ -438,6 +454,7 @@ impl Fs {
         let file = &h.file;
         self.check_local_space(data.len() as u64)?;
         let mut st = self.lock_for_change(file).await?;
+        self.check_current(&h, &mut st)?;
         let staging = self.staging_of(file, &mut st)?;
         let appended = offset == staging.size();
         let missing = staging.missing_for_write(offset..end);
@@ -593,6 +610,7 @@ impl Fs {
         if !h.writable {
             return Err(FsError::BadHandle);
         }
+        self.check_current(&h, &mut *h.file.state.lock().await)?;
         match mode {
             0 => {
                 let end = offset
@@ -880,6 +898,10 @@ impl Fs {
                 Kind::Dir => return Err(FsError::IsDir),
                 _ => return Err(FsError::Invalid("truncate of a special file")),
             }
+            if let Some(fh) = fh {
+                let h = self.file_handle(fh)?;
+                self.check_current(&h, &mut *h.file.state.lock().await)?;
+            }
             let file = self.acquire_file(ino).await?;
             let mut result = self.truncate_locked(&file, size).await;
             if result.is_ok() && fh.is_none() {
@@ -921,6 +943,8 @@ impl Fs {
     /// data carries them with its upload; otherwise the object is rewritten in place
     /// (CopyObject onto itself, or a new directory marker).
     pub(super) async fn persist_headers(&self, inode: &mut Inode) -> FsResult<()> {
+        // Until the row is saved: a listing meanwhile leaves the entry to this change.
+        let _change = self.key_of(inode).ok().map(|key| self.local.begin(&key));
         if let Some(file) = self.open_file_of(inode.ino) {
             let mut st = file.state.lock().await;
             if st.dirty || st.unlinked {
@@ -972,7 +996,6 @@ impl Fs {
             return Ok(());
         }
         let key = self.key_of(inode)?;
-        let _change = self.local.begin(&key);
         debug!(key, etag = ?inode.etag, mtime = ?inode.mtime, "rewriting headers");
         let etag = match inode.kind {
             Kind::Dir => {

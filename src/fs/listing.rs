@@ -6,7 +6,8 @@
 //! shown as `0644 root` — and every program that remembers attributes sees a change that
 //! never happened. So [`HeaderReader::list`] reads the headers of every object the inode
 //! table does not already know in this version, with HEADs started as soon as the LIST page
-//! that names the object arrives, while the next page is fetched.
+//! that names the object arrives, while the next page is fetched (the page loop waits only
+//! when the HEADs in flight reach the budget).
 //!
 //! Numbers behind [`HEADS_IN_FLIGHT`]: a HEAD costs one round trip and almost no transfer,
 //! so a listing of 10,000 unknown objects is 10,000 round trips; at 10 ms each (S3 in region,
@@ -82,17 +83,20 @@ impl HeaderReader {
             ..Default::default()
         };
         let mut reads: JoinSet<(Slot, StoreResult<Headers>)> = JoinSet::new();
-        let mut token: Option<String> = None;
-        loop {
-            let page = self
-                .store
-                .list(prefix, Some("/"), token.as_deref(), None)
-                .await?;
+        let mut next = Some(self.page(prefix, None));
+        while let Some(fetching) = next.take() {
+            let page = fetching
+                .await
+                .map_err(|e| StoreError::Other(format!("listing: {e}")))??;
+            // The next page is asked for while this one's headers are read.
+            next = page.next_token.clone().map(|t| self.page(prefix, Some(t)));
             for obj in page.objects {
                 let version = ObjectVersion::new(&obj.etag, obj.size, obj.last_modified);
                 match names::classify_object(prefix, &obj.key) {
                     Listed::Marker => {
-                        let news = !(dir.headers_known && dir.holds(&version));
+                        // The root's attributes come from the mount options.
+                        let news = dir.ino != crate::meta::ROOT_INO
+                            && !(dir.headers_known && dir.holds(&version));
                         if news {
                             self.spawn(&mut reads, Slot::Marker, obj.key.clone()).await;
                         }
@@ -131,10 +135,6 @@ impl HeaderReader {
                     _ => hidden.hide(&p),
                 }
             }
-            match page.next_token {
-                Some(t) => token = Some(t),
-                None => break,
-            }
         }
         while let Some(done) = reads.join_next().await {
             let (slot, result) =
@@ -161,6 +161,16 @@ impl HeaderReader {
             }
         }
         Ok(listing)
+    }
+
+    /// Starts fetching the page of `prefix` after `token`.
+    fn page(
+        &self,
+        prefix: &str,
+        token: Option<String>,
+    ) -> tokio::task::JoinHandle<StoreResult<crate::store::ListPage>> {
+        let (store, prefix) = (self.store.clone(), prefix.to_string());
+        tokio::spawn(async move { store.list(&prefix, Some("/"), token.as_deref(), None).await })
     }
 
     /// Starts reading the headers of `key` once a slot of the budget is free (waiting for it

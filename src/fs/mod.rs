@@ -329,6 +329,12 @@ pub struct Fs {
     headers: listing::HeaderReader,
     /// The kernel's caches, once the mount exists.
     kernel: std::sync::OnceLock<Arc<dyn KernelCache>>,
+    /// Per directory, the latest second of its mtime shown in this run (see
+    /// [`Fs::clock_shown`]).
+    dir_clocks: Mutex<HashMap<u64, i64>>,
+    /// This filesystem, for work it starts in the background (set by
+    /// [`Fs::run_background`]).
+    me: std::sync::OnceLock<std::sync::Weak<Fs>>,
     lookups: Mutex<HashMap<u64, u64>>,
     negative: Mutex<HashMap<(u64, String), i64>>,
     /// Per inode, the ETag of the version whose pages the kernel may have cached.
@@ -452,6 +458,8 @@ impl Fs {
             local: changes::LocalChanges::default(),
             headers,
             kernel: std::sync::OnceLock::new(),
+            dir_clocks: Mutex::new(HashMap::new()),
+            me: std::sync::OnceLock::new(),
             lookups: Mutex::new(HashMap::new()),
             negative: Mutex::new(HashMap::new()),
             page_cached: Mutex::new(HashMap::new()),
@@ -541,13 +549,7 @@ impl Fs {
     /// Marks the listing of directory `dir` stale, so the next look lists it again (an entry
     /// appeared in the bucket that the listing does not have).
     fn listing_is_stale(&self, dir: u64) -> FsResult<()> {
-        if let Some(mut d) = self.meta.get(dir)?
-            && d.listed_at.is_some()
-        {
-            d.listed_at = Some(0);
-            self.save(&d)?;
-        }
-        Ok(())
+        Ok(self.meta.mark_listing_stale(dir)?)
     }
 
     fn open_file_of(&self, ino: u64) -> Option<Arc<OpenFile>> {
@@ -579,8 +581,13 @@ impl Fs {
         Ok(names::key_of(&self.cfg.prefix, &path, dir_marker)?)
     }
 
-    /// The attributes `stat` shows for `inode`.
+    /// The attributes `stat` shows for `inode` (for a directory: its clock is being shown).
     fn attr(&self, inode: &Inode) -> FsResult<Attr> {
+        if inode.kind == Kind::Dir {
+            let mut shown = self.dir_clocks.lock().unwrap();
+            let sec = shown.entry(inode.ino).or_insert(inode.mtime.sec);
+            *sec = (*sec).max(inode.mtime.sec);
+        }
         let nlink = match (inode.kind, inode.parent) {
             (_, None) if inode.ino != ROOT_INO => 0,
             (Kind::Dir, _) => 2 + self.meta.subdir_count(inode.ino)? as u32,
@@ -623,8 +630,9 @@ impl Fs {
             }
         };
         if gone {
-            // The kernel dropped the inode, and its cached pages with it.
+            // The kernel dropped the inode, and its cached pages and attributes with it.
             self.page_cached.lock().unwrap().remove(&ino);
+            self.dir_clocks.lock().unwrap().remove(&ino);
         }
         if gone && self.open_file_of(ino).is_none() {
             // Only unlinked rows are deleted: the table keeps inode numbers of live entries.
@@ -669,7 +677,11 @@ impl Fs {
             .await?
             .ok_or(FsError::NotFound)?;
         let inode = self.stat_view(inode).await?;
-        let inode = self.with_fresh_clock(inode).await?;
+        // A path walk looks up every directory on its way: a large one is listed again
+        // behind the answer rather than before it.
+        let wait =
+            inode.kind == Kind::Dir && self.meta.child_count(inode.ino)? < RELIST_MAX_ENTRIES;
+        let inode = self.with_fresh_clock(inode, wait).await?;
         let attr = self.attr(&inode)?;
         self.remember(inode.ino);
         Ok(attr)
@@ -690,7 +702,7 @@ impl Fs {
             inode
         };
         let inode = self.stat_view(inode).await?;
-        let inode = self.with_fresh_clock(inode).await?;
+        let inode = self.with_fresh_clock(inode, true).await?;
         self.attr(&inode)
     }
 
@@ -709,12 +721,24 @@ impl Fs {
     /// is stale: its mtime is how programs notice that its entries changed (Nextcloud
     /// compares `filemtime(dir)` with what it stored, shared/nextcloud.md), so a `stat` of it
     /// must reflect what the bucket holds now, not what it held at the last `ls`. A
-    /// directory never listed has nothing to compare against and is left alone.
-    async fn with_fresh_clock(&self, inode: Inode) -> FsResult<Inode> {
+    /// directory never listed has nothing to compare against and is left alone. Unless
+    /// `wait`, the listing runs in the background and the next `stat` shows its result.
+    async fn with_fresh_clock(&self, inode: Inode, wait: bool) -> FsResult<Inode> {
         let stale = inode.kind == Kind::Dir
             && inode.listed_at.is_some_and(|t| !self.fresh(t))
             && (inode.parent.is_some() || inode.ino == ROOT_INO);
         if !stale {
+            return Ok(inode);
+        }
+        if !wait && let Some(me) = self.me.get() {
+            let (me, dir) = (me.clone(), inode.clone());
+            tokio::spawn(async move {
+                if let Some(fs) = me.upgrade()
+                    && let Err(e) = fs.refresh_dir_or_stale(&dir).await
+                {
+                    debug!(dir = dir.ino, "listing behind a lookup failed: {e}");
+                }
+            });
             return Ok(inode);
         }
         self.refresh_dir_or_stale(&inode).await?;
@@ -837,12 +861,20 @@ impl Fs {
         found: Found<'_>,
         read: &changes::ReadGuard,
     ) -> FsResult<Option<Inode>> {
-        let busy = || self.local.busy(dir_key, read.started());
+        let state = DirView {
+            fs: self,
+            dir: dir_ino,
+            prefix: dir_key,
+            read,
+        };
         let (row, changes) =
             self.meta
-                .apply_probe(dir_ino, name, found, read.started(), &self.defaults, &busy)?;
+                .apply_probe(dir_ino, name, found, read.started(), &self.defaults, &state)?;
         self.after_changes(dir_ino, &changes).await;
+        // Headers read for the first time reach an open file's live attributes; a new
+        // version reaches them through `follow_new_version`, with its contents.
         if let Some(r) = &row
+            && !changes.replaced.iter().any(|(ino, _)| *ino == r.ino)
             && let Some(open) = self.open_file_of(r.ino)
             && !open.attrs().dirty
         {
@@ -941,10 +973,15 @@ impl Fs {
             .list(&prefix, &known, &dir, read.started(), &self.hidden)
             .await?;
         drop(known);
-        let busy = || self.local.busy(&prefix, read.started());
+        let state = DirView {
+            fs: self,
+            dir: dir_ino,
+            prefix: &prefix,
+            read: &read,
+        };
         let changes = self
             .meta
-            .apply_listing(dir_ino, &listing, &self.defaults, &busy)?;
+            .apply_listing(dir_ino, &listing, &self.defaults, &state)?;
         self.after_changes(dir_ino, &changes).await;
         if let Some(f) = self.open_file_of(dir_ino) {
             f.set_attrs(self.meta.get(dir_ino)?.ok_or(FsError::NotFound)?);
@@ -998,18 +1035,32 @@ impl Fs {
         }
     }
 
-    /// An open file whose object another client replaced: if it has no changes of its own,
-    /// its next open reads the new version; reads through handles opened before fail with
-    /// ESTALE rather than mix versions.
+    /// An open file whose object another client replaced: unless it has changes of its
+    /// own, its next open reads the new version, and reads through handles opened before
+    /// fail with ESTALE rather than mix versions. If its state is busy now, the next holder
+    /// of its content lock takes the new version.
     fn follow_new_version(&self, ino: u64) {
         let Some(file) = self.open_file_of(ino) else {
             return;
         };
-        let Ok(mut st) = file.state.try_lock() else {
-            // Busy: an upload or a write of ours, which settles any conflict itself.
+        file.new_version
+            .store(true, std::sync::atomic::Ordering::Release);
+        if let Ok(mut st) = file.state.try_lock() {
+            self.take_new_version(&file, &mut st);
+        }
+    }
+
+    /// Takes the new version [`Self::follow_new_version`] left for `file`, if any, and the
+    /// file has no changes of its own (those settle with the other client's version when
+    /// they are uploaded).
+    fn take_new_version(&self, file: &OpenFile, st: &mut files::FileState) {
+        if !file
+            .new_version
+            .swap(false, std::sync::atomic::Ordering::AcqRel)
+        {
             return;
-        };
-        let Ok(Some(row)) = self.meta.get(ino) else {
+        }
+        let Ok(Some(row)) = self.meta.get(file.ino()) else {
             return;
         };
         if st.dirty || st.staging.is_some() || row.parent.is_none() {
@@ -1196,11 +1247,27 @@ impl Fs {
     /// Updates a directory's mtime and ctime after this mount changed its entries (kept
     /// locally). Never backwards: a clock moved ahead for an outside change stays ahead.
     fn touch_dir(&self, ino: u64) -> FsResult<()> {
-        let mut dir = self.inode(ino)?;
-        let now = Timestamp::now();
-        dir.mtime = dir.mtime.max(now);
-        dir.ctime = dir.ctime.max(now);
-        self.save(&dir)
+        let shown = |mtime: Timestamp| self.clock_shown(ino, mtime);
+        let row = self.meta.touch_dir(ino, Timestamp::now(), &shown)?;
+        if let Some(f) = self.open_file_of(ino) {
+            f.set_attrs(row);
+        }
+        Ok(())
+    }
+
+    /// Whether directory `dir`'s clock at `mtime` may have been shown (see
+    /// [`meta::inodes::DirState::clock_shown`]): unless this run has shown only earlier
+    /// seconds of it. Answering yes records `mtime` as shown, since the clock then moves
+    /// past it and only the new value is unseen.
+    fn clock_shown(&self, dir: u64, mtime: Timestamp) -> bool {
+        let mut shown = self.dir_clocks.lock().unwrap();
+        match shown.get(&dir) {
+            Some(&sec) if sec < mtime.sec => false,
+            _ => {
+                shown.insert(dir, mtime.sec);
+                true
+            }
+        }
     }
 
     /// The original object of a file, for reads and partial fetches.
@@ -1220,6 +1287,25 @@ impl Fs {
             part_size: self.cfg.part_size,
             concurrency: self.cfg.upload_concurrency,
         }
+    }
+}
+
+/// A directory as a listing or probe of it sees this mount: what it is changing there, and
+/// whether its clock was shown.
+struct DirView<'a> {
+    fs: &'a Fs,
+    dir: u64,
+    prefix: &'a str,
+    read: &'a changes::ReadGuard,
+}
+
+impl crate::meta::inodes::DirState for DirView<'_> {
+    fn busy(&self) -> crate::meta::Busy {
+        self.fs.local.busy(self.prefix, self.read)
+    }
+
+    fn clock_shown(&self, mtime: Timestamp) -> bool {
+        self.fs.clock_shown(self.dir, mtime)
     }
 }
 

@@ -247,7 +247,9 @@ impl Fs {
         if dir.ino == ROOT_INO {
             return Ok(());
         }
-        let mut dir = self.ensure_headers(dir.clone()).await?;
+        // As the table has it now: a listing since the caller read it may have found the
+        // marker gone.
+        let dir = self.ensure_headers(self.inode(dir.ino)?).await?;
         if dir.etag.is_some() {
             return Ok(());
         }
@@ -257,8 +259,7 @@ impl Fs {
             .store
             .put(&key, Bytes::new(), &self.headers_of(&dir), Expect::Any)
             .await?;
-        dir.wrote(etag);
-        self.save(&dir)
+        Ok(self.meta.set_marker(dir.ino, &etag, now_ns())?)
     }
 
     /// Keeps the contents of an open file locally: its object is about to go away.
@@ -539,7 +540,10 @@ impl Fs {
             self.meta.end_dir_rename(id)?;
         }
         let mut moved = self.meta.get(src.ino)?.ok_or(FsError::NotFound)?;
-        moved.ctime = Timestamp::now();
+        if src.kind == Kind::Dir {
+            // A file's new ctime went into its copy's headers (`rename_file`).
+            moved.ctime = Timestamp::now();
+        }
         if let Some(f) = self.open_file_of(src.ino) {
             let mut live = f.attrs();
             live.parent = moved.parent;
@@ -628,6 +632,7 @@ impl Fs {
                     }
                 }
                 moved.wrote(new_etag);
+                moved.validated_at = now_ns();
             }
             None => {
                 // Not uploaded yet: the upload will write the new key. What the name held
@@ -755,6 +760,10 @@ impl Fs {
         new_prefix: &str,
         new_etags: &HashMap<String, String>,
     ) -> FsResult<()> {
+        if let Some(etag) = new_etags.get(old_prefix) {
+            // The directory's own marker was copied too.
+            self.meta.set_marker(dir, etag, now_ns())?;
+        }
         let mut pending = vec![(dir, old_prefix.to_string())];
         while let Some((ino, prefix)) = pending.pop() {
             for mut child in self.meta.children(ino)? {
@@ -769,6 +778,7 @@ impl Fs {
                 // The copy is another object: its Last-Modified comes with the next listing.
                 child.etag = Some(etag.clone());
                 child.last_modified = None;
+                child.validated_at = now_ns();
                 self.meta.save(&child)?;
                 if let Some(f) = self.open_file_of(child.ino) {
                     let new_key = format!("{new_prefix}{}", &old_key[old_prefix.len()..]);

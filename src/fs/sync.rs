@@ -114,7 +114,10 @@ impl Fs {
     /// (queued by a write-back close, or waiting for a retry), woken by the queue or every
     /// second.
     pub async fn run_background(fs: Weak<Fs>) {
-        let Some(due) = fs.upgrade().map(|fs| fs.uploads_due.clone()) else {
+        let Some(due) = fs.upgrade().map(|me| {
+            let _ = me.me.set(fs.clone());
+            me.uploads_due.clone()
+        }) else {
             return;
         };
         if let Some(fs) = fs.upgrade() {

@@ -181,7 +181,8 @@ pub struct Inode {
     pub ctime: Timestamp,
     /// ETag of the object behind this entry (a directory's marker); `None` when there is none.
     pub etag: Option<String>,
-    /// Last-Modified of that object in whole seconds; `None` when there is no object or this
+    /// Last-Modified of that object in milliseconds (see
+    /// [`objects::ObjectVersion::last_modified`]); `None` when there is no object or this
     /// mount wrote it (then it is learned from the next listing).
     pub last_modified: Option<i64>,
     /// Whether the attributes are those of that object's POSIX headers (read, or written by

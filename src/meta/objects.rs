@@ -4,7 +4,8 @@
 //! Every path that learns about an object — a listing with its batched HEADs, a lookup's
 //! probe, an open, a revalidation after the TTL — goes through these functions, so the same
 //! object version always shows the same attributes, whichever path saw it first and on
-//! whichever mount (design.md §4: exact from the first look, and stable).
+//! whichever mount (design.md §4: exact from the first look, and stable). Directories are
+//! the exception that the clock rule below makes: their times are each mount's own.
 //!
 //! Two rules live here besides the s3fs header mapping:
 //!
@@ -27,6 +28,11 @@ use crate::store::UserMetadata;
 
 /// Longest symlink target (PATH_MAX less the NUL): the largest body a symlink object has.
 pub const SYMLINK_MAX: usize = 4095;
+
+/// How far the server's clock may be ahead of this host's, for [`Inode::holds`] (ms). An
+/// NTP-synchronised pair differs by milliseconds; a minute also covers an unsynchronised VM
+/// that drifted a little. Too small costs only a HEAD of an object this mount wrote.
+pub const CLOCK_SKEW_MS: i64 = 60_000;
 
 /// One version of an object, as a listing or a HEAD identifies it.
 ///
@@ -141,15 +147,17 @@ pub fn advance(t: Timestamp, now: Timestamp) -> Timestamp {
 }
 
 impl Inode {
-    /// Whether this entry shows object version `v` (a row written by this mount does not
-    /// know its object's Last-Modified: the servers do not return it for a PUT, and the
-    /// ETag and size are ours).
+    /// Whether this entry shows object version `v`. A row written by this mount does not
+    /// know its object's Last-Modified (servers do not return it for a PUT or a completed
+    /// upload): with our ETag and size the version is ours unless it is later than our write
+    /// by more than clocks may differ ([`CLOCK_SKEW_MS`]), which then costs a HEAD.
     pub fn holds(&self, v: &ObjectVersion) -> bool {
         self.etag.as_deref() == Some(v.etag.as_str())
             && (self.kind == Kind::Dir || self.size == v.size)
-            && self
-                .last_modified
-                .is_none_or(|lm| same_moment(lm, v.last_modified))
+            && match self.last_modified {
+                Some(lm) => same_moment(lm, v.last_modified),
+                None => v.last_modified <= self.validated_at.div_euclid(1_000_000) + CLOCK_SKEW_MS,
+            }
     }
 
     /// Whether `stat` would show the same for both (the bookkeeping aside).
@@ -459,9 +467,12 @@ mod tests {
         let mut r = row(Kind::File);
         r.size = 4;
         r.wrote("\"w\"".into());
+        r.validated_at = 1_000 * 1_000_000_000;
+        assert!(r.holds(&version("\"w\"", 4, 123)), "written before: ours");
+        assert!(r.holds(&version("\"w\"", 4, 1_030)), "clocks may differ");
         assert!(
-            r.holds(&version("\"w\"", 4, 123)),
-            "any Last-Modified: ours"
+            !r.holds(&version("\"w\"", 4, 1_200)),
+            "copied onto itself later, by someone else"
         );
         assert!(!r.holds(&version("\"w\"", 5, 123)));
         assert!(!r.holds(&version("\"z\"", 4, 123)));

@@ -93,7 +93,7 @@ pub(super) fn prepare(conn: &Connection) -> MetaResult<()> {
         )?;
     }
     if version < 4 {
-        // The Last-Modified (whole seconds) of the object version a row shows: with the
+        // The Last-Modified (milliseconds) of the object version a row shows: with the
         // ETag and size it names the version, so headers read once are not read again
         // while it holds, and a CopyObject onto the same key (same ETag) is seen as new.
         conn.execute_batch(
