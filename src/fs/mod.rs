@@ -962,6 +962,7 @@ impl Fs {
         }
         let prefix = self.key_of(&dir)?;
         let read = self.local.start_read();
+        let timer = std::time::Instant::now();
         let known: HashMap<String, Inode> = self
             .meta
             .children(dir_ino)?
@@ -973,6 +974,7 @@ impl Fs {
             .list(&prefix, &known, &dir, read.started(), &self.hidden)
             .await?;
         drop(known);
+        let listed = timer.elapsed();
         let state = DirView {
             fs: self,
             dir: dir_ino,
@@ -982,6 +984,17 @@ impl Fs {
         let changes = self
             .meta
             .apply_listing(dir_ino, &listing, &self.defaults, &state)?;
+        debug!(
+            dir = dir_ino,
+            entries = listing.files.len() + listing.dirs.len(),
+            headers_read = listing.headers_read(),
+            listed_ms = listed.as_millis() as u64,
+            applied_ms = (timer.elapsed() - listed).as_millis() as u64,
+            added = changes.added.len(),
+            removed = changes.removed.len(),
+            replaced = changes.replaced.len(),
+            "listed"
+        );
         self.after_changes(dir_ino, &changes).await;
         if let Some(f) = self.open_file_of(dir_ino) {
             f.set_attrs(self.meta.get(dir_ino)?.ok_or(FsError::NotFound)?);

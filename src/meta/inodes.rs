@@ -63,6 +63,16 @@ pub struct Listing {
     pub started_at: i64,
 }
 
+impl Listing {
+    /// How many headers (files' and markers') were read with the listing.
+    pub fn headers_read(&self) -> usize {
+        let read = |h: &Headers| !matches!(h, Headers::Unread);
+        self.files.iter().filter(|f| read(&f.headers)).count()
+            + self.dirs.iter().filter(|d| read(&d.marker)).count()
+            + self.marker.iter().filter(|(_, h)| read(h)).count()
+    }
+}
+
 /// What one name of a directory turned out to be in the bucket.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Found<'a> {
