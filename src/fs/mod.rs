@@ -430,7 +430,7 @@ impl Fs {
             meta.clone(),
             requests.clone(),
         ));
-        let headers = listing::HeaderReader::new(store.clone(), !cfg.trust_listings);
+        let headers = listing::HeaderReader::new(store.clone(), !cfg.trust_listings)?;
         let buffers = MemoryBudget::new(cfg.max_buffer_memory);
         let blocks = Arc::new(read::BlockSource::new(
             store.clone(),
@@ -969,11 +969,18 @@ impl Fs {
             .into_iter()
             .map(|r| (r.name.clone(), r))
             .collect();
-        let listing = self
+        let listing::ListOutcome { listing, hidden } = self
             .headers
-            .list(&prefix, &known, &dir, read.started(), &self.hidden)
+            .list(listing::ListRequest {
+                prefix: prefix.clone(),
+                known,
+                dir,
+                started_at: read.started(),
+            })
             .await?;
-        drop(known);
+        for key in hidden {
+            self.hidden.hide(&key);
+        }
         let listed = timer.elapsed();
         let state = DirView {
             fs: self,

@@ -138,6 +138,15 @@ pub async fn abort_leftover_uploads(
 
 #[async_trait]
 impl ObjectStore for TrackedStore {
+    async fn separate(self: Arc<Self>) -> Arc<dyn ObjectStore> {
+        let inner = self.inner.clone().separate().await;
+        Arc::new(TrackedStore::new(
+            inner,
+            self.meta.clone(),
+            self.counts.clone(),
+        ))
+    }
+
     async fn head(&self, key: &str) -> StoreResult<ObjectInfo> {
         self.tally(self.inner.head(key).await)
     }

@@ -9,6 +9,7 @@ pub mod s3;
 
 use std::collections::BTreeMap;
 use std::ops::Range;
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use async_trait::async_trait;
@@ -153,6 +154,12 @@ pub type StoreResult<T> = Result<T, StoreError>;
 /// timeout, so a caller either gets an answer or an error in bounded time.
 #[async_trait]
 pub trait ObjectStore: Send + Sync + 'static {
+    /// A store reaching the same bucket over connections of its own, for work that runs on
+    /// another tokio runtime: a client's connections are driven by the runtime that opened
+    /// them, so a request sent from one runtime over another's connection wakes a thread of
+    /// each at every step.
+    async fn separate(self: Arc<Self>) -> Arc<dyn ObjectStore>;
+
     /// HEAD: size, ETag and headers of one object.
     async fn head(&self, key: &str) -> StoreResult<ObjectInfo>;
 

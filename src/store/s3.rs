@@ -6,6 +6,7 @@
 //! after the headers arrived, so GET bodies get their own timeout and retry here.
 
 use std::ops::Range;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
@@ -53,6 +54,8 @@ pub struct S3Store {
     bucket: String,
     attempt_timeout: Duration,
     max_attempts: u32,
+    /// What it was built from, for [`ObjectStore::separate`].
+    opts: S3Options,
 }
 
 impl S3Store {
@@ -94,6 +97,7 @@ impl S3Store {
             bucket: opts.bucket.clone(),
             attempt_timeout: opts.attempt_timeout,
             max_attempts: opts.max_attempts.max(1),
+            opts: opts.clone(),
         }
     }
 
@@ -221,6 +225,12 @@ fn to_system_time(t: Option<&aws_smithy_types::DateTime>) -> SystemTime {
 
 #[async_trait]
 impl ObjectStore for S3Store {
+    async fn separate(self: Arc<Self>) -> Arc<dyn ObjectStore> {
+        // A client of its own: the configuration and credentials chain loaded again, which
+        // gives it its own HTTP client and connection pool.
+        Arc::new(S3Store::connect(&self.opts).await)
+    }
+
     async fn head(&self, key: &str) -> StoreResult<ObjectInfo> {
         let out = self
             .client
