@@ -1149,6 +1149,46 @@ impl Fs {
             .await
     }
 
+    /// [`Self::readdirplus`] answered at once, if it can be without waiting for anything:
+    /// the handle's listing is taken (`offset` is past 0) and every entry of the batch shows
+    /// what it will show (its headers are known, or are not to be read). `None` otherwise.
+    ///
+    /// The kernel reads a directory a page (about 25 entries with attributes) per request, so
+    /// `ls -l` of 10,000 entries is 400 requests; answered on the FUSE thread they save a
+    /// hand-over to a worker each, which was a third of a warm `ls -l` here.
+    pub fn readdirplus_now(&self, fh: u64, offset: u64) -> Option<FsResult<Vec<(DirEntry, Attr)>>> {
+        if offset == 0 {
+            return None;
+        }
+        let snapshot = match self.handles.lock().unwrap().get(&fh) {
+            Some(Handle::Dir(s)) => s.clone(),
+            _ => return Some(Err(FsError::BadHandle)),
+        };
+        let snapshot = snapshot.try_lock().ok()?;
+        let entries = snapshot.as_ref()?;
+        let start = (offset as usize).min(entries.len());
+        let end = (start + READDIRPLUS_BATCH).min(entries.len());
+        let mut out = Vec::with_capacity(end - start);
+        for (entry, row) in &entries[start..end] {
+            let row = match self.open_file_of(row.ino) {
+                Some(open) => open.attrs(),
+                None => row.clone(),
+            };
+            let shown =
+                row.headers_known || row.dirty || row.parent.is_none() || self.cfg.trust_listings;
+            // A directory's link count is a query of the inode table, whose lock a listing
+            // being applied may hold: not on the FUSE thread.
+            if !shown || row.kind == Kind::Dir {
+                return None;
+            }
+            match self.attr(&row) {
+                Ok(attr) => out.push((entry.clone(), attr)),
+                Err(e) => return Some(Err(e)),
+            }
+        }
+        Some(Ok(out))
+    }
+
     /// Records that the kernel received `entry` from a READDIRPLUS: a lookup of it.
     pub fn entry_sent(&self, entry: &DirEntry) {
         if entry.name != "." && entry.name != ".." {

@@ -1610,3 +1610,38 @@ async fn a_file_replaced_outside_while_open_reads_new_on_the_next_open_and_stale
     );
     s.fs.release(r.fh).await;
 }
+
+#[tokio::test]
+async fn readdirplus_past_the_first_batch_is_answered_at_once_with_the_same_attributes() {
+    let s = setup();
+    for i in 0..70 {
+        s.mem.insert(
+            &format!("pre/f{i:02}"),
+            b"x",
+            s3fs_headers(libc::S_IFREG | 0o600, 33),
+        );
+    }
+    s.mem
+        .insert("pre/sub/", b"", s3fs_headers(libc::S_IFDIR | 0o750, 33));
+    let fh = s.fs.opendir(ROOT).await.unwrap();
+    assert!(
+        s.fs.readdirplus_now(fh, 0).is_none(),
+        "offset 0 lists first"
+    );
+    let first = s.fs.readdirplus(ROOT, fh, 0).await.unwrap();
+    let next = first.last().unwrap().0.next_offset;
+    let now = s.fs.readdirplus_now(fh, next).unwrap().unwrap();
+    assert_eq!(now, s.fs.readdirplus(ROOT, fh, next).await.unwrap());
+    assert!(now.iter().all(|(_, a)| a.perm == 0o600 && a.uid == 33));
+    // The last batch holds the directory, whose link count is not counted on the FUSE thread.
+    let mut offset = next;
+    loop {
+        let batch = s.fs.readdirplus(ROOT, fh, offset).await.unwrap();
+        let Some(last) = batch.last() else { break };
+        if batch.iter().any(|(e, _)| e.kind == Kind::Dir) {
+            assert!(s.fs.readdirplus_now(fh, offset).is_none());
+        }
+        offset = last.0.next_offset;
+    }
+    s.fs.releasedir(fh);
+}
