@@ -14,8 +14,8 @@ Every filesystem runs the same workloads on its own prefix of the same bucket:
   1000 files  cp -r of 1,000 files of 1-16 KiB
   untar       tar x of a real source tree (tokio's crate)
   ls -l       of 10,000 objects carrying s3fs headers (mode, owner, mtime), cold (fresh mount,
-              empty cache) and warm, with the daemon's CPU seconds for the cold one; plain
-              `ls` (names and types only) cold
+              empty cache) and warm (the better of two runs), with the daemon's CPU seconds
+              for the cold one; plain `ls` (names and types only) cold
   rename      mv of the 1 GiB file
 
 With --latency-ms, everything runs a second time with that delay added each way between
@@ -266,7 +266,9 @@ def run_filesystem(fs, raw, local, size_mib, tree, tarball, workloads):
         cpu = fs.cpu_seconds()
         r["ls_cold"] = timed(ls)
         r["ls_cold_cpu"] = fs.cpu_seconds() - cpu
-        r["ls_warm"] = timed(ls)
+        # The better of two: the cold listing now takes seconds, so the first warm one may
+        # cross a filesystem's listing TTL (5 s for s3bridge) and list again.
+        r["ls_warm"] = min(timed(ls), timed(ls))
         fs.remount_cold()
         r["ls_plain_cold"] = timed(["ls", fs.p("list")])
     if "data" in workloads:
