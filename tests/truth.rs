@@ -182,20 +182,7 @@ fn nextcloud_notices_outside_changes_through_the_folder_mtime() {
     let ttl_d = Duration::from_secs(ttl_secs as u64);
     let opts = MountOptions {
         ttl: ttl_secs.to_string(),
-        extra: [
-            "--allow-other",
-            "--uid",
-            "33",
-            "--gid",
-            "33",
-            "--dir-mode",
-            "0770",
-            "--file-mode",
-            "0660",
-        ]
-        .map(String::from)
-        .to_vec(),
-        ..MountOptions::default()
+        ..MountOptions::nextcloud()
     };
     let mut m = Mount::with("truth-nextcloud", opts.clone());
     let bucket: Bucket = m.bucket();

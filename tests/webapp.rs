@@ -136,25 +136,7 @@ impl Drop for Apache {
 
 #[test]
 fn a_php_app_uses_its_data_directory_on_the_mount_like_nextcloud() {
-    let m = Mount::with(
-        "webapp",
-        MountOptions {
-            extra: [
-                "--allow-other",
-                "--uid",
-                "33",
-                "--gid",
-                "33",
-                "--dir-mode",
-                "0770",
-                "--file-mode",
-                "0660",
-            ]
-            .map(String::from)
-            .to_vec(),
-            ..Default::default()
-        },
-    );
+    let m = Mount::with("webapp", MountOptions::nextcloud());
     let apache = Apache::start(&scratch().join(unique("apache")), &m.path);
 
     let check = apache.call("check", "", None);

@@ -310,6 +310,28 @@ impl Default for MountOptions {
     }
 }
 
+impl MountOptions {
+    /// A mount laid out as Nextcloud's data directory wants it: other users allowed (the web
+    /// server's), objects without headers owned by www-data (33), 0770 and 0660.
+    pub fn nextcloud() -> MountOptions {
+        let extra = [
+            "--allow-other",
+            "--uid",
+            "33",
+            "--gid",
+            "33",
+            "--dir-mode",
+            "0770",
+            "--file-mode",
+            "0660",
+        ];
+        MountOptions {
+            extra: extra.map(String::from).to_vec(),
+            ..MountOptions::default()
+        }
+    }
+}
+
 /// A running mount of one prefix of the test bucket.
 pub struct Mount {
     pub server: Server,
