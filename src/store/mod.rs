@@ -4,6 +4,7 @@
 //! unit-tested against [`mem::MemStore`] (with fault injection) and run for real against
 //! [`s3::S3Store`]. This module knows keys, bytes and headers; it knows nothing of inodes.
 
+pub mod direct;
 pub mod mem;
 pub mod s3;
 

@@ -23,6 +23,7 @@ use aws_smithy_types::timeout::TimeoutConfig;
 use bytes::{Bytes, BytesMut};
 use tracing::debug;
 
+use super::direct::{self, DirectClient};
 use super::{
     CompletedPart, Expect, ListPage, ListedObject, ObjectInfo, ObjectStore, StoreError,
     StoreResult, WriteHeaders,
@@ -56,6 +57,8 @@ pub struct S3Store {
     max_attempts: u32,
     /// What it was built from, for [`ObjectStore::separate`].
     opts: S3Options,
+    /// HEADs without the SDK's pipeline, where the endpoint allows it (`store/direct.rs`).
+    direct: Option<Arc<DirectClient>>,
 }
 
 impl S3Store {
@@ -80,7 +83,7 @@ impl S3Store {
             .with_initial_backoff(Duration::from_millis(100))
             .with_max_backoff(Duration::from_secs(10));
         let mut builder = aws_sdk_s3::config::Builder::from(&shared)
-            .region(region)
+            .region(region.clone())
             .force_path_style(opts.force_path_style)
             .timeout_config(timeouts)
             .retry_config(retry)
@@ -92,12 +95,14 @@ impl S3Store {
         if let Some(endpoint) = &opts.endpoint_url {
             builder = builder.endpoint_url(endpoint);
         }
+        let direct = direct_client(&shared, &region, opts).await.map(Arc::new);
         S3Store {
             client: Client::from_conf(builder.build()),
             bucket: opts.bucket.clone(),
             attempt_timeout: opts.attempt_timeout,
             max_attempts: opts.max_attempts.max(1),
             opts: opts.clone(),
+            direct,
         }
     }
 
@@ -163,6 +168,72 @@ fn status_of<E>(err: &SdkError<E, HttpResponse>) -> Option<u16> {
 }
 
 /// Maps an SDK error (after the SDK's own retries) onto [`StoreError`].
+/// The direct HEAD client for this configuration, if its endpoint is signed with plain SigV4
+/// and credentials are configured (otherwise the SDK serves HEADs too: S3 Express, SigV4a,
+/// anonymous access).
+async fn direct_client(
+    shared: &aws_config::SdkConfig,
+    region: &Region,
+    opts: &S3Options,
+) -> Option<DirectClient> {
+    use aws_sdk_s3::config::endpoint::{DefaultResolver, Params, ResolveEndpoint};
+    let credentials = shared.credentials_provider()?;
+    let region = region.to_string();
+    let mut params = Params::builder()
+        .bucket(&opts.bucket)
+        .region(&region)
+        .use_fips(shared.use_fips().unwrap_or(false))
+        .use_dual_stack(shared.use_dual_stack().unwrap_or(false))
+        .force_path_style(opts.force_path_style);
+    if let Some(endpoint) = &opts.endpoint_url {
+        params = params.endpoint(endpoint);
+    }
+    let endpoint = DefaultResolver::new()
+        .resolve_endpoint(&params.build().ok()?)
+        .await
+        .map_err(|e| debug!("HEADs go through the SDK: endpoint not resolved here: {e}"))
+        .ok()?;
+    let signing_region = plain_sigv4_region(&endpoint)?;
+    let target = direct::Target {
+        bucket_url: endpoint.url().trim_end_matches('/').to_string(),
+        signing_region: signing_region.unwrap_or(region),
+    };
+    let retries = direct::Retries {
+        max_attempts: opts.max_attempts.max(1),
+        connect_timeout: opts.connect_timeout,
+        attempt_timeout: opts.attempt_timeout,
+    };
+    DirectClient::new(target, credentials, retries)
+}
+
+/// For an endpoint signed with plain SigV4 (the first auth scheme the rules name): its signing
+/// region, if it names one. `None` for any other scheme.
+fn plain_sigv4_region(endpoint: &aws_smithy_types::endpoint::Endpoint) -> Option<Option<String>> {
+    use aws_smithy_types::Document;
+    let scheme = match endpoint.properties().get("authSchemes") {
+        Some(Document::Array(schemes)) => match schemes.first() {
+            Some(Document::Object(s)) => s,
+            _ => return None,
+        },
+        // No scheme named: S3's default, SigV4.
+        None => return Some(None),
+        Some(_) => return None,
+    };
+    match scheme.get("name") {
+        Some(Document::String(name)) if name == "sigv4" => {}
+        _ => return None,
+    }
+    if !matches!(scheme.get("signingName"), None | Some(Document::String(_)))
+        || matches!(scheme.get("signingName"), Some(Document::String(n)) if n != "s3")
+    {
+        return None;
+    }
+    Some(match scheme.get("signingRegion") {
+        Some(Document::String(r)) => Some(r.clone()),
+        _ => None,
+    })
+}
+
 fn classify<E>(err: SdkError<E, HttpResponse>, key: &str) -> StoreError
 where
     E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
@@ -232,6 +303,9 @@ impl ObjectStore for S3Store {
     }
 
     async fn head(&self, key: &str) -> StoreResult<ObjectInfo> {
+        if let Some(direct) = &self.direct {
+            return direct.head(key).await;
+        }
         let out = self
             .client
             .head_object()

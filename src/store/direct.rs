@@ -1,0 +1,377 @@
+//! HEAD requests signed and sent here, past the SDK's request pipeline.
+//!
+//! A listing on a fresh mount reads the headers of every object it names (`fs/listing.rs`):
+//! 10,000 HEADs for an `ls -l` of 10,000 files. A HEAD carries no body, so its cost is all
+//! per-request work, and through aws-sdk-s3 that work is large: interceptors, the endpoint
+//! rules evaluated again for every request, a type-erased configuration bag, retry and
+//! identity machinery, and some 40 response headers parsed into an output struct. Measured
+//! here (10,000 HEADs, 64 in flight, Garage on the same two cores): ~160 µs of client CPU per
+//! HEAD through the SDK — as much as the server's own work for it — against the figure in
+//! [`DirectClient`]'s docs for this path. On two cores every microsecond of it is taken from
+//! the server answering the listing.
+//!
+//! Everything else a HEAD needs is still the SDK's, taken from it once: the endpoint (its
+//! rules resolve bucket, region, FIPS, dual-stack and path style; anything but plain SigV4,
+//! S3 Express say, keeps the SDK path), the credentials chain (cached here until five minutes
+//! before they expire, as the SDK's identity cache does), and the retry bounds of
+//! [`S3Options`](super::s3::S3Options). The other requests stay with the SDK: their cost is
+//! in their bodies, or they are few.
+
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, SystemTime};
+
+use aws_credential_types::Credentials;
+use aws_credential_types::provider::{ProvideCredentials, SharedCredentialsProvider};
+use aws_sigv4::http_request::{
+    PayloadChecksumKind, PercentEncodingMode, SignableBody, SignableRequest, SigningSettings,
+    UriPathNormalizationMode, sign,
+};
+use aws_sigv4::sign::v4;
+use aws_smithy_runtime_api::client::identity::Identity;
+use bytes::Bytes;
+use http_body_util::Empty;
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
+use tracing::debug;
+
+use super::{ObjectInfo, StoreError, StoreResult};
+
+/// Bytes of a key sent as they are in a request path; all others are percent-encoded, as
+/// SigV4 requires for S3 (the path is then signed as sent, not encoded twice).
+const KEY_IN_PATH: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~')
+    .remove(b'/');
+
+/// Credentials this close to their expiry are fetched again before use.
+const CREDENTIALS_MARGIN: Duration = Duration::from_secs(300);
+
+/// First wait between attempts, doubled each time up to [`MAX_BACKOFF`], with full jitter:
+/// the SDK's standard retry mode, so both paths behave alike in an outage.
+const INITIAL_BACKOFF: Duration = Duration::from_millis(100);
+const MAX_BACKOFF: Duration = Duration::from_secs(10);
+
+/// Where requests go and how they are signed: resolved once, from the SDK.
+#[derive(Debug, Clone)]
+pub struct Target {
+    /// The bucket's URL, without a trailing slash: `https://bucket.s3.eu-west-1.amazonaws.com`
+    /// or, path style, `http://127.0.0.1:3900/bucket`.
+    pub bucket_url: String,
+    /// Region the requests are signed for.
+    pub signing_region: String,
+}
+
+/// How hard to try.
+#[derive(Debug, Clone, Copy)]
+pub struct Retries {
+    /// Attempts per request, the first included.
+    pub max_attempts: u32,
+    /// Time allowed for opening a connection.
+    pub connect_timeout: Duration,
+    /// Time allowed for one attempt.
+    pub attempt_timeout: Duration,
+}
+
+/// Signs HEAD requests with SigV4 and sends them on a pooled HTTP/1.1 client (hyper): on
+/// this machine ~40 µs of client CPU per HEAD, a quarter of the SDK's (module docs).
+pub struct DirectClient {
+    http: Client<HttpsConnector<HttpConnector>, Empty<Bytes>>,
+    target: Target,
+    retries: Retries,
+    credentials: CredentialCache,
+}
+
+impl std::fmt::Debug for DirectClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DirectClient")
+            .field("target", &self.target)
+            .finish_non_exhaustive()
+    }
+}
+
+/// An attempt's failure, and whether another attempt may succeed.
+enum Failure {
+    Retry(StoreError),
+    Final(StoreError),
+}
+
+impl DirectClient {
+    /// A client for `target`; `None` where it cannot be built (no TLS roots on this system
+    /// for an `https` endpoint), and the SDK path serves instead.
+    pub fn new(
+        target: Target,
+        credentials: SharedCredentialsProvider,
+        retries: Retries,
+    ) -> Option<DirectClient> {
+        let mut tcp = HttpConnector::new();
+        tcp.enforce_http(false);
+        tcp.set_nodelay(true);
+        tcp.set_connect_timeout(Some(retries.connect_timeout));
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let tls = match hyper_rustls::HttpsConnectorBuilder::new()
+            .with_provider_and_native_roots(provider)
+        {
+            Ok(b) => b,
+            Err(e) => {
+                debug!("HEADs go through the SDK: no TLS roots for the direct client: {e}");
+                return None;
+            }
+        };
+        let connector = tls.https_or_http().enable_http1().wrap_connector(tcp);
+        Some(DirectClient {
+            http: Client::builder(TokioExecutor::new()).build(connector),
+            target,
+            retries,
+            credentials: CredentialCache::new(credentials),
+        })
+    }
+
+    /// HEAD of `key`: its size, ETag, Last-Modified, type and user metadata.
+    pub async fn head(&self, key: &str) -> StoreResult<ObjectInfo> {
+        let url = format!(
+            "{}/{}",
+            self.target.bucket_url,
+            utf8_percent_encode(key, KEY_IN_PATH)
+        );
+        let mut backoff = INITIAL_BACKOFF;
+        let mut attempt = 1;
+        loop {
+            let outcome =
+                match tokio::time::timeout(self.retries.attempt_timeout, self.attempt(&url, key))
+                    .await
+                {
+                    Ok(outcome) => outcome,
+                    Err(_) => Err(Failure::Retry(StoreError::Unavailable(format!(
+                        "HEAD {key}: no answer within {:?}",
+                        self.retries.attempt_timeout
+                    )))),
+                };
+            match outcome {
+                Ok(info) => return Ok(info),
+                Err(Failure::Final(e)) => return Err(e),
+                Err(Failure::Retry(e)) if attempt >= self.retries.max_attempts => return Err(e),
+                Err(Failure::Retry(e)) => {
+                    debug!(key, attempt, "HEAD failed, retrying: {e}");
+                    tokio::time::sleep(jittered(backoff)).await;
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                    attempt += 1;
+                }
+            }
+        }
+    }
+
+    async fn attempt(&self, url: &str, key: &str) -> Result<ObjectInfo, Failure> {
+        let credentials = self.credentials.get().await.map_err(Failure::Final)?;
+        let mut request = http::Request::head(url)
+            .body(Empty::<Bytes>::new())
+            .map_err(|e| Failure::Final(StoreError::Other(format!("HEAD {key}: {e}"))))?;
+        self.sign(&mut request, credentials)
+            .map_err(|e| Failure::Final(StoreError::Other(format!("signing HEAD {key}: {e}"))))?;
+        let response = self.http.request(request).await.map_err(|e| {
+            Failure::Retry(StoreError::Unavailable(format!(
+                "HEAD {key}: {}",
+                error_chain(&e)
+            )))
+        })?;
+        let status = response.status().as_u16();
+        let what = || format!("HEAD {key} answered HTTP {status}");
+        match status {
+            200 => Ok(object_info(key, response.headers())),
+            404 => Err(Failure::Final(StoreError::NotFound(key.to_string()))),
+            412 => Err(Failure::Final(StoreError::PreconditionFailed(
+                key.to_string(),
+            ))),
+            401 | 403 => Err(Failure::Final(StoreError::AccessDenied(what()))),
+            429 | 500.. => Err(Failure::Retry(StoreError::Unavailable(what()))),
+            _ => Err(Failure::Final(StoreError::Other(what()))),
+        }
+    }
+
+    /// Adds the SigV4 headers (`authorization`, `x-amz-date`, `x-amz-content-sha256` and,
+    /// for temporary credentials, `x-amz-security-token`) to `request`.
+    fn sign(
+        &self,
+        request: &mut http::Request<Empty<Bytes>>,
+        credentials: Credentials,
+    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        let identity = Identity::from(credentials);
+        let mut settings = SigningSettings::default();
+        settings.percent_encoding_mode = PercentEncodingMode::Single;
+        settings.payload_checksum_kind = PayloadChecksumKind::XAmzSha256;
+        settings.uri_path_normalization_mode = UriPathNormalizationMode::Disabled;
+        let params = v4::SigningParams::builder()
+            .identity(&identity)
+            .region(&self.target.signing_region)
+            .name("s3")
+            .time(SystemTime::now())
+            .settings(settings)
+            .build()?
+            .into();
+        let uri = request.uri().to_string();
+        let signable = SignableRequest::new(
+            "HEAD",
+            uri.as_str(),
+            std::iter::empty(),
+            SignableBody::Bytes(&[]),
+        )?;
+        let (instructions, _signature) = sign(signable, &params)?.into_parts();
+        instructions.apply_to_request_http1x(request);
+        Ok(())
+    }
+}
+
+/// What the headers of a HEAD's answer say about the object.
+fn object_info(key: &str, headers: &http::HeaderMap) -> ObjectInfo {
+    let text = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    let metadata = headers
+        .iter()
+        .filter_map(|(name, value)| {
+            let name = name.as_str().strip_prefix("x-amz-meta-")?;
+            // S3 sends metadata as it was stored; s3fs's values are ASCII, others may be
+            // UTF-8, which `to_str` refuses.
+            let value = String::from_utf8_lossy(value.as_bytes()).into_owned();
+            Some((name.to_string(), value))
+        })
+        .collect();
+    ObjectInfo {
+        key: key.to_string(),
+        size: text("content-length")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0),
+        etag: text("etag").unwrap_or_default().to_string(),
+        last_modified: text("last-modified")
+            .and_then(|v| {
+                aws_smithy_types::DateTime::from_str(
+                    v,
+                    aws_smithy_types::date_time::Format::HttpDate,
+                )
+                .ok()
+            })
+            .and_then(|t| u64::try_from(t.secs()).ok())
+            .map_or(SystemTime::UNIX_EPOCH, |secs| {
+                SystemTime::UNIX_EPOCH + Duration::from_secs(secs)
+            }),
+        content_type: text("content-type").map(str::to_string),
+        metadata,
+    }
+}
+
+/// A wait of up to `cap`, uniformly drawn ("full jitter"), so that requests that failed
+/// together do not all come back together.
+fn jittered(cap: Duration) -> Duration {
+    let nanos = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    // The low bits of the clock are as good as a random draw for spreading retries.
+    cap.mul_f64(f64::from(nanos % 1000) / 1000.0)
+}
+
+/// An error and its sources: "client error (Connect): tcp connect error: Connection refused".
+fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut cur = err.source();
+    while let Some(e) = cur {
+        let msg = e.to_string();
+        if !text.contains(&msg) {
+            text.push_str(": ");
+            text.push_str(&msg);
+        }
+        cur = e.source();
+    }
+    text
+}
+
+/// The credentials chain's answer, kept until it nears expiry: the chain itself may read
+/// files or ask the instance metadata service each time.
+struct CredentialCache {
+    provider: SharedCredentialsProvider,
+    current: RwLock<Option<Credentials>>,
+    /// One refresh at a time; the others wait for its result.
+    refreshing: tokio::sync::Mutex<()>,
+}
+
+impl CredentialCache {
+    fn new(provider: SharedCredentialsProvider) -> CredentialCache {
+        CredentialCache {
+            provider,
+            current: RwLock::new(None),
+            refreshing: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    fn valid(&self) -> Option<Credentials> {
+        let current = self.current.read().unwrap();
+        current
+            .as_ref()
+            .filter(|c| {
+                c.expiry()
+                    .is_none_or(|at| at > SystemTime::now() + CREDENTIALS_MARGIN)
+            })
+            .cloned()
+    }
+
+    async fn get(&self) -> StoreResult<Credentials> {
+        if let Some(c) = self.valid() {
+            return Ok(c);
+        }
+        let _refreshing = self.refreshing.lock().await;
+        if let Some(c) = self.valid() {
+            return Ok(c);
+        }
+        let fresh = self.provider.provide_credentials().await.map_err(|e| {
+            StoreError::AccessDenied(format!("no credentials: {}", error_chain(&e)))
+        })?;
+        *self.current.write().unwrap() = Some(fresh.clone());
+        Ok(fresh)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_are_encoded_once_with_slashes_kept() {
+        let encoded = utf8_percent_encode("a b/ü+c~d.e_f-g", KEY_IN_PATH).to_string();
+        assert_eq!(encoded, "a%20b/%C3%BC%2Bc~d.e_f-g");
+    }
+
+    #[test]
+    fn answers_become_object_info() {
+        let mut h = http::HeaderMap::new();
+        h.insert("content-length", "1234".parse().unwrap());
+        h.insert("etag", "\"abc\"".parse().unwrap());
+        h.insert(
+            "last-modified",
+            "Wed, 21 Oct 2015 07:28:00 GMT".parse().unwrap(),
+        );
+        h.insert("content-type", "text/plain".parse().unwrap());
+        h.insert("x-amz-meta-mode", "33188".parse().unwrap());
+        h.insert(
+            "x-amz-meta-note",
+            http::HeaderValue::from_bytes("é".as_bytes()).unwrap(),
+        );
+        let info = object_info("k", &h);
+        assert_eq!(info.size, 1234);
+        assert_eq!(info.etag, "\"abc\"");
+        assert_eq!(
+            info.last_modified,
+            SystemTime::UNIX_EPOCH + Duration::from_secs(1_445_412_480)
+        );
+        assert_eq!(info.content_type.as_deref(), Some("text/plain"));
+        assert_eq!(info.metadata["mode"], "33188");
+        assert_eq!(info.metadata["note"], "é");
+    }
+
+    #[test]
+    fn jitter_stays_within_its_cap() {
+        for _ in 0..100 {
+            assert!(jittered(Duration::from_millis(100)) <= Duration::from_millis(100));
+        }
+    }
+}
