@@ -530,7 +530,16 @@ impl fuser::Filesystem for FuseAdapter {
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         self.spawn(move |fs| async move {
-            reply_opened(reply, "opendir", fs.opendir(ino.0).await);
+            match fs.opendir(ino.0).await {
+                Ok(o) => {
+                    let mut flags = FopenFlags::FOPEN_CACHE_DIR;
+                    if o.keep_cache {
+                        flags |= FopenFlags::FOPEN_KEEP_CACHE;
+                    }
+                    reply.opened(FileHandle(o.fh), flags)
+                }
+                Err(e) => reply.error(errno("opendir", &e)),
+            }
         });
     }
 
@@ -777,13 +786,6 @@ fn reply_attr(reply: ReplyAttr, ttl: Duration, op: &str, result: Result<Attr, Fs
 fn reply_empty(reply: ReplyEmpty, op: &str, result: Result<(), FsError>) {
     match result {
         Ok(()) => reply.ok(),
-        Err(e) => reply.error(errno(op, &e)),
-    }
-}
-
-fn reply_opened(reply: ReplyOpen, op: &str, result: Result<u64, FsError>) {
-    match result {
-        Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
         Err(e) => reply.error(errno(op, &e)),
     }
 }

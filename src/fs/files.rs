@@ -94,12 +94,13 @@ impl OpenFile {
     }
 }
 
-/// An opened file.
+/// An opened file or directory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Opened {
     /// The handle.
     pub fh: u64,
-    /// The kernel may keep what it cached of the file at earlier opens (`FOPEN_KEEP_CACHE`).
+    /// The kernel may keep what it cached at earlier opens (`FOPEN_KEEP_CACHE`): a file's
+    /// pages, a directory's entries.
     pub keep_cache: bool,
 }
 

@@ -36,26 +36,24 @@ pub const HEADS_IN_FLIGHT: usize = 64;
 
 /// Reads object headers for listings, within one budget of requests in flight.
 ///
-/// Listings run on threads of their own, each with a single-threaded runtime and connections
-/// of its own ([`ObjectStore::separate`]): a HEAD is a few hundred bytes each way, and on the
-/// mount's multi-threaded runtime the SDK's request and its connection's task wake each
-/// other across threads at every step. Measured here (10,000 HEADs, 64 in flight, Garage on
-/// the same 2 cores): 2.3–2.5 s of client CPU on the mount's four workers against 1.2 s on
-/// one thread. One thread is then the limit (1.7 s of CPU for a 2 s listing in the mount), so
-/// there is one per core, and each LIST page's HEADs go to the next thread as one batch: a
-/// listing, like each batch, is handed over whole and hands its result back whole.
+/// Listings run on a thread of their own, with a single-threaded runtime and connections of
+/// its own ([`ObjectStore::separate`]): a HEAD is a few hundred bytes each way, and on the
+/// mount's multi-threaded runtime a request and its connection's task wake each other across
+/// threads at every step (measured with the SDK's HEADs: 2.3–2.5 s of client CPU for 10,000
+/// on the mount's workers against 1.2 s on one thread). With HEADs sent past the SDK's
+/// pipeline (`store/direct.rs`), 10,000 take ~0.7 s of that thread for a 1.5 s listing here,
+/// so one thread keeps the 64 in flight busy with room to spare, and a second one measured no
+/// faster (1.56–1.82 s against 1.46–1.56 s): on two cores it only takes the server's.
 pub(super) struct HeaderReader {
     store: Arc<dyn ObjectStore>,
-    threads: Arc<[Lister]>,
-    /// The thread the next listing runs on.
-    next: std::sync::atomic::AtomicUsize,
+    thread: Arc<Lister>,
     slots: Arc<Semaphore>,
     /// Read the headers of files too, not only of directory markers (off with
     /// `--trust-listings`).
     files: bool,
 }
 
-/// One listing thread.
+/// The listing thread.
 struct Lister {
     runtime: tokio::runtime::Handle,
     /// Stops the thread when the reader is dropped.
@@ -65,11 +63,11 @@ struct Lister {
 }
 
 impl Lister {
-    fn start(n: usize) -> std::io::Result<Lister> {
+    fn start() -> std::io::Result<Lister> {
         let (handle_tx, handle_rx) = std::sync::mpsc::channel();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         std::thread::Builder::new()
-            .name(format!("s3bridge-list{n}"))
+            .name("s3bridge-list".into())
             .spawn(move || {
                 let rt = match tokio::runtime::Builder::new_current_thread()
                     .enable_all()
@@ -130,15 +128,9 @@ pub(super) struct ListOutcome {
 impl HeaderReader {
     /// A reader over `store`; `files`: whether file headers are read (else only markers').
     pub fn new(store: Arc<dyn ObjectStore>, files: bool) -> std::io::Result<Self> {
-        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
-        // More threads than cores would only take turns; four keep any server busy.
-        let threads: Vec<Lister> = (0..cores.clamp(1, 4))
-            .map(Lister::start)
-            .collect::<Result<_, _>>()?;
         Ok(HeaderReader {
             store,
-            threads: threads.into(),
-            next: std::sync::atomic::AtomicUsize::new(0),
+            thread: Arc::new(Lister::start()?),
             slots: Arc::new(Semaphore::new(HEADS_IN_FLIGHT)),
             files,
         })
@@ -153,15 +145,13 @@ impl HeaderReader {
     /// The complete listing of the directory `req` names, with the headers of every entry
     /// whose row does not already show it in the listed version.
     pub async fn list(&self, req: ListRequest) -> StoreResult<ListOutcome> {
-        let first = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let job = ListJob {
             store: self.store.clone(),
-            threads: self.threads.clone(),
-            first,
+            thread: self.thread.clone(),
             slots: self.slots.clone(),
             files: self.files,
         };
-        self.threads[first % self.threads.len()]
+        self.thread
             .runtime
             .spawn(job.run(req))
             .await
@@ -169,12 +159,10 @@ impl HeaderReader {
     }
 }
 
-/// A listing, on the listing threads.
+/// A listing, on the listing thread.
 struct ListJob {
     store: Arc<dyn ObjectStore>,
-    threads: Arc<[Lister]>,
-    /// The thread it runs on; its pages' header reads go to this one and the next ones.
-    first: usize,
+    thread: Arc<Lister>,
     slots: Arc<Semaphore>,
     files: bool,
 }
@@ -184,9 +172,7 @@ type Batch = Vec<(Slot, String)>;
 
 impl ListJob {
     async fn run(self, req: ListRequest) -> StoreResult<ListOutcome> {
-        let store = self.threads[self.first % self.threads.len()]
-            .store(&self.store)
-            .await;
+        let store = self.thread.store(&self.store).await;
         let ListRequest {
             prefix,
             known,
@@ -253,7 +239,7 @@ impl ListJob {
                 }
             }
             if !batch.is_empty() {
-                batches.push(self.read_batch(batches.len(), batch));
+                batches.push(self.read_batch(&store, batch));
             }
         }
         for reading in batches {
@@ -287,18 +273,15 @@ impl ListJob {
         Ok(ListOutcome { listing, hidden })
     }
 
-    /// Starts the header reads of the `n`th page's batch, on the listing thread after this
-    /// listing's by `n`, within the mount's budget of reads in flight.
+    /// Starts the header reads of one page's batch (on the listing thread, whose store is
+    /// `store`), within the mount's budget of reads in flight.
     fn read_batch(
         &self,
-        n: usize,
+        store: &Arc<dyn ObjectStore>,
         batch: Batch,
     ) -> tokio::task::JoinHandle<Vec<(Slot, StoreResult<Headers>)>> {
-        let at = (self.first + n) % self.threads.len();
-        let (threads, shared, slots) =
-            (self.threads.clone(), self.store.clone(), self.slots.clone());
-        self.threads[at].runtime.spawn(async move {
-            let store = threads[at].store(&shared).await;
+        let (store, slots) = (store.clone(), self.slots.clone());
+        tokio::spawn(async move {
             futures::stream::iter(batch)
                 .map(|(slot, key)| {
                     let (store, slots) = (store.clone(), slots.clone());

@@ -339,6 +339,9 @@ pub struct Fs {
     negative: Mutex<HashMap<(u64, String), i64>>,
     /// Per inode, the ETag of the version whose pages the kernel may have cached.
     page_cached: Mutex<HashMap<u64, String>>,
+    /// Per directory, its clock (mtime, ctime) at the last `opendir`: the entries the kernel
+    /// may have cached of it (`FOPEN_CACHE_DIR`) were listed at or after that clock.
+    entries_cached: Mutex<HashMap<u64, (Timestamp, Timestamp)>>,
     /// Multipart uploads a previous run left in flight, aborted by the background task.
     leftover_uploads: Mutex<Vec<(String, String)>>,
     /// Wakes the background uploader (a write-back close queued a file).
@@ -463,6 +466,7 @@ impl Fs {
             lookups: Mutex::new(HashMap::new()),
             negative: Mutex::new(HashMap::new()),
             page_cached: Mutex::new(HashMap::new()),
+            entries_cached: Mutex::new(HashMap::new()),
             leftover_uploads,
             uploads_due: Arc::new(tokio::sync::Notify::new()),
             upload_slots: Arc::new(tokio::sync::Semaphore::new(background_uploads)),
@@ -584,9 +588,7 @@ impl Fs {
     /// The attributes `stat` shows for `inode` (for a directory: its clock is being shown).
     fn attr(&self, inode: &Inode) -> FsResult<Attr> {
         if inode.kind == Kind::Dir {
-            let mut shown = self.dir_clocks.lock().unwrap();
-            let sec = shown.entry(inode.ino).or_insert(inode.mtime.sec);
-            *sec = (*sec).max(inode.mtime.sec);
+            self.show_clock(inode.ino, inode.mtime);
         }
         let nlink = match (inode.kind, inode.parent) {
             (_, None) if inode.ino != ROOT_INO => 0,
@@ -632,6 +634,7 @@ impl Fs {
         if gone {
             // The kernel dropped the inode, and its cached pages and attributes with it.
             self.page_cached.lock().unwrap().remove(&ino);
+            self.entries_cached.lock().unwrap().remove(&ino);
             self.dir_clocks.lock().unwrap().remove(&ino);
         }
         if gone && self.open_file_of(ino).is_none() {
@@ -1092,14 +1095,26 @@ impl Fs {
     }
 
     /// Opens a directory handle.
-    pub async fn opendir(&self, ino: u64) -> FsResult<u64> {
-        self.dir(ino)?;
+    ///
+    /// The kernel may serve `readdir` from the entries it cached at an earlier open while
+    /// this mount would answer with the very same entries: the listing is fresh (no new one
+    /// is due) and the directory's clock has not moved since that open. Every change of its
+    /// entries moves the clock — through this mount (POSIX) or found by a listing or lookup
+    /// (outside changes) — once its value has been shown, and an open shows it. A warm `ls`
+    /// of 10,000 entries is then no round trip but the `opendir`, where it was some 300
+    /// READDIRPLUS requests (0.08-0.12 s against 0.05-0.08 s here).
+    pub async fn opendir(&self, ino: u64) -> FsResult<Opened> {
+        let dir = self.dir(ino)?;
+        self.show_clock(ino, dir.mtime);
+        let clock = (dir.mtime, dir.ctime);
+        let cached = self.entries_cached.lock().unwrap().insert(ino, clock);
+        let keep_cache = cached == Some(clock) && dir.listed_at.is_some_and(|t| self.fresh(t));
         let fh = self.next_handle.fetch_add(1, Ordering::Relaxed);
         self.handles
             .lock()
             .unwrap()
             .insert(fh, Handle::Dir(Arc::new(tokio::sync::Mutex::new(None))));
-        Ok(fh)
+        Ok(Opened { fh, keep_cache })
     }
 
     /// Entries of directory `ino` from `offset` on (a batch; call again to continue). The
@@ -1313,6 +1328,13 @@ impl Fs {
             f.set_attrs(row);
         }
         Ok(())
+    }
+
+    /// Records that directory `dir`'s clock at `mtime` is being shown (`stat`, `opendir`).
+    fn show_clock(&self, dir: u64, mtime: Timestamp) {
+        let mut shown = self.dir_clocks.lock().unwrap();
+        let sec = shown.entry(dir).or_insert(mtime.sec);
+        *sec = (*sec).max(mtime.sec);
     }
 
     /// Whether directory `dir`'s clock at `mtime` may have been shown (see

@@ -109,7 +109,7 @@ impl Setup {
 
     /// All names in `dir`, read as the kernel does: batch after batch until an empty one.
     async fn names(&self, dir: u64) -> Vec<String> {
-        let fh = self.fs.opendir(dir).await.unwrap();
+        let fh = self.fs.opendir(dir).await.unwrap().fh;
         let mut names = Vec::new();
         let mut offset = 0;
         loop {
@@ -929,7 +929,7 @@ async fn the_first_look_shows_types_modes_owners_times_and_link_targets() {
     s.mem.insert("pre/plain", b"abc", WriteHeaders::default());
     s.mem
         .insert("pre/sub/", b"", s3fs_headers(libc::S_IFDIR | 0o750, 33));
-    let fh = s.fs.opendir(ROOT).await.unwrap();
+    let fh = s.fs.opendir(ROOT).await.unwrap().fh;
     let types: Vec<(String, Kind)> =
         s.fs.readdir(ROOT, fh, 0)
             .await
@@ -1022,6 +1022,49 @@ async fn what_stat_shows_is_stable_across_opens_ttls_and_remounts() {
         .map(|(a, f)| Attr { ino: f.ino, ..a })
         .collect();
     assert_eq!(other, first);
+}
+
+#[tokio::test]
+async fn the_kernel_keeps_a_directory_s_entries_only_while_they_are_what_a_listing_gives() {
+    let mem = Arc::new(MemStore::new());
+    mem.insert("pre/d/a", b"1", WriteHeaders::default());
+    let ttl = MetadataTtl::For(Duration::from_millis(300));
+    let s = setup_with(mem.clone(), ttl, tempfile::tempdir().unwrap());
+    let d = s.fs.lookup(ROOT, n("d")).await.unwrap().ino;
+    // Opened and read as `ls` does; whether the kernel may keep its cached entries.
+    let ls = || async {
+        let o = s.fs.opendir(d).await.unwrap();
+        let mut offset = 0;
+        while let Some(last) = s.fs.readdir(d, o.fh, offset).await.unwrap().last() {
+            offset = last.next_offset;
+        }
+        s.fs.releasedir(o.fh);
+        o.keep_cache
+    };
+    let wait_ttl = || tokio::time::sleep(Duration::from_millis(350));
+    assert!(!ls().await, "first open: nothing cached");
+    assert!(ls().await, "listing fresh and unchanged");
+    s.write_file(d, "mine", b"x").await;
+    assert!(!ls().await, "an entry created through the mount");
+    assert!(ls().await);
+    wait_ttl().await;
+    assert!(!ls().await, "a listing is due: it may find changes");
+    assert!(ls().await, "listed again, nothing changed");
+    // Within one second of the last look: the clock must still move.
+    mem.insert("pre/d/b", b"2", WriteHeaders::default());
+    wait_ttl().await;
+    s.fs.getattr(d).await.unwrap();
+    assert!(
+        !ls().await,
+        "an entry added from outside, found by a listing"
+    );
+    assert_eq!(s.names(d).await, ["a", "b", "mine"]);
+    assert!(ls().await);
+    s.mem.delete("pre/d/a").await.unwrap();
+    wait_ttl().await;
+    s.fs.getattr(d).await.unwrap();
+    assert!(!ls().await, "an entry removed from outside");
+    assert_eq!(s.names(d).await, ["b", "mine"]);
 }
 
 #[tokio::test]
@@ -1623,7 +1666,7 @@ async fn readdirplus_past_the_first_batch_is_answered_at_once_with_the_same_attr
     }
     s.mem
         .insert("pre/sub/", b"", s3fs_headers(libc::S_IFDIR | 0o750, 33));
-    let fh = s.fs.opendir(ROOT).await.unwrap();
+    let fh = s.fs.opendir(ROOT).await.unwrap().fh;
     assert!(
         s.fs.readdirplus_now(fh, 0).is_none(),
         "offset 0 lists first"
