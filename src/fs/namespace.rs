@@ -365,6 +365,9 @@ impl Fs {
                 self.detach_locked(&child, &file, &mut st)?;
             }
             None => {
+                // The row, not `child`: an upload in flight when that was read may have
+                // created the object since, and taken the file out of the table.
+                let child = self.inode(child.ino)?;
                 if child.etag.is_some() {
                     self.store.delete(&key).await?;
                 }
@@ -487,9 +490,11 @@ impl Fs {
             Some(f) => Some(f.state.lock().await),
             None => None,
         };
+        // As it is now that it is held, or known not to be open: an upload in flight when
+        // `dst` was read may have created its object since, and taken it out of the table.
         let dst = match &replaced {
             Some(f) => Some(f.attrs()),
-            None => dst,
+            None => dst.map(|d| self.inode(d.ino)).transpose()?,
         };
         // A moving file is held likewise, until its row has its new name.
         let moving = if src.kind == Kind::Dir {
@@ -513,14 +518,8 @@ impl Fs {
                 self.materialize(replaced.as_ref().expect("held"), st)
                     .await?;
             }
-            self.rename_file(
-                &src,
-                dst.as_ref(),
-                &new_key,
-                moving.as_deref(),
-                moving_state.as_deref_mut(),
-            )
-            .await?;
+            self.rename_file(&src, dst.as_ref(), &new_key, moving_state.as_deref_mut())
+                .await?;
         }
         if let Some(d) = &dst {
             if d.kind == Kind::Dir {
@@ -576,27 +575,20 @@ impl Fs {
     }
 
     /// Moves a file's object: server-side copy to the new key, then delete of the old one.
-    /// `file` and `st`: the source's open state and its content lock, held by the caller
-    /// until the row has moved, so that no upload runs under the old name meanwhile.
+    /// `st`: the content lock of the source if it is open, held by the caller until the row
+    /// has moved, so that no upload runs under the old name meanwhile.
     async fn rename_file(
         &self,
         src: &Inode,
         dst: Option<&Inode>,
         new_key: &str,
-        file: Option<&OpenFile>,
         mut st: Option<&mut FileState>,
     ) -> FsResult<()> {
         let old_key = self.key_of(src)?;
-        // An upload that was in flight until the lock was ours may have created the object:
-        // the live attributes say where the contents are now.
-        let live;
-        let src = match file {
-            Some(f) => {
-                live = f.attrs();
-                &live
-            }
-            None => src,
-        };
+        // An upload that was in flight until the lock was ours (or, if the file was not open
+        // by then, until the upload took it out of the table) may have created the object:
+        // the live attributes, or the row, say where the contents are now.
+        let src = &self.inode(src.ino)?;
         let mut moved = src.clone();
         moved.ctime = Timestamp::now();
         match &src.etag {

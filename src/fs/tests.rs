@@ -1350,6 +1350,118 @@ async fn an_acknowledged_version_is_uploaded_before_it_is_changed() {
     assert_eq!(s.body("pre/f").unwrap(), b"VERSION one");
 }
 
+/// Waits until the background upload of `ino` has ended and taken it out of the open-file
+/// table.
+async fn retired(s: &Setup, ino: u64) {
+    while s.fs.open_file_of(ino).is_some() {
+        tokio::task::yield_now().await;
+    }
+}
+
+#[tokio::test]
+async fn a_file_whose_upload_ends_while_it_is_renamed_moves_with_its_object() {
+    let mem = Arc::new(MemStore::new());
+    mem.ignore_conditions();
+    let s = setup_write_back(mem.clone(), tempfile::tempdir().unwrap());
+    let a = s.write_file(ROOT, "a", b"contents of a").await;
+    s.write_file(ROOT, "b", b"contents of b").await;
+    let (put_a, put_b) = (mem.pause_put("pre/a"), mem.pause_put("pre/b"));
+    let rename = async {
+        put_a.reached().await;
+        put_b.reached().await;
+        let steps = async {
+            // The rename has read "a" (not uploaded yet) and waits for "b", whose upload
+            // holds it. Meanwhile "a" goes up, and nobody holding it, leaves the table.
+            put_a.resume();
+            retired(&s, a).await;
+            put_b.resume();
+        };
+        tokio::join!(s.fs.rename(ROOT, n("a"), ROOT, n("b"), 0), steps).0
+    };
+    let (pending, renamed) = tokio::join!(s.fs.flush_all(), rename);
+    renamed.unwrap();
+    assert_eq!(pending, 0);
+    assert_eq!(s.mem.keys(), ["pre/b"], "the object moved with the file");
+    assert_eq!(s.body("pre/b").unwrap(), b"contents of a");
+    assert_eq!(s.read_all(a).await, b"contents of a");
+    // The name it left is free in the bucket too: a new file there is no conflict.
+    s.write_file(ROOT, "a", b"a new a").await;
+    assert_eq!(s.fs.flush_all().await, 0);
+    assert_eq!(s.body("pre/a").unwrap(), b"a new a");
+    assert!(conflict_copies(&s.mem, "pre/a").is_empty());
+}
+
+#[tokio::test]
+async fn a_file_whose_upload_ends_while_a_rename_replaces_it_leaves_no_object() {
+    let mem = Arc::new(MemStore::new());
+    mem.ignore_conditions();
+    // An implicit directory: a rename out of it gives it a marker first.
+    mem.insert("pre/d/other", b"x", WriteHeaders::default());
+    let s = setup_write_back(mem.clone(), tempfile::tempdir().unwrap());
+    let d = s.fs.lookup(ROOT, n("d")).await.unwrap().ino;
+    s.write_file(d, "x", b"new b").await;
+    let b = s.write_file(ROOT, "b", b"old b").await;
+    let (put_x, put_b) = (mem.pause_put("pre/d/x"), mem.pause_put("pre/b"));
+    let put_marker = mem.pause_put("pre/d/");
+    let rename = async {
+        put_x.reached().await;
+        put_b.reached().await;
+        // "x" stays not uploaded (its upload fails); "b" is being uploaded.
+        mem.fail_next(Op::Put, 1);
+        put_x.resume();
+        let steps = async {
+            // The rename has read "b" (not uploaded yet) and puts the marker. Meanwhile "b"
+            // goes up, and nobody holding it, leaves the table.
+            put_marker.reached().await;
+            put_b.resume();
+            retired(&s, b).await;
+            put_marker.resume();
+        };
+        tokio::join!(s.fs.rename(d, n("x"), ROOT, n("b"), 0), steps).0
+    };
+    let (pending, renamed) = tokio::join!(s.fs.flush_all(), rename);
+    renamed.unwrap();
+    assert_eq!(pending, 1, "the upload of x failed");
+    assert!(s.body("pre/b").is_none(), "the replaced version is gone");
+    // So x's upload finds the name free: no conflict.
+    assert_eq!(s.fs.flush_all().await, 0);
+    assert_eq!(s.mem.keys(), ["pre/b", "pre/d/", "pre/d/other"]);
+    assert_eq!(s.body("pre/b").unwrap(), b"new b");
+}
+
+#[tokio::test]
+async fn a_file_whose_upload_ends_while_it_is_unlinked_leaves_no_object() {
+    let mem = Arc::new(MemStore::new());
+    mem.ignore_conditions();
+    // An implicit directory: the unlink gives it a marker before it removes the file.
+    mem.insert("pre/d/other", b"x", WriteHeaders::default());
+    let s = setup_write_back(mem.clone(), tempfile::tempdir().unwrap());
+    let d = s.fs.lookup(ROOT, n("d")).await.unwrap().ino;
+    let f = s.write_file(d, "f", b"contents").await;
+    let (put_f, put_marker) = (mem.pause_put("pre/d/f"), mem.pause_put("pre/d/"));
+    let unlink = async {
+        put_f.reached().await;
+        let steps = async {
+            // The unlink has read "f" (not uploaded yet) and puts the marker. Meanwhile "f"
+            // goes up, and nobody holding it, leaves the table.
+            put_marker.reached().await;
+            put_f.resume();
+            retired(&s, f).await;
+            put_marker.resume();
+        };
+        tokio::join!(s.fs.unlink(d, n("f")), steps).0
+    };
+    let (pending, unlinked) = tokio::join!(s.fs.flush_all(), unlink);
+    unlinked.unwrap();
+    assert_eq!(pending, 0);
+    assert_eq!(s.mem.keys(), ["pre/d/", "pre/d/other"]);
+    // A new file of that name is no conflict.
+    s.write_file(d, "f", b"a new f").await;
+    assert_eq!(s.fs.flush_all().await, 0);
+    assert_eq!(s.body("pre/d/f").unwrap(), b"a new f");
+    assert!(conflict_copies(&s.mem, "pre/d/f").is_empty());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn multipart_uploads_a_crash_interrupts_are_aborted_by_the_next_mount() {
     let mem = Arc::new(MemStore::new());

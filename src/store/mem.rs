@@ -1,4 +1,5 @@
-//! In-memory [`ObjectStore`] for unit tests of `fs/`, with fault injection.
+//! In-memory [`ObjectStore`] for unit tests of `fs/`, with fault injection and requests held
+//! on their way in (to make operations interleave in a given order).
 //!
 //! It follows S3's observable rules that the filesystem relies on (keys sorted by byte,
 //! delimiter grouping, ETags that name the contents — the same body has the same ETag, so a
@@ -9,8 +10,8 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::ops::Range;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use async_trait::async_trait;
@@ -68,6 +69,34 @@ struct State {
     ignores_conditions: bool,
     /// How far the store's clock (Last-Modified of new writes) is ahead of the real one.
     clock_ahead: std::time::Duration,
+    /// The next PUT of each of these keys waits for its pause to be resumed.
+    paused_puts: HashMap<String, Arc<Pause>>,
+}
+
+/// A request held on its way in, for tests that need operations to interleave in a given
+/// order (see [`MemStore::pause_put`]).
+#[derive(Debug)]
+pub struct Pause {
+    reached: tokio::sync::Semaphore,
+    resumed: tokio::sync::Semaphore,
+}
+
+impl Pause {
+    /// Waits until the request has arrived (it has not taken effect yet).
+    pub async fn reached(&self) {
+        self.reached.acquire().await.expect("never closed").forget();
+    }
+
+    /// Lets the request go ahead.
+    pub fn resume(&self) {
+        self.resumed.add_permits(1);
+    }
+
+    /// Holds the request that arrived here until [`Self::resume`].
+    async fn hold(&self) {
+        self.reached.add_permits(1);
+        self.resumed.acquire().await.expect("never closed").forget();
+    }
 }
 
 /// An object store held in memory.
@@ -92,6 +121,18 @@ impl MemStore {
     /// Makes the next `count` requests of kind `op` fail with [`StoreError::Unavailable`].
     pub fn fail_next(&self, op: Op, count: u32) {
         *self.state.lock().unwrap().faults.entry(op).or_default() += count;
+    }
+
+    /// Makes the next PUT of `key` wait, before it takes effect, until the returned pause is
+    /// resumed.
+    pub fn pause_put(&self, key: &str) -> Arc<Pause> {
+        let pause = Arc::new(Pause {
+            reached: tokio::sync::Semaphore::new(0),
+            resumed: tokio::sync::Semaphore::new(0),
+        });
+        let mut state = self.state.lock().unwrap();
+        state.paused_puts.insert(key.to_string(), pause.clone());
+        pause
     }
 
     /// Cancels the faults [`Self::fail_next`] injected that have not struck yet.
@@ -265,6 +306,10 @@ impl ObjectStore for MemStore {
         headers: &WriteHeaders,
         expect: Expect<'_>,
     ) -> StoreResult<String> {
+        let paused = self.state.lock().unwrap().paused_puts.remove(key);
+        if let Some(pause) = paused {
+            pause.hold().await;
+        }
         let etag = etag_of(&body);
         let mut state = self.enter(Op::Put)?;
         check_expect(&state, key, expect)?;
