@@ -11,12 +11,12 @@
 //! 0.64-0.75 s after; 2.1-2.5 s of wall time before, 1.2-1.3 s after). On two cores every
 //! microsecond of it is taken from the server answering the listing.
 //!
-//! Everything else a HEAD needs is still the SDK's, taken from it once: the endpoint (its
-//! rules resolve bucket, region, FIPS, dual-stack and path style; anything but plain SigV4,
-//! S3 Express say, keeps the SDK path), the credentials chain (cached here until five minutes
-//! before they expire, as the SDK's identity cache does), and the retry bounds of
-//! [`S3Options`](super::s3::S3Options). The other requests stay with the SDK: their cost is
-//! in their bodies, or they are few.
+//! Everything else a HEAD needs is still the SDK's, taken from it once: where the request
+//! goes and the region it is signed for (read off a HEAD the SDK presigns offline, so every
+//! endpoint setting it honours is honoured here; anything but plain SigV4, and a configured
+//! proxy, keep the SDK path), the credentials chain (cached here until 10 s before expiry, the
+//! SDK identity cache's margin), and the retry bounds of [`S3Options`](super::s3::S3Options).
+//! The other requests stay with the SDK: their cost is in their bodies, or they are few.
 
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};
@@ -49,8 +49,9 @@ const KEY_IN_PATH: &AsciiSet = &NON_ALPHANUMERIC
     .remove(b'~')
     .remove(b'/');
 
-/// Credentials this close to their expiry are fetched again before use.
-const CREDENTIALS_MARGIN: Duration = Duration::from_secs(300);
+/// Credentials this close to their expiry are fetched again before use (the SDK identity
+/// cache's default buffer).
+const CREDENTIALS_MARGIN: Duration = Duration::from_secs(10);
 
 /// First wait between attempts, doubled each time up to [`MAX_BACKOFF`], with full jitter:
 /// the SDK's standard retry mode, so both paths behave alike in an outage.
@@ -266,11 +267,12 @@ fn object_info(key: &str, headers: &http::HeaderMap) -> ObjectInfo {
 /// A wait of up to `cap`, uniformly drawn ("full jitter"), so that requests that failed
 /// together do not all come back together.
 fn jittered(cap: Duration) -> Duration {
-    let nanos = SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| d.subsec_nanos());
-    // The low bits of the clock are as good as a random draw for spreading retries.
-    cap.mul_f64(f64::from(nanos % 1000) / 1000.0)
+    use std::hash::{BuildHasher, Hasher};
+    // Each RandomState is seeded afresh: a random draw without a random-number crate.
+    let mut draw = std::collections::hash_map::RandomState::new().build_hasher();
+    let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH);
+    draw.write_u128(now.unwrap_or_default().as_nanos());
+    cap.mul_f64((draw.finish() >> 11) as f64 / (1u64 << 53) as f64)
 }
 
 /// An error and its sources: "client error (Connect): tcp connect error: Connection refused".
@@ -306,30 +308,33 @@ impl CredentialCache {
         }
     }
 
-    fn valid(&self) -> Option<Credentials> {
+    /// The cached credentials if they are good for at least `margin` more.
+    fn valid(&self, margin: Duration) -> Option<Credentials> {
         let current = self.current.read().unwrap();
         current
             .as_ref()
-            .filter(|c| {
-                c.expiry()
-                    .is_none_or(|at| at > SystemTime::now() + CREDENTIALS_MARGIN)
-            })
+            .filter(|c| c.expiry().is_none_or(|at| at > SystemTime::now() + margin))
             .cloned()
     }
 
     async fn get(&self) -> StoreResult<Credentials> {
-        if let Some(c) = self.valid() {
+        if let Some(c) = self.valid(CREDENTIALS_MARGIN) {
             return Ok(c);
         }
         let _refreshing = self.refreshing.lock().await;
-        if let Some(c) = self.valid() {
+        if let Some(c) = self.valid(CREDENTIALS_MARGIN) {
             return Ok(c);
         }
-        let fresh = self.provider.provide_credentials().await.map_err(|e| {
-            StoreError::AccessDenied(format!("no credentials: {}", error_chain(&e)))
-        })?;
-        *self.current.write().unwrap() = Some(fresh.clone());
-        Ok(fresh)
+        match self.provider.provide_credentials().await {
+            Ok(fresh) => {
+                *self.current.write().unwrap() = Some(fresh.clone());
+                Ok(fresh)
+            }
+            // A failed refresh is no reason to stop using credentials that still hold.
+            Err(e) => self
+                .valid(Duration::ZERO)
+                .ok_or_else(|| StoreError::Other(format!("no credentials: {}", error_chain(&e)))),
+        }
     }
 }
 
@@ -371,9 +376,10 @@ mod tests {
     }
 
     #[test]
-    fn jitter_stays_within_its_cap() {
-        for _ in 0..100 {
-            assert!(jittered(Duration::from_millis(100)) <= Duration::from_millis(100));
-        }
+    fn jitter_stays_within_its_cap_and_varies() {
+        let cap = Duration::from_millis(100);
+        let draws: Vec<Duration> = (0..100).map(|_| jittered(cap)).collect();
+        assert!(draws.iter().all(|d| *d <= cap));
+        assert!(draws.iter().any(|d| *d != draws[0]), "{draws:?}");
     }
 }

@@ -23,6 +23,8 @@ use aws_smithy_types::timeout::TimeoutConfig;
 use bytes::{Bytes, BytesMut};
 use tracing::debug;
 
+use aws_credential_types::provider::SharedCredentialsProvider;
+
 use super::direct::{self, DirectClient};
 use super::{
     CompletedPart, Expect, ListPage, ListedObject, ObjectInfo, ObjectStore, StoreError,
@@ -83,7 +85,7 @@ impl S3Store {
             .with_initial_backoff(Duration::from_millis(100))
             .with_max_backoff(Duration::from_secs(10));
         let mut builder = aws_sdk_s3::config::Builder::from(&shared)
-            .region(region.clone())
+            .region(region)
             .force_path_style(opts.force_path_style)
             .timeout_config(timeouts)
             .retry_config(retry)
@@ -95,9 +97,12 @@ impl S3Store {
         if let Some(endpoint) = &opts.endpoint_url {
             builder = builder.endpoint_url(endpoint);
         }
-        let direct = direct_client(&shared, &region, opts).await.map(Arc::new);
+        let client = Client::from_conf(builder.build());
+        let direct = direct_client(&client, shared.credentials_provider(), opts)
+            .await
+            .map(Arc::new);
         S3Store {
-            client: Client::from_conf(builder.build()),
+            client,
             bucket: opts.bucket.clone(),
             attempt_timeout: opts.attempt_timeout,
             max_attempts: opts.max_attempts.max(1),
@@ -168,69 +173,89 @@ fn status_of<E>(err: &SdkError<E, HttpResponse>) -> Option<u16> {
 }
 
 /// Maps an SDK error (after the SDK's own retries) onto [`StoreError`].
-/// The direct HEAD client for this configuration, if its endpoint is signed with plain SigV4
-/// and credentials are configured (otherwise the SDK serves HEADs too: S3 Express, SigV4a,
-/// anonymous access).
+/// The direct HEAD client for `client`, sending HEADs exactly where the SDK would: the
+/// endpoint and signing region are read off a HEAD the SDK presigns (offline: no request is
+/// sent), so every source of endpoint configuration the SDK reads (`--endpoint-url`,
+/// `AWS_ENDPOINT_URL_S3`, a profile's `endpoint_url` or `[services]`, FIPS, dual-stack) is
+/// honoured. `None` — the SDK serves HEADs too — unless that request is signed with plain
+/// SigV4 (not SigV4a, not an S3 Express session), and when a proxy is configured in the
+/// environment, which the SDK's HTTP client follows and this one does not.
 async fn direct_client(
-    shared: &aws_config::SdkConfig,
-    region: &Region,
+    client: &Client,
+    credentials: Option<SharedCredentialsProvider>,
     opts: &S3Options,
 ) -> Option<DirectClient> {
-    use aws_sdk_s3::config::endpoint::{DefaultResolver, Params, ResolveEndpoint};
-    let credentials = shared.credentials_provider()?;
-    let region = region.to_string();
-    let mut params = Params::builder()
-        .bucket(&opts.bucket)
-        .region(&region)
-        .use_fips(shared.use_fips().unwrap_or(false))
-        .use_dual_stack(shared.use_dual_stack().unwrap_or(false))
-        .force_path_style(opts.force_path_style);
-    if let Some(endpoint) = &opts.endpoint_url {
-        params = params.endpoint(endpoint);
+    const PROBE: &str = "s3bridge-endpoint-probe";
+    let proxies = [
+        "HTTPS_PROXY",
+        "https_proxy",
+        "HTTP_PROXY",
+        "http_proxy",
+        "ALL_PROXY",
+        "all_proxy",
+    ];
+    if let Some(var) = proxies.iter().find(|v| std::env::var_os(v).is_some()) {
+        debug!("HEADs go through the SDK, which follows {var}");
+        return None;
     }
-    let endpoint = DefaultResolver::new()
-        .resolve_endpoint(&params.build().ok()?)
+    let config =
+        aws_sdk_s3::presigning::PresigningConfig::expires_in(Duration::from_secs(60)).ok()?;
+    let presigned = client
+        .head_object()
+        .bucket(&opts.bucket)
+        .key(PROBE)
+        .presigned(config)
         .await
-        .map_err(|e| debug!("HEADs go through the SDK: endpoint not resolved here: {e}"))
+        .map_err(|e| {
+            debug!(
+                "HEADs go through the SDK: no presigned HEAD: {}",
+                error_chain(&e)
+            )
+        })
         .ok()?;
-    let signing_region = plain_sigv4_region(&endpoint)?;
-    let target = direct::Target {
-        bucket_url: endpoint.url().trim_end_matches('/').to_string(),
-        signing_region: signing_region.unwrap_or(region),
-    };
+    let target = direct_target(presigned.uri(), PROBE);
+    if target.is_none() {
+        debug!(
+            uri = presigned.uri(),
+            "HEADs go through the SDK: not a plain SigV4 request"
+        );
+    }
     let retries = direct::Retries {
         max_attempts: opts.max_attempts.max(1),
         connect_timeout: opts.connect_timeout,
         attempt_timeout: opts.attempt_timeout,
     };
-    DirectClient::new(target, credentials, retries)
+    DirectClient::new(target?, credentials?, retries)
 }
 
-/// For an endpoint signed with plain SigV4 (the first auth scheme the rules name): its signing
-/// region, if it names one. `None` for any other scheme.
-fn plain_sigv4_region(endpoint: &aws_smithy_types::endpoint::Endpoint) -> Option<Option<String>> {
-    use aws_smithy_types::Document;
-    let scheme = match endpoint.properties().get("authSchemes") {
-        Some(Document::Array(schemes)) => match schemes.first() {
-            Some(Document::Object(s)) => s,
-            _ => return None,
-        },
-        // No scheme named: S3's default, SigV4.
-        None => return Some(None),
-        Some(_) => return None,
+/// Where the presigned URL `uri` of a HEAD of `key` goes and how it is signed: the bucket's
+/// URL (the URL without the key and the query) and the region of its SigV4 credential scope
+/// (`X-Amz-Credential=AKID/DATE/REGION/s3/aws4_request`). `None` for any other signature.
+fn direct_target(uri: &str, key: &str) -> Option<direct::Target> {
+    let (base, query) = uri.split_once('?')?;
+    let bucket_url = base.strip_suffix(key)?.strip_suffix('/')?.to_string();
+    let param = |name: &str| {
+        query.split('&').find_map(|p| {
+            let (k, v) = p.split_once('=')?;
+            k.eq_ignore_ascii_case(name).then(|| {
+                percent_encoding::percent_decode_str(v)
+                    .decode_utf8_lossy()
+                    .into_owned()
+            })
+        })
     };
-    match scheme.get("name") {
-        Some(Document::String(name)) if name == "sigv4" => {}
-        _ => return None,
-    }
-    if !matches!(scheme.get("signingName"), None | Some(Document::String(_)))
-        || matches!(scheme.get("signingName"), Some(Document::String(n)) if n != "s3")
-    {
+    if param("X-Amz-Algorithm")? != "AWS4-HMAC-SHA256" || param("X-Amz-S3session-Token").is_some() {
         return None;
     }
-    Some(match scheme.get("signingRegion") {
-        Some(Document::String(r)) => Some(r.clone()),
-        _ => None,
+    let scope = param("X-Amz-Credential")?;
+    let mut parts = scope.rsplit('/');
+    let (terminator, service, region) = (parts.next()?, parts.next()?, parts.next()?);
+    if terminator != "aws4_request" || service != "s3" {
+        return None;
+    }
+    Some(direct::Target {
+        bucket_url,
+        signing_region: region.to_string(),
     })
 }
 
@@ -658,11 +683,31 @@ fn copy_source(bucket: &str, key: &str) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::copy_source;
+    use super::{copy_source, direct_target};
 
     #[test]
     fn copy_source_encodes_everything_but_slashes() {
         assert_eq!(copy_source("b", "a b/c+d%"), "b/a%20b/c%2Bd%25");
         assert_eq!(copy_source("b", "été/x"), "b/%C3%A9t%C3%A9/x");
+    }
+
+    #[test]
+    fn a_presigned_head_tells_where_heads_go_and_how_they_are_signed() {
+        let path_style = "http://127.0.0.1:3900/b/s3bridge-endpoint-probe?X-Amz-Algorithm=AWS4-HMAC-SHA256\
+            &X-Amz-Credential=GK1%2F20261202%2Fgarage%2Fs3%2Faws4_request&X-Amz-Date=20261202T000000Z";
+        let t = direct_target(path_style, "s3bridge-endpoint-probe").unwrap();
+        assert_eq!(t.bucket_url, "http://127.0.0.1:3900/b");
+        assert_eq!(t.signing_region, "garage");
+        let hosted = "https://b.s3.eu-west-1.amazonaws.com/s3bridge-endpoint-probe?x-id=HeadObject\
+            &X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Credential=AKIA%2F20261202%2Feu-west-1%2Fs3%2Faws4_request";
+        let t = direct_target(hosted, "s3bridge-endpoint-probe").unwrap();
+        assert_eq!(t.bucket_url, "https://b.s3.eu-west-1.amazonaws.com");
+        assert_eq!(t.signing_region, "eu-west-1");
+        let sigv4a = "https://b.s3.amazonaws.com/s3bridge-endpoint-probe?X-Amz-Algorithm=AWS4-ECDSA-P256-SHA256\
+            &X-Amz-Credential=AKIA%2F20261202%2Fs3%2Faws4_request";
+        assert!(direct_target(sigv4a, "s3bridge-endpoint-probe").is_none());
+        let express = "https://b--x-s3.s3express.amazonaws.com/s3bridge-endpoint-probe?X-Amz-Algorithm=AWS4-HMAC-SHA256\
+            &X-Amz-Credential=AKIA%2F20261202%2Fus-east-1%2Fs3express%2Faws4_request";
+        assert!(direct_target(express, "s3bridge-endpoint-probe").is_none());
     }
 }
