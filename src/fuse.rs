@@ -128,7 +128,6 @@ impl KernelNotifier {
                 for (what, applied) in pending {
                     let sent = match &what {
                         Invalidation::Inode(ino) => notifier.inval_inode(INodeNo(*ino), 0, 0),
-                        Invalidation::Attributes(ino) => notifier.inval_inode(INodeNo(*ino), -1, 0),
                         Invalidation::Entry(parent, name) => {
                             notifier.inval_entry(INodeNo(*parent), OsStr::new(name))
                         }

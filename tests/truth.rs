@@ -310,3 +310,45 @@ fn two_front_ends_see_each_others_changes_with_exact_attributes() {
         "the delete shows on b"
     );
 }
+
+/// The names a directory stream gives from where it stands to its end.
+fn read_stream(dir: *mut libc::DIR) -> Vec<String> {
+    let mut names = Vec::new();
+    loop {
+        // SAFETY: `dir` is an open stream; the entry is read before the next call.
+        let entry = unsafe { libc::readdir(dir) };
+        if entry.is_null() {
+            return names;
+        }
+        let name = unsafe { std::ffi::CStr::from_ptr((*entry).d_name.as_ptr()) };
+        names.push(name.to_string_lossy().into_owned());
+    }
+}
+
+#[test]
+fn a_directory_kept_open_and_rewound_sees_outside_changes_after_the_ttl() {
+    // A server that keeps a directory open and rewinds it to poll (the kernel answers a
+    // rewound stream from the entries it cached, without asking the mount).
+    let m = Mount::with("truth-rewind", ttl(1));
+    std::fs::write(m.p("first"), b"1").unwrap();
+    let path = std::ffi::CString::new(m.path.as_os_str().as_encoded_bytes()).unwrap();
+    // Twice, so that the second open may keep what the first one cached.
+    for _ in 0..2 {
+        let names = std::fs::read_dir(&m.path).unwrap().count();
+        assert_eq!(names, 1);
+    }
+    // SAFETY: a valid path; the stream is closed below.
+    let dir = unsafe { libc::opendir(path.as_ptr()) };
+    assert!(!dir.is_null());
+    assert!(read_stream(dir).contains(&"first".to_string()));
+    m.bucket().put("second", b"2", &[]);
+    let seen = eventually(Duration::from_secs(8), || {
+        unsafe { libc::rewinddir(dir) };
+        read_stream(dir).contains(&"second".to_string())
+    });
+    unsafe { libc::closedir(dir) };
+    assert!(
+        seen,
+        "a rewound stream never showed the object put from outside"
+    );
+}

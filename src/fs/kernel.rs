@@ -19,10 +19,9 @@ use tokio::sync::oneshot;
 /// What the kernel should forget.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Invalidation {
-    /// Attributes and cached pages of an inode (its object was replaced).
+    /// Attributes and cached pages of an inode (its object was replaced), or of a directory
+    /// its cached entries (they changed outside the kernel's view).
     Inode(u64),
-    /// Attributes of an inode only (a directory whose clock moved).
-    Attributes(u64),
     /// The entry `name` of directory `parent`, positive or negative.
     Entry(u64, String),
 }

@@ -120,6 +120,8 @@ impl Setup {
         }
         self.fs.releasedir(fh);
         names.retain(|n| n != "." && n != "..");
+        // In inode order as read; sorted, as `ls` shows them.
+        names.sort();
         names
     }
 
@@ -930,7 +932,7 @@ async fn the_first_look_shows_types_modes_owners_times_and_link_targets() {
     s.mem
         .insert("pre/sub/", b"", s3fs_headers(libc::S_IFDIR | 0o750, 33));
     let fh = s.fs.opendir(ROOT).await.unwrap().fh;
-    let types: Vec<(String, Kind)> =
+    let mut types: Vec<(String, Kind)> =
         s.fs.readdir(ROOT, fh, 0)
             .await
             .unwrap()
@@ -939,6 +941,7 @@ async fn the_first_look_shows_types_modes_owners_times_and_link_targets() {
             .filter(|(n, _)| !n.starts_with('.'))
             .collect();
     s.fs.releasedir(fh);
+    types.sort_by(|a, b| a.0.cmp(&b.0));
     assert_eq!(
         types,
         [
@@ -1065,6 +1068,31 @@ async fn the_kernel_keeps_a_directory_s_entries_only_while_they_are_what_a_listi
     s.fs.getattr(d).await.unwrap();
     assert!(!ls().await, "an entry removed from outside");
     assert_eq!(s.names(d).await, ["b", "mine"]);
+}
+
+#[tokio::test]
+async fn a_directory_offset_means_the_same_entry_in_every_snapshot() {
+    let s = setup();
+    for name in ["a", "b", "c"] {
+        s.write_file(ROOT, name, b"x").await;
+    }
+    let first = s.fs.opendir(ROOT).await.unwrap().fh;
+    let listed = s.fs.readdir(ROOT, first, 0).await.unwrap();
+    let after_a = listed.iter().find(|e| e.name == "a").unwrap().next_offset;
+    s.fs.releasedir(first);
+    // The kernel read up to `a` (from its cache, say), then an entry before it went: reading
+    // on from that offset with a new snapshot skips nothing that is still there.
+    s.fs.unlink(ROOT, n("a")).await.unwrap();
+    let second = s.fs.opendir(ROOT).await.unwrap().fh;
+    let rest: Vec<String> =
+        s.fs.readdir(ROOT, second, after_a)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|e| e.name)
+            .collect();
+    assert_eq!(rest, ["b", "c"]);
+    s.fs.releasedir(second);
 }
 
 #[tokio::test]
