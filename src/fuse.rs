@@ -431,17 +431,8 @@ impl fuser::Filesystem for FuseAdapter {
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let who = caller(req);
         self.spawn(move |fs| async move {
-            match fs.open(ino.0, flags.0, who).await {
-                Ok(o) => {
-                    let flags = if o.keep_cache {
-                        FopenFlags::FOPEN_KEEP_CACHE
-                    } else {
-                        FopenFlags::empty()
-                    };
-                    reply.opened(FileHandle(o.fh), flags)
-                }
-                Err(e) => reply.error(errno("open", &e)),
-            }
+            let opened = fs.open(ino.0, flags.0, who).await;
+            reply_opened(reply, "open", FopenFlags::empty(), opened);
         });
     }
 
@@ -529,16 +520,8 @@ impl fuser::Filesystem for FuseAdapter {
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         self.spawn(move |fs| async move {
-            match fs.opendir(ino.0).await {
-                Ok(o) => {
-                    let mut flags = FopenFlags::FOPEN_CACHE_DIR;
-                    if o.keep_cache {
-                        flags |= FopenFlags::FOPEN_KEEP_CACHE;
-                    }
-                    reply.opened(FileHandle(o.fh), flags)
-                }
-                Err(e) => reply.error(errno("opendir", &e)),
-            }
+            let opened = fs.opendir(ino.0).await;
+            reply_opened(reply, "opendir", FopenFlags::FOPEN_CACHE_DIR, opened);
         });
     }
 
@@ -778,6 +761,23 @@ fn reply_entry(reply: ReplyEntry, ttl: Duration, op: &str, result: Result<Attr, 
 fn reply_attr(reply: ReplyAttr, ttl: Duration, op: &str, result: Result<Attr, FsError>) {
     match result {
         Ok(a) => reply.attr(&ttl, &file_attr(&a)),
+        Err(e) => reply.error(errno(op, &e)),
+    }
+}
+
+/// Answers an open/opendir: `flags`, and `FOPEN_KEEP_CACHE` where the kernel may keep what it
+/// cached at earlier opens.
+fn reply_opened(
+    reply: ReplyOpen,
+    op: &str,
+    flags: FopenFlags,
+    result: Result<fs::Opened, FsError>,
+) {
+    match result {
+        Ok(o) if o.keep_cache => {
+            reply.opened(FileHandle(o.fh), flags | FopenFlags::FOPEN_KEEP_CACHE)
+        }
+        Ok(o) => reply.opened(FileHandle(o.fh), flags),
         Err(e) => reply.error(errno(op, &e)),
     }
 }

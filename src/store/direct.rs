@@ -29,6 +29,7 @@ use aws_sigv4::http_request::{
 };
 use aws_sigv4::sign::v4;
 use aws_smithy_runtime_api::client::identity::Identity;
+use aws_smithy_types::{DateTime, date_time};
 use bytes::Bytes;
 use http_body_util::Empty;
 use hyper_rustls::HttpsConnector;
@@ -38,6 +39,7 @@ use hyper_util::rt::TokioExecutor;
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 use tracing::debug;
 
+use super::s3::{error_chain, to_system_time};
 use super::{ObjectInfo, StoreError, StoreResult};
 
 /// Bytes of a key sent as they are in a request path; all others are percent-encoded, as
@@ -247,18 +249,11 @@ fn object_info(key: &str, headers: &http::HeaderMap) -> ObjectInfo {
             .and_then(|v| v.parse().ok())
             .unwrap_or(0),
         etag: text("etag").unwrap_or_default().to_string(),
-        last_modified: text("last-modified")
-            .and_then(|v| {
-                aws_smithy_types::DateTime::from_str(
-                    v,
-                    aws_smithy_types::date_time::Format::HttpDate,
-                )
-                .ok()
-            })
-            .and_then(|t| u64::try_from(t.secs()).ok())
-            .map_or(SystemTime::UNIX_EPOCH, |secs| {
-                SystemTime::UNIX_EPOCH + Duration::from_secs(secs)
-            }),
+        last_modified: to_system_time(
+            text("last-modified")
+                .and_then(|v| DateTime::from_str(v, date_time::Format::HttpDate).ok())
+                .as_ref(),
+        ),
         content_type: text("content-type").map(str::to_string),
         metadata,
     }
@@ -273,21 +268,6 @@ fn jittered(cap: Duration) -> Duration {
     let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH);
     draw.write_u128(now.unwrap_or_default().as_nanos());
     cap.mul_f64((draw.finish() >> 11) as f64 / (1u64 << 53) as f64)
-}
-
-/// An error and its sources: "client error (Connect): tcp connect error: Connection refused".
-fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut text = err.to_string();
-    let mut cur = err.source();
-    while let Some(e) = cur {
-        let msg = e.to_string();
-        if !text.contains(&msg) {
-            text.push_str(": ");
-            text.push_str(&msg);
-        }
-        cur = e.source();
-    }
-    text
 }
 
 /// The credentials chain's answer, kept until it nears expiry: the chain itself may read

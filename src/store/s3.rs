@@ -297,7 +297,7 @@ where
 }
 
 /// An error and its sources, each message once: "dispatch failure: tcp connect error: ...".
-fn error_chain(err: &dyn std::error::Error) -> String {
+pub(super) fn error_chain(err: &dyn std::error::Error) -> String {
     let mut parts: Vec<String> = Vec::new();
     let mut cur = Some(err);
     while let Some(e) = cur {
@@ -313,7 +313,7 @@ fn error_chain(err: &dyn std::error::Error) -> String {
 /// A Last-Modified as a time, in whole seconds. HEAD gives it as an HTTP date (seconds) and
 /// ListObjectsV2 with milliseconds: cut to seconds, both agree, so a file's mtime does not
 /// change when it is opened, which would make the kernel drop its cached pages.
-fn to_system_time(t: Option<&aws_smithy_types::DateTime>) -> SystemTime {
+pub(super) fn to_system_time(t: Option<&aws_smithy_types::DateTime>) -> SystemTime {
     t.and_then(|t| u64::try_from(t.secs()).ok())
         .map(|secs| SystemTime::UNIX_EPOCH + Duration::from_secs(secs))
         .unwrap_or(SystemTime::UNIX_EPOCH)
