@@ -1,5 +1,9 @@
 //! [`ObjectStore`] on aws-sdk-s3: real AWS or any S3-compatible server.
 //!
+//! HEADs are the exception: where the SDK would sign them with plain SigV4 they are signed
+//! and sent by [`DirectClient`] (`store/direct.rs`), with the same bounds on attempts and
+//! time, at a third of the SDK pipeline's CPU per request.
+//!
 //! Retries and timeouts come from the SDK's standard retry mode (exponential backoff with
 //! jitter on 5xx, SlowDown, throttling, timeouts and connection resets), configured from
 //! [`S3Options`]. The one thing the SDK does not cover is a response body that stalls or breaks
