@@ -6,7 +6,9 @@
 //! shown as `0644 root` — and every program that remembers attributes sees a change that
 //! never happened. So [`HeaderReader::list`] reads the headers of every object the inode
 //! table does not already know in this version, with HEADs started as soon as the LIST page
-//! that names the object arrives, while the next page is fetched.
+//! that names the object arrives, while the next page is fetched. Each page is sent on
+//! ([`ListEvent`]) as soon as its headers are in, so the table takes it in while the next
+//! pages' HEADs run, rather than all 10,000 rows after the last one.
 //!
 //! Numbers behind [`HEADS_IN_FLIGHT`]: a HEAD costs one round trip and almost no transfer,
 //! so a listing of 10,000 unknown objects is 10,000 round trips; at 10 ms each (S3 in region,
@@ -22,13 +24,11 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use futures::StreamExt;
-use tokio::sync::{OnceCell, Semaphore};
+use tokio::sync::{OnceCell, Semaphore, mpsc};
 use tracing::debug;
 
 use crate::meta::names::{self, Listed};
-use crate::meta::{
-    Headers, Inode, Kind, ListedDir, ListedFile, Listing, ObjectMeta, ObjectVersion,
-};
+use crate::meta::{Headers, Inode, Kind, ListedDir, ListedFile, ObjectMeta, ObjectVersion};
 use crate::store::{ListPage, ObjectStore, StoreError, StoreResult};
 
 /// HEAD requests in flight for listings, for the whole mount (see the module docs).
@@ -110,19 +110,35 @@ enum Slot {
     Marker,
 }
 
-/// A directory to list: its key prefix, its rows by name, its own row, and when the listing
-/// started ([`crate::meta::now_ns`]).
+/// A directory to list: its key prefix, its rows by name, and its own row.
 pub(super) struct ListRequest {
     pub prefix: String,
     pub known: HashMap<String, Inode>,
     pub dir: Inode,
-    pub started_at: i64,
 }
 
-/// A listing and the keys it skipped because they cannot be names.
-pub(super) struct ListOutcome {
-    pub listing: Listing,
+/// What a listing sends, in order: entries as their pages come in with their headers read,
+/// then the end.
+pub(super) enum ListEvent {
+    /// The entries of one or more pages. A file whose name a later page may show as a
+    /// directory too is held back until that page is in, so that both come in one event.
+    Entries {
+        files: Vec<ListedFile>,
+        dirs: Vec<ListedDir>,
+    },
+    /// The listing is complete.
+    End(Box<ListEnd>),
+}
+
+/// The end of a complete listing.
+pub(super) struct ListEnd {
+    /// The directory's own marker object, if the listing showed one, and what reading its
+    /// headers gave.
+    pub marker: Option<(ObjectVersion, Headers)>,
+    /// Keys skipped because they cannot be names.
     pub hidden: Vec<String>,
+    /// How many headers were read.
+    pub headers_read: usize,
 }
 
 impl HeaderReader {
@@ -142,22 +158,29 @@ impl HeaderReader {
         read_object(&self.store, key).await
     }
 
-    /// The complete listing of the directory `req` names, with the headers of every entry
-    /// whose row does not already show it in the listed version.
-    pub async fn list(&self, req: ListRequest) -> StoreResult<ListOutcome> {
+    /// Lists the directory `req` names, with the headers of every entry whose row does not
+    /// already show it in the listed version, sending what it finds as it comes in. An error
+    /// ends the listing; so does dropping the receiver.
+    pub fn list(&self, req: ListRequest) -> mpsc::Receiver<StoreResult<ListEvent>> {
+        // A few pages ahead of the table at most: the HEADs of later pages wait for room.
+        let (events, received) = mpsc::channel(PAGES_AHEAD);
         let job = ListJob {
             store: self.store.clone(),
             thread: self.thread.clone(),
             slots: self.slots.clone(),
             files: self.files,
         };
-        self.thread
-            .runtime
-            .spawn(job.run(req))
-            .await
-            .map_err(|e| StoreError::Other(format!("listing: {e}")))?
+        self.thread.runtime.spawn(async move {
+            if let Err(e) = job.run(req, &events).await {
+                let _ = events.send(Err(e)).await;
+            }
+        });
+        received
     }
 }
+
+/// Pages a listing reads ahead of the table that takes them in.
+const PAGES_AHEAD: usize = 4;
 
 /// A listing, on the listing thread.
 struct ListJob {
@@ -170,33 +193,155 @@ struct ListJob {
 /// The header reads of one page, and where their results go.
 type Batch = Vec<(Slot, String)>;
 
+/// What the reads of a [`Batch`] gave.
+type BatchResults = Vec<(Slot, StoreResult<Headers>)>;
+
+/// One page, its header reads started.
+struct Fetched {
+    files: Vec<ListedFile>,
+    /// The key of each file, in `files`' order.
+    keys: Vec<String>,
+    dirs: Vec<ListedDir>,
+    marker: Option<(ObjectVersion, Headers)>,
+    hidden: Vec<String>,
+    reads: Option<Aborting<BatchResults>>,
+    /// The greatest key or prefix of the page: later pages show only greater ones.
+    last: String,
+    final_page: bool,
+}
+
+/// A task that is cancelled when its handle is dropped (a listing that ends early leaves
+/// nothing running).
+struct Aborting<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for Aborting<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 impl ListJob {
-    async fn run(self, req: ListRequest) -> StoreResult<ListOutcome> {
+    /// Fetches pages (a task of its own, one page ahead) and sends each page's entries once
+    /// their headers are read.
+    async fn run(
+        self,
+        req: ListRequest,
+        events: &mpsc::Sender<StoreResult<ListEvent>>,
+    ) -> StoreResult<()> {
         let store = self.thread.store(&self.store).await;
-        let ListRequest {
-            prefix,
-            known,
-            dir,
-            started_at,
-        } = req;
-        let mut listing = Listing {
-            started_at,
-            ..Default::default()
+        let (pages, mut fetched) = mpsc::unbounded_channel();
+        let _fetching = Aborting(tokio::spawn(self.fetch(store, req, pages)));
+        let mut end = ListEnd {
+            marker: None,
+            hidden: Vec::new(),
+            headers_read: 0,
         };
-        let mut hidden = Vec::new();
-        let mut batches = Vec::new();
+        // Files held back: a later page may show their name as a directory too.
+        let mut held: Vec<(String, ListedFile)> = Vec::new();
+        loop {
+            let Some(page) = fetched.recv().await else {
+                return Err(StoreError::Other("listing: the page reader stopped".into()));
+            };
+            let mut page = page?;
+            if let Some(mut reads) = page.reads.take() {
+                let results = (&mut reads.0)
+                    .await
+                    .map_err(|e| StoreError::Other(format!("header reads: {e}")))?;
+                end.headers_read += results.len();
+                for (slot, result) in results {
+                    let headers = match result {
+                        Ok(h) => h,
+                        // The server is gone: the listing fails as a whole, and what was
+                        // known of the directory is served until it is back.
+                        Err(e @ StoreError::Unavailable(_)) => return Err(e),
+                        // One object refused (permissions, say): shown once its headers can
+                        // be read.
+                        Err(e) => {
+                            debug!("headers not read: {e}");
+                            Headers::Unread
+                        }
+                    };
+                    match slot {
+                        Slot::File(i) => page.files[i].headers = headers,
+                        Slot::Dir(i) => page.dirs[i].marker = headers,
+                        Slot::Marker => {
+                            if let Some((_, h)) = page.marker.as_mut() {
+                                *h = headers;
+                            }
+                        }
+                    }
+                }
+            }
+            if page.marker.is_some() {
+                end.marker = page.marker.take();
+            }
+            end.hidden.append(&mut page.hidden);
+            held.extend(page.keys.into_iter().zip(page.files));
+            let (ready, later): (Vec<_>, Vec<_>) = held
+                .into_iter()
+                .partition(|(key, _)| page.final_page || !may_come_as_dir(key, &page.last));
+            held = later;
+            let files = ready.into_iter().map(|(_, f)| f).collect();
+            let entries = ListEvent::Entries {
+                files,
+                dirs: page.dirs,
+            };
+            if events.send(Ok(entries)).await.is_err() {
+                return Ok(());
+            }
+            if page.final_page {
+                let _ = events.send(Ok(ListEvent::End(Box::new(end)))).await;
+                return Ok(());
+            }
+        }
+    }
+
+    /// Fetches the pages of `req`'s prefix in order, each while the headers of the one
+    /// before are read, and sends them with their header reads started.
+    async fn fetch(
+        self,
+        store: Arc<dyn ObjectStore>,
+        req: ListRequest,
+        pages: mpsc::UnboundedSender<StoreResult<Fetched>>,
+    ) {
+        let ListRequest { prefix, known, dir } = req;
         let mut next = Some(page(&store, &prefix, None));
         while let Some(fetching) = next.take() {
-            let page = fetching
-                .await
-                .map_err(|e| StoreError::Other(format!("listing: {e}")))??;
+            let listed = match fetching.await {
+                Ok(listed) => listed,
+                Err(e) => Err(StoreError::Other(format!("listing: {e}"))),
+            };
+            let listed = match listed {
+                Ok(p) => p,
+                Err(e) => {
+                    let _ = pages.send(Err(e));
+                    return;
+                }
+            };
             // The next page is asked for while this one's headers are read.
-            next = page
+            next = listed
                 .next_token
                 .clone()
                 .map(|t| self::page(&store, &prefix, Some(t)));
+            let last = match (listed.objects.last(), listed.prefixes.last()) {
+                (Some(o), Some(p)) => o.key.as_str().max(p.as_str()),
+                (Some(o), None) => o.key.as_str(),
+                (None, Some(p)) => p.as_str(),
+                (None, None) => "",
+            }
+            .to_string();
+            let mut fetched = Fetched {
+                files: Vec::new(),
+                keys: Vec::new(),
+                dirs: Vec::new(),
+                marker: None,
+                hidden: Vec::new(),
+                reads: None,
+                last,
+                final_page: next.is_none(),
+            };
             let mut batch = Batch::new();
-            for obj in page.objects {
+            for obj in listed.objects {
                 let version = ObjectVersion::new(&obj.etag, obj.size, obj.last_modified);
                 match names::classify_object(&prefix, &obj.key) {
                     Listed::Marker => {
@@ -206,71 +351,46 @@ impl ListJob {
                         if news {
                             batch.push((Slot::Marker, obj.key.clone()));
                         }
-                        listing.marker = Some((version, Headers::Unread));
+                        fetched.marker = Some((version, Headers::Unread));
                     }
                     Listed::File(name) => {
                         if self.files && needs_headers(known.get(name), &version) {
-                            batch.push((Slot::File(listing.files.len()), obj.key.clone()));
+                            batch.push((Slot::File(fetched.files.len()), obj.key.clone()));
                         }
-                        listing.files.push(ListedFile {
+                        fetched.files.push(ListedFile {
                             name: name.to_string(),
                             version,
                             headers: Headers::Unread,
                         });
+                        fetched.keys.push(obj.key);
                     }
-                    _ => hidden.push(obj.key.clone()),
+                    _ => fetched.hidden.push(obj.key),
                 }
             }
-            for p in page.prefixes {
+            for p in listed.prefixes {
                 match names::classify_prefix(&prefix, &p) {
                     Listed::Dir(name) => {
                         let known_dir = known
                             .get(name)
                             .is_some_and(|r| r.kind == Kind::Dir && r.headers_known);
                         if !known_dir {
-                            batch.push((Slot::Dir(listing.dirs.len()), p.clone()));
+                            batch.push((Slot::Dir(fetched.dirs.len()), p.clone()));
                         }
-                        listing.dirs.push(ListedDir {
+                        fetched.dirs.push(ListedDir {
                             name: name.to_string(),
                             marker: Headers::Unread,
                         });
                     }
-                    _ => hidden.push(p.clone()),
+                    _ => fetched.hidden.push(p),
                 }
             }
             if !batch.is_empty() {
-                batches.push(self.read_batch(&store, batch));
+                fetched.reads = Some(Aborting(self.read_batch(&store, batch)));
+            }
+            if pages.send(Ok(fetched)).is_err() {
+                return;
             }
         }
-        for reading in batches {
-            let results = reading
-                .await
-                .map_err(|e| StoreError::Other(format!("header reads: {e}")))?;
-            for (slot, result) in results {
-                let headers = match result {
-                    Ok(h) => h,
-                    // The server is gone: the listing fails as a whole, and what was known of
-                    // the directory is served until it is back.
-                    Err(e @ StoreError::Unavailable(_)) => return Err(e),
-                    // One object refused (permissions, say): shown once its headers can be
-                    // read.
-                    Err(e) => {
-                        debug!(prefix, "headers not read: {e}");
-                        Headers::Unread
-                    }
-                };
-                match slot {
-                    Slot::File(i) => listing.files[i].headers = headers,
-                    Slot::Dir(i) => listing.dirs[i].marker = headers,
-                    Slot::Marker => {
-                        if let Some((_, h)) = listing.marker.as_mut() {
-                            *h = headers;
-                        }
-                    }
-                }
-            }
-        }
-        Ok(ListOutcome { listing, hidden })
     }
 
     /// Starts the header reads of one page's batch (on the listing thread, whose store is
@@ -279,7 +399,7 @@ impl ListJob {
         &self,
         store: &Arc<dyn ObjectStore>,
         batch: Batch,
-    ) -> tokio::task::JoinHandle<Vec<(Slot, StoreResult<Headers>)>> {
+    ) -> tokio::task::JoinHandle<BatchResults> {
         let (store, slots) = (store.clone(), self.slots.clone());
         tokio::spawn(async move {
             futures::stream::iter(batch)
@@ -295,6 +415,12 @@ impl ListJob {
                 .await
         })
     }
+}
+
+/// Whether a later page, whose keys and prefixes all sort after `last`, may show the file
+/// `key` as a directory too (the prefix `key/`).
+fn may_come_as_dir(key: &str, last: &str) -> bool {
+    key.bytes().chain(*b"/").cmp(last.bytes()) == std::cmp::Ordering::Greater
 }
 
 /// Starts fetching the page of `prefix` after `token`.

@@ -979,34 +979,44 @@ impl Fs {
             .into_iter()
             .map(|r| (r.name.clone(), r))
             .collect();
-        let listing::ListOutcome { listing, hidden } = self
-            .headers
-            .list(listing::ListRequest {
-                prefix: prefix.clone(),
-                known,
-                dir,
-                started_at: read.started(),
-            })
-            .await?;
-        for key in hidden {
-            self.hidden.hide(&key);
-        }
-        let listed = timer.elapsed();
+        let mut events = self.headers.list(listing::ListRequest {
+            prefix: prefix.clone(),
+            known,
+            dir,
+        });
         let state = DirView {
             fs: self,
             dir: dir_ino,
             prefix: &prefix,
             read: &read,
         };
-        let changes = self
-            .meta
-            .apply_listing(dir_ino, &listing, &self.defaults, &state)?;
+        // Each page goes into the table as soon as its headers are read, while the next
+        // page's are.
+        let mut applying = self.meta.begin_listing(dir_ino, read.started())?;
+        let mut entries = 0;
+        let end = loop {
+            match events.recv().await {
+                Some(Ok(listing::ListEvent::Entries { files, dirs })) => {
+                    entries += files.len() + dirs.len();
+                    self.meta
+                        .apply_listed(&mut applying, &files, &dirs, &self.defaults, &state)?;
+                }
+                Some(Ok(listing::ListEvent::End(end))) => break end,
+                Some(Err(e)) => return Err(e.into()),
+                None => return Err(StoreError::Other("the listing thread stopped".into()).into()),
+            }
+        };
+        for key in &end.hidden {
+            self.hidden.hide(key);
+        }
+        let changes =
+            self.meta
+                .finish_listing(applying, end.marker.as_ref(), &self.defaults, &state)?;
         debug!(
             dir = dir_ino,
-            entries = listing.files.len() + listing.dirs.len(),
-            headers_read = listing.headers_read(),
-            listed_ms = listed.as_millis() as u64,
-            applied_ms = (timer.elapsed() - listed).as_millis() as u64,
+            entries,
+            headers_read = end.headers_read,
+            ms = timer.elapsed().as_millis() as u64,
             added = changes.added.len(),
             removed = changes.removed.len(),
             replaced = changes.replaced.len(),

@@ -204,6 +204,35 @@ async fn listing_hides_odd_keys_and_prefers_directories() {
 }
 
 #[tokio::test]
+async fn a_name_listed_as_a_file_and_on_a_later_page_as_a_directory_is_one_directory() {
+    let s = setup_with(
+        Arc::new(MemStore::new()),
+        MetadataTtl::For(Duration::from_millis(200)),
+        tempfile::tempdir().unwrap(),
+    );
+    // Keys sort "both", "both-000" ... "both-998", "both/inner": the file ends the first
+    // page of 1,000 and the prefix "both/" begins the second.
+    s.mem.insert("pre/both", b"file", WriteHeaders::default());
+    for i in 0..999 {
+        s.mem
+            .insert(&format!("pre/both-{i:03}"), b"x", WriteHeaders::default());
+    }
+    s.mem
+        .insert("pre/both/inner", b"y", WriteHeaders::default());
+    assert_eq!(s.names(ROOT).await.len(), 1000);
+    let both = s.fs.lookup(ROOT, n("both")).await.unwrap();
+    assert_eq!(both.kind, Kind::Dir);
+    assert_eq!(s.names(both.ino).await, ["inner"]);
+    let clock = s.fs.getattr(ROOT).await.unwrap().mtime;
+    // Listed again after the TTL: nothing changed, so nothing moves.
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    assert_eq!(s.names(ROOT).await.len(), 1000);
+    let again = s.fs.lookup(ROOT, n("both")).await.unwrap();
+    assert_eq!((again.ino, again.kind), (both.ino, Kind::Dir));
+    assert_eq!(s.fs.getattr(ROOT).await.unwrap().mtime, clock);
+}
+
+#[tokio::test]
 async fn a_warm_listing_costs_no_request() {
     let s = setup();
     for i in 0..50 {
@@ -792,6 +821,10 @@ fn setup_trusting(mem: Arc<MemStore>, dir: tempfile::TempDir) -> Setup {
 
 #[tokio::test]
 async fn a_cold_ls_l_reads_each_objects_headers_once_and_a_warm_one_nothing() {
+    // Long enough for the first listing of 2,500 objects to be fresh when it ends on a
+    // loaded machine (a listing is dated by its start): a stale one would make every lookup
+    // a probe of its own.
+    const LISTING_TTL: Duration = Duration::from_secs(2);
     let mem = Arc::new(MemStore::new());
     for i in 0..2500 {
         mem.insert(
@@ -802,7 +835,7 @@ async fn a_cold_ls_l_reads_each_objects_headers_once_and_a_warm_one_nothing() {
     }
     let s = setup_with(
         mem.clone(),
-        MetadataTtl::For(Duration::from_millis(300)),
+        MetadataTtl::For(LISTING_TTL),
         tempfile::tempdir().unwrap(),
     );
     let d = s.fs.lookup(ROOT, n("d")).await.unwrap();
@@ -826,7 +859,7 @@ async fn a_cold_ls_l_reads_each_objects_headers_once_and_a_warm_one_nothing() {
     assert_eq!(ls_l(&s, d.ino).await, attrs);
     assert_eq!((s.mem.count(Op::List), s.mem.count(Op::Head)), before);
     // After the TTL the directory is listed again, and nothing else is read.
-    tokio::time::sleep(Duration::from_millis(350)).await;
+    tokio::time::sleep(LISTING_TTL + Duration::from_millis(50)).await;
     assert_eq!(ls_l(&s, d.ino).await, attrs, "the same attributes");
     assert_eq!(
         s.mem.count(Op::Head),
@@ -836,7 +869,7 @@ async fn a_cold_ls_l_reads_each_objects_headers_once_and_a_warm_one_nothing() {
     // A remount of the same cache directory neither.
     let Setup { fs, dir, .. } = s;
     drop(fs);
-    let s = setup_with(mem, MetadataTtl::For(Duration::from_millis(300)), dir);
+    let s = setup_with(mem, MetadataTtl::For(LISTING_TTL), dir);
     let heads = s.mem.count(Op::Head);
     let d = s.fs.lookup(ROOT, n("d")).await.unwrap();
     assert_eq!(ls_l(&s, d.ino).await, attrs);

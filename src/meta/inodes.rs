@@ -1,11 +1,12 @@
 //! Inode and directory-entry operations on the SQLite table.
 //!
 //! One connection behind a mutex: most statements are short (an indexed lookup or a
-//! single-row update, microseconds); the big write, applying a directory's whole listing with
-//! the headers read for it, runs in one transaction (about a millisecond per hundred
-//! entries). No S3 request is ever made with the lock held.
+//! single-row update, microseconds); the big write, applying a directory's listing with the
+//! headers read for it, runs one transaction per LIST page (about a millisecond per hundred
+//! entries, so ten milliseconds for a page of 1,000), never one for a whole listing. No S3
+//! request is ever made with the lock held.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
 use std::path::Path;
 use std::sync::Mutex;
 
@@ -169,6 +170,32 @@ impl Changes {
     }
 }
 
+/// A listing of one directory being applied page by page ([`InodeTable::begin_listing`]).
+#[derive(Debug)]
+pub struct ListingApply {
+    dir: u64,
+    started: i64,
+    listed_before: bool,
+    /// Names the pages applied so far showed.
+    seen: HashSet<String>,
+    /// What they changed.
+    changes: Changes,
+    /// The directory was found moving as a whole: nothing more is applied.
+    moving: bool,
+}
+
+impl ListingApply {
+    fn context<'a>(&self, defaults: &'a EntryDefaults) -> Reconcile<'a> {
+        Reconcile {
+            dir: self.dir,
+            started: self.started,
+            now: Timestamp::now(),
+            defaults,
+            listed_before: self.listed_before,
+        }
+    }
+}
+
 /// What [`reconcile`] needs to know besides the name.
 struct Reconcile<'a> {
     dir: u64,
@@ -227,18 +254,16 @@ fn reconcile(
             Ok(None)
         }
         Found::Dir(marker) => {
-            let mut r = match row {
-                Some(r) if r.kind == Kind::Dir => r,
+            let (mut r, new) = match row {
+                Some(r) if r.kind == Kind::Dir => (r, false),
                 other => {
                     replaced_row(other, changes)?;
-                    let mut fresh = listed_dir(ctx.dir, name, ctx.defaults, ctx.started);
-                    fresh.ino = insert_row(conn, None, &fresh)?;
-                    fresh
+                    (listed_dir(ctx.dir, name, ctx.defaults, ctx.started), true)
                 }
             };
             r.apply_marker(marker, ctx.defaults, ctx.now);
             r.validated_at = ctx.started;
-            update_row(conn, &r)?;
+            store_row(conn, &mut r, new)?;
             Ok(Some(r))
         }
         Found::File(listed, headers) => {
@@ -253,20 +278,17 @@ fn reconcile(
                 Headers::Read(m) => m.kind() == r.kind || !r.headers_known,
                 _ => r.kind != Kind::Dir,
             };
-            let (mut r, known) = match row {
-                Some(r) if r.kind != Kind::Dir && same_type(&r) => {
-                    let known = r.headers_known;
-                    (r, known)
-                }
+            let (mut r, new) = match row {
+                Some(r) if r.kind != Kind::Dir && same_type(&r) => (r, false),
                 other => {
                     replaced_row(other, changes)?;
                     let mut fresh = listed_dir(ctx.dir, name, ctx.defaults, ctx.started);
                     fresh.kind = Kind::File;
                     fresh.describe_listed_file(version, ctx.defaults);
-                    fresh.ino = insert_row(conn, None, &fresh)?;
-                    (fresh, false)
+                    (fresh, true)
                 }
             };
+            let known = r.headers_known;
             let before = r.clone();
             match headers {
                 // What a HEAD says is the object as it is now, even where the version looks
@@ -283,16 +305,16 @@ fn reconcile(
             } else {
                 before.etag.is_some() && !before.holds(version)
             };
-            if other {
-                changes.replaced.push((r.ino, name.to_string()));
-            }
             // A listing's Last-Modified may say more than the HEAD's (milliseconds), and
             // that of our own upload is learned only now.
             if r.holds(listed) {
                 r.learn_modified(listed);
             }
             r.validated_at = ctx.started;
-            update_row(conn, &r)?;
+            store_row(conn, &mut r, new)?;
+            if other {
+                changes.replaced.push((r.ino, name.to_string()));
+            }
             Ok(Some(r))
         }
     }
@@ -629,14 +651,9 @@ impl InodeTable {
         Ok(())
     }
 
-    /// Reconciles directory `dir` with a complete listing of its prefix, in one transaction,
-    /// and returns what changed outside this mount. If anything did, the directory's mtime
-    /// and ctime move forward ([`super::objects::advance`]).
-    ///
-    /// `state` tells, when the transaction runs, what this mount is changing in the directory
-    /// itself: those names are left alone (see [`Busy`]). Rows with local changes, rows
-    /// changed after the listing started, and directories holding local changes are left
-    /// alone too. A name that is both a file and a prefix becomes a directory (design.md §3).
+    /// Reconciles directory `dir` with a complete listing of its prefix and returns what
+    /// changed outside this mount: [`Self::begin_listing`], [`Self::apply_listed`] with all
+    /// its entries, [`Self::finish_listing`].
     pub fn apply_listing(
         &self,
         dir: u64,
@@ -644,58 +661,120 @@ impl InodeTable {
         defaults: &EntryDefaults,
         state: &dyn DirState,
     ) -> MetaResult<Changes> {
-        let mut conn = self.conn.lock().unwrap();
-        let tx = conn.transaction()?;
-        let busy = state.busy();
-        let mut changes = Changes::default();
-        if busy == Busy::All {
-            // Moving as a whole: the listing may show it half moved. The next look lists
-            // it again.
-            return Ok(changes);
-        }
-        let mut existing: HashMap<String, Inode> = {
-            let mut stmt =
-                tx.prepare_cached(&format!("SELECT {COLUMNS} FROM inodes WHERE parent = ?1"))?;
-            let rows = stmt.query_map([dir], from_row)?;
-            rows.map(|r| r.map(|i| (i.name.clone(), i)))
-                .collect::<Result<_, _>>()?
-        };
-        let mut dir_row = get_row(&tx, dir)?;
-        let started = listing.started_at;
-        let ctx = Reconcile {
+        let mut applying = self.begin_listing(dir, listing.started_at)?;
+        self.apply_listed(
+            &mut applying,
+            &listing.files,
+            &listing.dirs,
+            defaults,
+            state,
+        )?;
+        self.finish_listing(applying, listing.marker.as_ref(), defaults, state)
+    }
+
+    /// Starts applying a listing of directory `dir` that started at `started`
+    /// ([`super::now_ns`]), page by page: each page in a short transaction of its own, so
+    /// that other users of the table wait for one page at most, and a page is written while
+    /// the headers of the next are read.
+    pub fn begin_listing(&self, dir: u64, started: i64) -> MetaResult<ListingApply> {
+        let conn = self.conn.lock().unwrap();
+        let listed_before = get_row(&conn, dir)?.listed_at.is_some();
+        Ok(ListingApply {
             dir,
             started,
-            now: Timestamp::now(),
-            defaults,
-            listed_before: dir_row.listed_at.is_some(),
-        };
-        let mut seen = HashSet::new();
-        let dirs = listing
-            .dirs
-            .iter()
-            .map(|d| (&d.name, Found::Dir(&d.marker)));
-        let files = listing
-            .files
+            listed_before,
+            seen: HashSet::new(),
+            changes: Changes::default(),
+            moving: false,
+        })
+    }
+
+    /// Reconciles the entries of some pages of a listing, in one transaction. A name listed
+    /// both as a file and as a directory must come in one call (the directory wins, design.md
+    /// §3), as the listing reader sees to.
+    ///
+    /// `state` tells, when the transaction runs, what this mount is changing in the directory
+    /// itself: those names are left alone (see [`Busy`]). Rows with local changes, rows
+    /// changed after the listing started, and directories holding local changes are left
+    /// alone too.
+    pub fn apply_listed(
+        &self,
+        applying: &mut ListingApply,
+        files: &[ListedFile],
+        dirs: &[ListedDir],
+        defaults: &EntryDefaults,
+        state: &dyn DirState,
+    ) -> MetaResult<()> {
+        let busy = state.busy();
+        if busy == Busy::All || applying.moving {
+            // Moving as a whole: the listing may show it half moved. The next look lists
+            // it again.
+            applying.moving = true;
+            return Ok(());
+        }
+        let mut conn = self.conn.lock().unwrap();
+        let tx = conn.transaction()?;
+        let ctx = applying.context(defaults);
+        let dirs = dirs.iter().map(|d| (&d.name, Found::Dir(&d.marker)));
+        let files = files
             .iter()
             .map(|f| (&f.name, Found::File(&f.version, &f.headers)));
         for (name, found) in dirs.chain(files) {
             // Directories come first and win over a file of the same name.
-            if !seen.insert(name.as_str()) || busy.name(name) {
-                existing.remove(name);
+            if !applying.seen.insert(name.clone()) || busy.name(name) {
                 continue;
             }
-            let row = existing.remove(name);
-            reconcile(&tx, &ctx, name, found, row, &mut changes)?;
+            let row = child_row(&tx, applying.dir, name)?;
+            reconcile(&tx, &ctx, name, found, row, &mut applying.changes)?;
         }
-        for (name, row) in existing {
-            if !busy.name(&name) {
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Ends a listing whose every page was applied: the names it did not show are gone, the
+    /// directory's own marker is `marker`, and if anything changed outside this mount the
+    /// directory's mtime and ctime move forward ([`super::objects::advance`]). Returns what
+    /// changed.
+    pub fn finish_listing(
+        &self,
+        applying: ListingApply,
+        marker: Option<&(ObjectVersion, Headers)>,
+        defaults: &EntryDefaults,
+        state: &dyn DirState,
+    ) -> MetaResult<Changes> {
+        let busy = state.busy();
+        let ctx = applying.context(defaults);
+        let ListingApply {
+            dir,
+            started,
+            seen,
+            mut changes,
+            moving,
+            ..
+        } = applying;
+        if busy == Busy::All || moving {
+            return Ok(changes);
+        }
+        let mut conn = self.conn.lock().unwrap();
+        let tx = conn.transaction()?;
+        let unseen: Vec<Inode> = {
+            let mut stmt =
+                tx.prepare_cached(&format!("SELECT {COLUMNS} FROM inodes WHERE parent = ?1"))?;
+            let rows = stmt.query_map([dir], from_row)?;
+            rows.filter(|r| r.as_ref().map_or(true, |i| !seen.contains(&i.name)))
+                .collect::<Result<_, _>>()?
+        };
+        for row in unseen {
+            if !busy.name(&row.name) {
+                let name = row.name.clone();
                 reconcile(&tx, &ctx, &name, Found::Absent, Some(row), &mut changes)?;
             }
         }
+        let mut dir_row = get_row(&tx, dir)?;
         let shown = (dir_row.mtime, dir_row.ctime);
         let untouchable = dir_row.validated_at > started;
         if dir != ROOT_INO && !untouchable && !busy.marker() {
-            match &listing.marker {
+            match marker {
                 Some((v, _)) if dir_row.headers_known && dir_row.holds(v) => {
                     dir_row.learn_modified(v)
                 }
@@ -945,6 +1024,17 @@ fn detach(conn: &Connection, ino: u64) -> MetaResult<()> {
         [ino],
     )?;
     Ok(())
+}
+
+/// Writes `r`, as a new row (which gives it its inode number) if `new`: one write per
+/// entry a listing reconciles, even where it describes the entry for the first time.
+fn store_row(conn: &Connection, r: &mut Inode, new: bool) -> MetaResult<()> {
+    if new {
+        r.ino = insert_row(conn, None, r)?;
+        Ok(())
+    } else {
+        update_row(conn, r)
+    }
 }
 
 fn insert_row(conn: &Connection, ino: Option<u64>, i: &Inode) -> MetaResult<u64> {

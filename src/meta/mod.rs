@@ -16,7 +16,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 pub use inodes::{
     Busy, Changes, DirRename, EntryDefaults, Found, InodeTable, ListedDir, ListedFile, Listing,
-    StagingRecord,
+    ListingApply, StagingRecord,
 };
 pub use objects::{Headers, ObjectMeta, ObjectVersion};
 
