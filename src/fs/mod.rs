@@ -623,8 +623,10 @@ impl Fs {
         *self.lookups.lock().unwrap().entry(ino).or_default() += 1;
     }
 
-    /// The kernel dropped `n` references to `ino`.
-    pub fn forget(&self, ino: u64, n: u64) {
+    /// The kernel dropped `n` references to `ino`. Returns whether it holds none now: the
+    /// row may then go ([`Self::forget_row`]), which is SQL and is left to the caller to run
+    /// off the request loop. This part only counts, in memory.
+    pub fn forget(&self, ino: u64, n: u64) -> bool {
         let gone = {
             let mut lookups = self.lookups.lock().unwrap();
             match lookups.get_mut(&ino) {
@@ -644,11 +646,17 @@ impl Fs {
             self.entries_cached.lock().unwrap().remove(&ino);
             self.dir_clocks.lock().unwrap().remove(&ino);
         }
-        if gone && self.open_file_of(ino).is_none() {
-            // Only unlinked rows are deleted: the table keeps inode numbers of live entries.
-            if let Err(e) = self.meta.forget(ino) {
-                debug!(ino, "forget: {e}");
-            }
+        gone
+    }
+
+    /// Deletes the row of `ino`, which the kernel forgot, if it is unlinked and not open
+    /// (the table keeps the inode numbers of live entries).
+    pub fn forget_row(&self, ino: u64) {
+        if self.is_referenced(ino) {
+            return;
+        }
+        if let Err(e) = self.meta.forget(ino) {
+            debug!(ino, "forget: {e}");
         }
     }
 
@@ -995,16 +1003,32 @@ impl Fs {
         let mut applying = self.meta.begin_listing(dir_ino, read.started())?;
         let mut entries = 0;
         let end = loop {
-            match events.recv().await {
+            let failed: FsError = match events.recv().await {
                 Some(Ok(listing::ListEvent::Entries { files, dirs })) => {
                     entries += files.len() + dirs.len();
-                    self.meta
-                        .apply_listed(&mut applying, &files, &dirs, &self.defaults, &state)?;
+                    let applied = self.meta.apply_listed(
+                        &mut applying,
+                        &files,
+                        &dirs,
+                        &self.defaults,
+                        &state,
+                    );
+                    match applied {
+                        Ok(()) => continue,
+                        Err(e) => e.into(),
+                    }
                 }
                 Some(Ok(listing::ListEvent::End(end))) => break end,
-                Some(Err(e)) => return Err(e.into()),
-                None => return Err(StoreError::Other("the listing thread stopped".into()).into()),
+                Some(Err(e)) => e.into(),
+                None => StoreError::Other("the listing thread stopped".into()).into(),
+            };
+            // What the pages applied so far changed is in the table: the kernel and the
+            // directory's clock must learn it now, as the next listing will not find it.
+            match self.meta.abandon_listing(applying, &state) {
+                Ok(changes) => self.after_changes(dir_ino, &changes).await,
+                Err(e) => debug!(dir = dir_ino, "an incomplete listing: {e}"),
             }
+            return Err(failed);
         };
         for key in &end.hidden {
             self.hidden.hide(key);

@@ -233,6 +233,39 @@ async fn a_name_listed_as_a_file_and_on_a_later_page_as_a_directory_is_one_direc
 }
 
 #[tokio::test]
+async fn changes_a_listing_applied_before_it_failed_reach_the_kernel_and_the_clock() {
+    let mem = Arc::new(MemStore::new());
+    for i in 0..1500 {
+        mem.insert(&format!("pre/d/f{i:04}"), b"1", WriteHeaders::default());
+    }
+    let ttl = MetadataTtl::For(Duration::from_millis(100));
+    let s = setup_with(mem.clone(), ttl, tempfile::tempdir().unwrap());
+    let kernel = kernel::RecordedKernel::default();
+    s.fs.set_kernel_cache(Arc::new(kernel.clone()));
+    let d = s.fs.lookup(ROOT, n("d")).await.unwrap();
+    assert_eq!(s.names(d.ino).await.len(), 1500);
+    let first = s.fs.lookup(d.ino, n("f0000")).await.unwrap();
+    let stored = s.fs.getattr(d.ino).await.unwrap().mtime;
+    // From outside: one file of the first page and one of the second replaced; the
+    // second's HEAD fails, so the listing fails after its first page went in.
+    mem.insert("pre/d/f0000", b"new", WriteHeaders::default());
+    mem.insert("pre/d/f1499", b"new", WriteHeaders::default());
+    mem.fail_heads_of("pre/d/f1499");
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let clock = s.fs.getattr(d.ino).await.unwrap().mtime;
+    let secs =
+        |t: std::time::SystemTime| t.duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    assert!(secs(clock) > secs(stored), "{clock:?} after {stored:?}");
+    assert!(
+        kernel
+            .0
+            .lock()
+            .unwrap()
+            .contains(&kernel::Invalidation::Inode(first.ino))
+    );
+}
+
+#[tokio::test]
 async fn a_warm_listing_costs_no_request() {
     let s = setup();
     for i in 0..50 {

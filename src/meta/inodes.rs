@@ -705,6 +705,9 @@ impl InodeTable {
         defaults: &EntryDefaults,
         state: &dyn DirState,
     ) -> MetaResult<()> {
+        let mut conn = self.conn.lock().unwrap();
+        let tx = conn.transaction()?;
+        // Asked inside the transaction: nothing it answers can change before the rows do.
         let busy = state.busy();
         if busy == Busy::All || applying.moving {
             // Moving as a whole: the listing may show it half moved. The next look lists
@@ -712,8 +715,6 @@ impl InodeTable {
             applying.moving = true;
             return Ok(());
         }
-        let mut conn = self.conn.lock().unwrap();
-        let tx = conn.transaction()?;
         let ctx = applying.context(defaults);
         let dirs = dirs.iter().map(|d| (&d.name, Found::Dir(&d.marker)));
         let files = files
@@ -742,21 +743,22 @@ impl InodeTable {
         defaults: &EntryDefaults,
         state: &dyn DirState,
     ) -> MetaResult<Changes> {
+        let mut conn = self.conn.lock().unwrap();
+        let tx = conn.transaction()?;
         let busy = state.busy();
+        if busy == Busy::All || applying.moving {
+            let changes = settle_abandoned(&tx, applying, state)?;
+            tx.commit()?;
+            return Ok(changes);
+        }
         let ctx = applying.context(defaults);
         let ListingApply {
             dir,
             started,
             seen,
             mut changes,
-            moving,
             ..
         } = applying;
-        if busy == Busy::All || moving {
-            return Ok(changes);
-        }
-        let mut conn = self.conn.lock().unwrap();
-        let tx = conn.transaction()?;
         let unseen: Vec<Inode> = {
             let mut stmt =
                 tx.prepare_cached(&format!("SELECT {COLUMNS} FROM inodes WHERE parent = ?1"))?;
@@ -798,6 +800,22 @@ impl InodeTable {
         Ok(changes)
     }
 
+    /// Ends a listing that could not be completed (an error, or the directory found moving
+    /// as a whole): what its pages applied stays, and is news like any change — the
+    /// directory's clock moves for it, since the next listing finds those rows as they are
+    /// and will not report it again. Returns what changed.
+    pub fn abandon_listing(
+        &self,
+        applying: ListingApply,
+        state: &dyn DirState,
+    ) -> MetaResult<Changes> {
+        let mut conn = self.conn.lock().unwrap();
+        let tx = conn.transaction()?;
+        let changes = settle_abandoned(&tx, applying, state)?;
+        tx.commit()?;
+        Ok(changes)
+    }
+
     /// Reconciles one name of directory `dir` with what a probe started at `started` found
     /// in the bucket; returns the row the name has now and what changed outside this mount
     /// (the directory's clock moves forward if anything did).
@@ -826,11 +844,7 @@ impl InodeTable {
             listed_before: dir_row.listed_at.is_some(),
         };
         let row = reconcile(&tx, &ctx, name, found, row, &mut changes)?;
-        if changes.entries_changed() && state.clock_shown(dir_row.mtime) {
-            dir_row.advance_clock(ctx.now);
-            changes.clock_moved = true;
-            update_row(&tx, &dir_row)?;
-        }
+        tell_changes(&tx, &mut dir_row, &mut changes, state, ctx.now)?;
         tx.commit()?;
         Ok((row, changes))
     }
@@ -1024,6 +1038,36 @@ fn detach(conn: &Connection, ino: u64) -> MetaResult<()> {
         [ino],
     )?;
     Ok(())
+}
+
+/// Moves the clock of directory `dir_row` forward if `changes` changed its entries and its
+/// clock may have been shown ([`DirState::clock_shown`]).
+fn tell_changes(
+    conn: &Connection,
+    dir_row: &mut Inode,
+    changes: &mut Changes,
+    state: &dyn DirState,
+    now: Timestamp,
+) -> MetaResult<()> {
+    if changes.entries_changed() && state.clock_shown(dir_row.mtime) {
+        dir_row.advance_clock(now);
+        changes.clock_moved = true;
+        update_row(conn, dir_row)?;
+    }
+    Ok(())
+}
+
+/// What the applied pages of an incomplete listing changed, with the directory's clock moved
+/// for it ([`InodeTable::abandon_listing`]).
+fn settle_abandoned(
+    conn: &Connection,
+    applying: ListingApply,
+    state: &dyn DirState,
+) -> MetaResult<Changes> {
+    let mut changes = applying.changes;
+    let mut dir_row = get_row(conn, applying.dir)?;
+    tell_changes(conn, &mut dir_row, &mut changes, state, Timestamp::now())?;
+    Ok(changes)
 }
 
 /// Writes `r`, as a new row (which gives it its inode number) if `new`: one write per

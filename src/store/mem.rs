@@ -63,6 +63,8 @@ struct State {
     objects: BTreeMap<String, MemObject>,
     uploads: HashMap<String, Upload>,
     faults: HashMap<Op, u32>,
+    /// Keys whose HEADs fail with [`StoreError::Unavailable`].
+    unreachable_heads: std::collections::HashSet<String>,
     counts: HashMap<Op, u64>,
     bytes_read: u64,
     /// Conditional writes are ignored, as Garage does.
@@ -121,6 +123,15 @@ impl MemStore {
     /// Makes the next `count` requests of kind `op` fail with [`StoreError::Unavailable`].
     pub fn fail_next(&self, op: Op, count: u32) {
         *self.state.lock().unwrap().faults.entry(op).or_default() += count;
+    }
+
+    /// Makes every HEAD of `key` fail with [`StoreError::Unavailable`] from now on.
+    pub fn fail_heads_of(&self, key: &str) {
+        self.state
+            .lock()
+            .unwrap()
+            .unreachable_heads
+            .insert(key.to_string());
     }
 
     /// Makes the next PUT of `key` wait, before it takes effect, until the returned pause is
@@ -268,6 +279,11 @@ impl ObjectStore for MemStore {
 
     async fn head(&self, key: &str) -> StoreResult<ObjectInfo> {
         let state = self.enter(Op::Head)?;
+        if state.unreachable_heads.contains(key) {
+            return Err(StoreError::Unavailable(format!(
+                "injected fault on HEAD {key}"
+            )));
+        }
         let obj = state
             .objects
             .get(key)
