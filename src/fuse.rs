@@ -267,7 +267,12 @@ impl fuser::Filesystem for FuseAdapter {
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
-        self.fs.forget(ino.0, nlookup);
+        // Counting is in memory; deleting an unlinked row is SQL, which may wait for the
+        // table's lock (a listing's page, a durable commit): off the request loop.
+        if self.fs.forget(ino.0, nlookup) {
+            let fs = self.fs.clone();
+            self.rt.spawn_blocking(move || fs.forget_row(ino.0));
+        }
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
@@ -690,11 +695,11 @@ impl fuser::Filesystem for FuseAdapter {
     }
 
     fn access(&self, req: &Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
-        reply_empty(
-            reply,
-            "access",
-            self.fs.access(ino.0, mask.bits(), caller(req)),
-        );
+        // A row read, which may wait for the table's lock: off the request loop.
+        let (mask, caller) = (mask.bits(), caller(req));
+        self.spawn(move |fs| async move {
+            reply_empty(reply, "access", fs.access(ino.0, mask, caller));
+        });
     }
 
     fn create(
