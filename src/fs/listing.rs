@@ -194,10 +194,14 @@ struct ListJob {
 /// The header reads of one page, and where their results go.
 type Batch = Vec<(Slot, String)>;
 
-/// What the reads of a [`Batch`] gave.
-type BatchResults = Vec<(Slot, StoreResult<Headers>)>;
+/// A header read queued for a listing's reader ([`read_in_order`]): the key, and where its
+/// page collects the answer.
+type HeadRequest = (String, Slot, mpsc::UnboundedSender<HeadAnswer>);
 
-/// One page, its header reads started.
+/// What a header read gave, for which entry of its page.
+type HeadAnswer = (Slot, StoreResult<Headers>);
+
+/// One page, its header reads queued.
 struct Fetched {
     files: Vec<ListedFile>,
     /// The key of each file, in `files`' order.
@@ -205,7 +209,8 @@ struct Fetched {
     dirs: Vec<ListedDir>,
     marker: Option<(ObjectVersion, Headers)>,
     hidden: Vec<String>,
-    reads: Option<Aborting<BatchResults>>,
+    /// Where the page's header reads answer, and how many there are.
+    reads: Option<(mpsc::UnboundedReceiver<HeadAnswer>, usize)>,
     /// The greatest key or prefix of the page: later pages show only greater ones.
     last: String,
     final_page: bool,
@@ -231,7 +236,13 @@ impl ListJob {
     ) -> StoreResult<()> {
         let store = self.thread.store(&self.store).await;
         let (pages, mut fetched) = mpsc::unbounded_channel();
-        let _fetching = Aborting(tokio::spawn(self.fetch(store, req, pages)));
+        let (heads, queued) = mpsc::unbounded_channel();
+        let _reading = Aborting(tokio::spawn(read_in_order(
+            store.clone(),
+            self.slots.clone(),
+            queued,
+        )));
+        let _fetching = Aborting(tokio::spawn(self.fetch(store, req, pages, heads)));
         let mut end = ListEnd {
             marker: None,
             hidden: Vec::new(),
@@ -244,12 +255,14 @@ impl ListJob {
                 return Err(StoreError::Other("listing: the page reader stopped".into()));
             };
             let mut page = page?;
-            if let Some(mut reads) = page.reads.take() {
-                let results = (&mut reads.0)
-                    .await
-                    .map_err(|e| StoreError::Other(format!("header reads: {e}")))?;
-                end.headers_read += results.len();
-                for (slot, result) in results {
+            if let Some((mut answers, count)) = page.reads.take() {
+                end.headers_read += count;
+                for _ in 0..count {
+                    let Some((slot, result)) = answers.recv().await else {
+                        return Err(StoreError::Other(
+                            "listing: the header reader stopped".into(),
+                        ));
+                    };
                     let headers = match result {
                         Ok(h) => h,
                         // The server is gone: the listing fails as a whole, and what was
@@ -304,6 +317,7 @@ impl ListJob {
         store: Arc<dyn ObjectStore>,
         req: ListRequest,
         pages: mpsc::UnboundedSender<StoreResult<Fetched>>,
+        heads: mpsc::UnboundedSender<HeadRequest>,
     ) {
         let ListRequest { prefix, known, dir } = req;
         let mut next = Some(page(&store, &prefix, None));
@@ -386,36 +400,41 @@ impl ListJob {
                 }
             }
             if !batch.is_empty() {
-                fetched.reads = Some(Aborting(self.read_batch(&store, batch)));
+                let (answer, answers) = mpsc::unbounded_channel();
+                fetched.reads = Some((answers, batch.len()));
+                for (slot, key) in batch {
+                    if heads.send((key, slot, answer.clone())).is_err() {
+                        return;
+                    }
+                }
             }
             if pages.send(Ok(fetched)).is_err() {
                 return;
             }
         }
     }
+}
 
-    /// Starts the header reads of one page's batch (on the listing thread, whose store is
-    /// `store`), within the mount's budget of reads in flight.
-    fn read_batch(
-        &self,
-        store: &Arc<dyn ObjectStore>,
-        batch: Batch,
-    ) -> tokio::task::JoinHandle<BatchResults> {
-        let (store, slots) = (store.clone(), self.slots.clone());
-        tokio::spawn(async move {
-            futures::stream::iter(batch)
-                .map(|(slot, key)| {
-                    let (store, slots) = (store.clone(), slots.clone());
-                    async move {
-                        let _permit = slots.acquire().await.expect("never closed");
-                        (slot, read_object(&store, &key).await)
-                    }
-                })
-                .buffer_unordered(HEADS_IN_FLIGHT)
-                .collect()
-                .await
+/// Reads the headers a listing queues, in the order queued — page by page, so that each
+/// page is complete as early as it can be and goes into the table while later pages' HEADs
+/// run — up to [`HEADS_IN_FLIGHT`] at once, within the mount's budget `slots` (shared
+/// with the other listings: each holds at most its own 64 places in that queue).
+async fn read_in_order(
+    store: Arc<dyn ObjectStore>,
+    slots: Arc<Semaphore>,
+    mut queued: mpsc::UnboundedReceiver<HeadRequest>,
+) {
+    futures::stream::poll_fn(|cx| queued.poll_recv(cx))
+        .map(|(key, slot, answer)| {
+            let (store, slots) = (store.clone(), slots.clone());
+            async move {
+                let _permit = slots.acquire().await.expect("never closed");
+                let _ = answer.send((slot, read_object(&store, &key).await));
+            }
         })
-    }
+        .buffer_unordered(HEADS_IN_FLIGHT)
+        .for_each(|()| async {})
+        .await
 }
 
 /// Whether a later page, whose keys and prefixes all sort after `last`, may show the file
