@@ -912,49 +912,68 @@ impl Fs {
             self.close_file(&file).await;
             result?;
         }
-        let mut inode = self.inode(ino)?;
-        if set.changes_headers() {
-            let now = Timestamp::now();
-            if let Some(mode) = set.mode {
-                inode.perm = mode & 0o7777;
-            }
-            if let Some(uid) = set.uid {
-                inode.uid = uid;
-            }
-            if let Some(gid) = set.gid {
-                inode.gid = gid;
-            }
-            let resolve = |t: TimeSet| match t {
-                TimeSet::Now => now,
-                TimeSet::At(t) => t,
-            };
-            if let Some(t) = set.atime {
-                inode.atime = resolve(t);
-            }
-            if let Some(t) = set.mtime {
-                inode.mtime = resolve(t);
-            }
-            inode.ctime = now;
-            self.persist_headers(&mut inode).await?;
+        if !set.changes_headers() {
+            return self.attr(&self.inode(ino)?);
         }
+        let now = Timestamp::now();
+        let resolve = |t: TimeSet| match t {
+            TimeSet::Now => now,
+            TimeSet::At(t) => t,
+        };
+        let inode = self
+            .persist_headers(ino, |inode| {
+                if let Some(mode) = set.mode {
+                    inode.perm = mode & 0o7777;
+                }
+                if let Some(uid) = set.uid {
+                    inode.uid = uid;
+                }
+                if let Some(gid) = set.gid {
+                    inode.gid = gid;
+                }
+                if let Some(t) = set.atime {
+                    inode.atime = resolve(t);
+                }
+                if let Some(t) = set.mtime {
+                    inode.mtime = resolve(t);
+                }
+                inode.ctime = now;
+                Ok(())
+            })
+            .await?;
         self.attr(&inode)
     }
 
-    /// Saves changed attributes of `inode` to the table and the bucket. A file with pending
-    /// data carries them with its upload; otherwise the object is rewritten in place
+    /// Changes the attributes of `ino` and saves them to the table and the bucket. A file
+    /// with pending data carries them with its upload; otherwise the object is rewritten in place
     /// (CopyObject onto itself, or a new directory marker).
-    pub(super) async fn persist_headers(&self, inode: &mut Inode) -> FsResult<()> {
+    ///
+    /// `change` is applied to the entry's attributes as they are when the change is made —
+    /// under the file's lock if it is open, else to its row — never to a copy read before:
+    /// an upload that ended in between (write-back) gave the row its ETag, and a write its
+    /// size and mtime, which a copy would undo. Returns the attributes saved.
+    pub(super) async fn persist_headers(
+        &self,
+        ino: u64,
+        change: impl FnOnce(&mut Inode) -> FsResult<()>,
+    ) -> FsResult<Inode> {
         // Until the row is saved: a listing meanwhile leaves the entry to this change.
-        let _change = self.key_of(inode).ok().map(|key| self.local.begin(&key));
-        if let Some(file) = self.open_file_of(inode.ino) {
+        let _change = self
+            .inode(ino)
+            .ok()
+            .and_then(|i| self.key_of(&i).ok())
+            .map(|key| self.local.begin(&key));
+        if let Some(file) = self.open_file_of(ino) {
             let mut st = file.state.lock().await;
+            let mut inode = file.attrs();
+            change(&mut inode)?;
             if st.dirty || st.unlinked {
                 file.set_attrs(inode.clone());
-                self.meta.save(inode)?;
-                return Ok(());
+                self.meta.save(&inode)?;
+                return Ok(inode);
             }
-            self.rewrite_headers(inode).await?;
-            if let (Some(etag), Ok(key)) = (&inode.etag, self.key_of(inode)) {
+            self.rewrite_headers(&mut inode).await?;
+            if let (Some(etag), Ok(key)) = (&inode.etag, self.key_of(&inode)) {
                 let uploaded = Original {
                     key,
                     etag: etag.clone(),
@@ -964,12 +983,17 @@ impl Fs {
                 }
                 st.remote = Some(uploaded);
             }
-            return self.save(inode);
+            self.save(&inode)?;
+            return Ok(inode);
         }
+        // Not open (or no longer: its row is what its last upload left).
+        let mut inode = self.meta.get(ino)?.ok_or(FsError::NotFound)?;
+        change(&mut inode)?;
         if !inode.dirty {
-            self.rewrite_headers(inode).await?;
+            self.rewrite_headers(&mut inode).await?;
         }
-        self.save(inode)
+        self.save(&inode)?;
+        Ok(inode)
     }
 
     /// Fails with E2BIG when the headers of `inode` exceed the 2 KiB of user metadata S3

@@ -1894,3 +1894,45 @@ async fn readdirplus_past_the_first_batch_is_answered_at_once_with_the_same_attr
     }
     s.fs.releasedir(fh);
 }
+
+#[tokio::test]
+async fn a_chmod_while_the_file_uploads_in_the_background_reaches_the_bucket_and_the_row() {
+    let mem = Arc::new(MemStore::new());
+    mem.ignore_conditions();
+    let s = setup_write_back(mem.clone(), tempfile::tempdir().unwrap());
+    let f = s.write_file(ROOT, "f", b"contents").await;
+    let put = mem.pause_put("pre/f");
+    let chmod = async {
+        put.reached().await;
+        let steps = async {
+            // The chmod has found the file open, its upload under way; the upload ends and
+            // takes it out of the table before the chmod is made.
+            put.resume();
+            retired(&s, f).await;
+        };
+        let set = SetAttr {
+            mode: Some(0o600),
+            ..SetAttr::default()
+        };
+        tokio::join!(s.fs.setattr(f, None, set), steps).0
+    };
+    let (pending, changed) = tokio::join!(s.fs.flush_all(), chmod);
+    assert_eq!(changed.unwrap().perm, 0o600);
+    assert_eq!(pending, 0);
+    assert_eq!(s.fs.flush_all().await, 0);
+    let (body, headers) = s.mem.object("pre/f").unwrap();
+    assert_eq!(&body[..], b"contents");
+    assert_eq!(
+        headers.metadata["mode"],
+        (libc::S_IFREG | 0o600).to_string(),
+        "the chmod is in the bucket"
+    );
+    // And in the row: a remount of the cache directory shows it, with nothing left to upload.
+    let Setup { fs, dir, .. } = s;
+    drop(fs);
+    let s = setup_write_back(mem, dir);
+    let again = s.fs.lookup(ROOT, n("f")).await.unwrap();
+    assert_eq!((again.ino, again.perm), (f, 0o600));
+    assert_eq!(s.fs.flush_all().await, 0);
+    assert!(conflict_copies(&s.mem, "pre/f").is_empty());
+}

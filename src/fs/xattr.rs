@@ -58,18 +58,22 @@ impl Fs {
                 "only user.* attributes can be stored in S3",
             ));
         };
-        let mut inode = self.ensure_headers(self.inode(ino)?).await?;
-        let exists = inode.xattrs.contains_key(name);
-        if flags & libc::XATTR_CREATE != 0 && exists {
-            return Err(FsError::Exists);
-        }
-        if flags & libc::XATTR_REPLACE != 0 && !exists {
-            return Err(FsError::NoAttr);
-        }
-        inode.xattrs.insert(name.to_string(), value.to_vec());
-        self.check_header_size(&inode)?;
-        inode.ctime = Timestamp::now();
-        self.persist_headers(&mut inode).await
+        self.ensure_headers(self.inode(ino)?).await?;
+        self.persist_headers(ino, |inode| {
+            let exists = inode.xattrs.contains_key(name);
+            if flags & libc::XATTR_CREATE != 0 && exists {
+                return Err(FsError::Exists);
+            }
+            if flags & libc::XATTR_REPLACE != 0 && !exists {
+                return Err(FsError::NoAttr);
+            }
+            inode.xattrs.insert(name.to_string(), value.to_vec());
+            self.check_header_size(inode)?;
+            inode.ctime = Timestamp::now();
+            Ok(())
+        })
+        .await?;
+        Ok(())
     }
 
     /// Removes attribute `name`.
@@ -79,11 +83,15 @@ impl Fs {
         let Some(name) = user_name(name) else {
             return Err(FsError::NoAttr);
         };
-        let mut inode = self.ensure_headers(self.inode(ino)?).await?;
-        if inode.xattrs.remove(name).is_none() {
-            return Err(FsError::NoAttr);
-        }
-        inode.ctime = Timestamp::now();
-        self.persist_headers(&mut inode).await
+        self.ensure_headers(self.inode(ino)?).await?;
+        self.persist_headers(ino, |inode| {
+            if inode.xattrs.remove(name).is_none() {
+                return Err(FsError::NoAttr);
+            }
+            inode.ctime = Timestamp::now();
+            Ok(())
+        })
+        .await?;
+        Ok(())
     }
 }
