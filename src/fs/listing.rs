@@ -191,9 +191,6 @@ struct ListJob {
     files: bool,
 }
 
-/// The header reads of one page, and where their results go.
-type Batch = Vec<(Slot, String)>;
-
 /// A header read queued for a listing's reader ([`read_in_order`]): the key, and where its
 /// page collects the answer.
 type HeadRequest = (String, Slot, mpsc::UnboundedSender<HeadAnswer>);
@@ -204,14 +201,13 @@ type HeadAnswer = (Slot, StoreResult<Headers>);
 /// One page, its header reads queued.
 struct Fetched {
     files: Vec<ListedFile>,
-    /// The key of each file, in `files`' order.
-    keys: Vec<String>,
     dirs: Vec<ListedDir>,
     marker: Option<(ObjectVersion, Headers)>,
     hidden: Vec<String>,
     /// Where the page's header reads answer, and how many there are.
     reads: Option<(mpsc::UnboundedReceiver<HeadAnswer>, usize)>,
-    /// The greatest key or prefix of the page: later pages show only greater ones.
+    /// The greatest key or prefix of the page, less the directory's prefix: later pages
+    /// show only greater ones.
     last: String,
     final_page: bool,
 }
@@ -249,7 +245,7 @@ impl ListJob {
             headers_read: 0,
         };
         // Files held back: a later page may show their name as a directory too.
-        let mut held: Vec<(String, ListedFile)> = Vec::new();
+        let mut held: Vec<ListedFile> = Vec::new();
         loop {
             let Some(page) = fetched.recv().await else {
                 return Err(StoreError::Other("listing: the page reader stopped".into()));
@@ -290,12 +286,11 @@ impl ListJob {
                 end.marker = page.marker.take();
             }
             end.hidden.append(&mut page.hidden);
-            held.extend(page.keys.into_iter().zip(page.files));
-            let (ready, later): (Vec<_>, Vec<_>) = held
+            held.extend(page.files);
+            let (files, later) = held
                 .into_iter()
-                .partition(|(key, _)| page.final_page || !may_come_as_dir(key, &page.last));
+                .partition(|f| page.final_page || !may_come_as_dir(&f.name, &page.last));
             held = later;
-            let files = ready.into_iter().map(|(_, f)| f).collect();
             let entries = ListEvent::Entries {
                 files,
                 dirs: page.dirs,
@@ -311,7 +306,7 @@ impl ListJob {
     }
 
     /// Fetches the pages of `req`'s prefix in order, each while the headers of the one
-    /// before are read, and sends them with their header reads started.
+    /// before are read, and sends them with their header reads queued.
     async fn fetch(
         self,
         store: Arc<dyn ObjectStore>,
@@ -342,12 +337,11 @@ impl ListJob {
                 (Some(o), Some(p)) => o.key.as_str().max(p.as_str()),
                 (Some(o), None) => o.key.as_str(),
                 (None, Some(p)) => p.as_str(),
-                (None, None) => "",
-            }
-            .to_string();
+                (None, None) => prefix.as_str(),
+            }[prefix.len()..]
+                .to_string();
             let mut fetched = Fetched {
                 files: Vec::new(),
-                keys: Vec::new(),
                 dirs: Vec::new(),
                 marker: None,
                 hidden: Vec::new(),
@@ -355,7 +349,14 @@ impl ListJob {
                 last,
                 final_page: next.is_none(),
             };
-            let mut batch = Batch::new();
+            // The page's header reads, queued as the page is read.
+            let (answer, answers) = mpsc::unbounded_channel();
+            let mut reads = 0;
+            let mut read = |key: String, slot: Slot| {
+                reads += 1;
+                heads.send((key, slot, answer.clone())).is_ok()
+            };
+            let mut reader_gone = false;
             for obj in listed.objects {
                 let version = ObjectVersion::new(&obj.etag, obj.size, obj.last_modified);
                 match names::classify_object(&prefix, &obj.key) {
@@ -364,20 +365,20 @@ impl ListJob {
                         let news = dir.ino != crate::meta::ROOT_INO
                             && !(dir.headers_known && dir.holds(&version));
                         if news {
-                            batch.push((Slot::Marker, obj.key.clone()));
+                            reader_gone |= !read(obj.key.clone(), Slot::Marker);
                         }
                         fetched.marker = Some((version, Headers::Unread));
                     }
                     Listed::File(name) => {
                         if self.files && needs_headers(known.get(name), &version) {
-                            batch.push((Slot::File(fetched.files.len()), obj.key.clone()));
+                            let slot = Slot::File(fetched.files.len());
+                            reader_gone |= !read(obj.key.clone(), slot);
                         }
                         fetched.files.push(ListedFile {
                             name: name.to_string(),
                             version,
                             headers: Headers::Unread,
                         });
-                        fetched.keys.push(obj.key);
                     }
                     _ => fetched.hidden.push(obj.key),
                 }
@@ -389,7 +390,7 @@ impl ListJob {
                             .get(name)
                             .is_some_and(|r| r.kind == Kind::Dir && r.headers_known);
                         if !known_dir {
-                            batch.push((Slot::Dir(fetched.dirs.len()), p.clone()));
+                            reader_gone |= !read(p.clone(), Slot::Dir(fetched.dirs.len()));
                         }
                         fetched.dirs.push(ListedDir {
                             name: name.to_string(),
@@ -399,14 +400,11 @@ impl ListJob {
                     _ => fetched.hidden.push(p),
                 }
             }
-            if !batch.is_empty() {
-                let (answer, answers) = mpsc::unbounded_channel();
-                fetched.reads = Some((answers, batch.len()));
-                for (slot, key) in batch {
-                    if heads.send((key, slot, answer.clone())).is_err() {
-                        return;
-                    }
-                }
+            if reader_gone {
+                return;
+            }
+            if reads > 0 {
+                fetched.reads = Some((answers, reads));
             }
             if pages.send(Ok(fetched)).is_err() {
                 return;
@@ -437,10 +435,10 @@ async fn read_in_order(
         .await
 }
 
-/// Whether a later page, whose keys and prefixes all sort after `last`, may show the file
-/// `key` as a directory too (the prefix `key/`).
-fn may_come_as_dir(key: &str, last: &str) -> bool {
-    key.bytes().chain(*b"/").cmp(last.bytes()) == std::cmp::Ordering::Greater
+/// Whether a later page, whose entries all sort after `last`, may show the file `name` as a
+/// directory too (the prefix `name/`); both are relative to the directory's prefix.
+fn may_come_as_dir(name: &str, last: &str) -> bool {
+    name.bytes().chain(*b"/").cmp(last.bytes()) == std::cmp::Ordering::Greater
 }
 
 /// Starts fetching the page of `prefix` after `token`.
