@@ -688,10 +688,15 @@ impl Fs {
 
     /// Uploads pending changes of `file` and waits for them to be in the bucket.
     pub(super) async fn sync_file(&self, file: &OpenFile) -> FsResult<()> {
-        let _tree = self.tree.read().await;
+        // Its key, held against a move of its directory; none if it was unlinked.
+        let held = self.hold_key_if_linked(&file.attrs()).await?;
         let mut st = file.state.lock().await;
         if !st.dirty || st.unlinked {
             st.journaled = false;
+            return Ok(());
+        }
+        if held.is_none() {
+            // Out of the namespace (its row moved under nothing): nothing to upload to.
             return Ok(());
         }
         self.upload_locked(file, &mut st).await
@@ -957,12 +962,11 @@ impl Fs {
         ino: u64,
         change: impl FnOnce(&mut Inode) -> FsResult<()>,
     ) -> FsResult<Inode> {
-        // Until the row is saved: a listing meanwhile leaves the entry to this change.
-        let _change = self
-            .inode(ino)
-            .ok()
-            .and_then(|i| self.key_of(&i).ok())
-            .map(|key| self.local.begin(&key));
+        // Until the row is saved: a move of its directory waits, and a listing meanwhile
+        // leaves the entry to this change. An unlinked file has no key, and its change
+        // stays local.
+        let held = self.hold_key_if_linked(&self.inode(ino)?).await?;
+        let _change = held.as_ref().map(|(key, _)| self.local.begin(key));
         if let Some(file) = self.open_file_of(ino) {
             let mut st = file.state.lock().await;
             let mut inode = file.attrs();

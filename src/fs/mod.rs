@@ -9,8 +9,9 @@
 //! Locking, from outermost to innermost (never the other way round):
 //! 1. directory locks ([`locks::LockMap`]) held by operations that change a directory's
 //!    entries — at most two, taken in inode order, only by rename;
-//! 2. the tree lock: uploads share it, directory renames take it exclusively so that no
-//!    upload computes a key in the middle of a subtree move;
+//! 2. key locks ([`key_locks::KeyLocks`]): every write of an object holds its key, a
+//!    directory rename the prefixes it moves, so that no write computes a key in the middle
+//!    of a move of its directory — and nothing outside the moving directory waits for it;
 //! 3. the content lock of one open file ([`OpenFile::state`]);
 //! 4. short synchronous locks (the inode table, the handle table), never held across `.await`;
 //!    the table's may be held while [`changes::LocalChanges`]' is taken (a listing asks what
@@ -21,6 +22,7 @@ mod changes;
 mod conflict;
 mod files;
 pub mod kernel;
+mod key_locks;
 mod listing;
 mod locks;
 mod namespace;
@@ -322,7 +324,8 @@ pub struct Fs {
     next_handle: AtomicU64,
     open_files: Mutex<HashMap<u64, Arc<OpenFile>>>,
     dir_locks: LockMap,
-    tree: tokio::sync::RwLock<()>,
+    /// Keys being written and directories being moved.
+    keys: key_locks::KeyLocks,
     /// Keys this mount is changing, which listings running meanwhile leave alone.
     local: changes::LocalChanges,
     /// Reads the headers that listings lack, within one budget of requests.
@@ -460,7 +463,7 @@ impl Fs {
             next_handle: AtomicU64::new(1),
             open_files: Mutex::new(HashMap::new()),
             dir_locks: LockMap::default(),
-            tree: tokio::sync::RwLock::new(()),
+            keys: key_locks::KeyLocks::default(),
             local: changes::LocalChanges::default(),
             headers,
             kernel: std::sync::OnceLock::new(),
@@ -583,6 +586,27 @@ impl Fs {
             &path,
             inode.kind == Kind::Dir,
         )?)
+    }
+
+    /// Holds the key of `inode` for writing ([`key_locks`]); returns the key as it is then.
+    async fn hold_key(&self, inode: &Inode) -> FsResult<(String, key_locks::WriteGuard<'_>)> {
+        let ([key], held) = self
+            .keys
+            .write(|| -> FsResult<_> { Ok([self.key_of(inode)?]) })
+            .await?;
+        Ok((key, held))
+    }
+
+    /// [`Self::hold_key`], or `None` for an entry that is out of the namespace (unlinked).
+    async fn hold_key_if_linked(
+        &self,
+        inode: &Inode,
+    ) -> FsResult<Option<(String, key_locks::WriteGuard<'_>)>> {
+        match self.hold_key(inode).await {
+            Ok(held) => Ok(Some(held)),
+            Err(FsError::NotFound) => Ok(None),
+            Err(e) => Err(e),
+        }
     }
 
     /// Key of `name` in directory `dir`, as a file (`dir_marker` false) or directory marker.

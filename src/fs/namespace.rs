@@ -79,13 +79,15 @@ impl Fs {
     }
 
     /// Writes the object of a new entry, then records the entry.
-    async fn put_entry(
-        &self,
-        dir: &Inode,
-        key: &str,
-        body: Bytes,
-        mut inode: Inode,
-    ) -> FsResult<Attr> {
+    async fn put_entry(&self, dir: &Inode, body: Bytes, mut inode: Inode) -> FsResult<Attr> {
+        let ([key], _held) = self
+            .keys
+            .write(|| -> FsResult<_> {
+                let dir = self.dir(dir.ino)?;
+                Ok([self.child_key(&dir, &inode.name, inode.kind == Kind::Dir)?])
+            })
+            .await?;
+        let key = key.as_str();
         let _change = self.local.begin(key);
         let etag = self
             .store
@@ -111,9 +113,8 @@ impl Fs {
         caller: Caller,
     ) -> FsResult<Attr> {
         let (_g, dir, name) = self.name_to_create(parent, name).await?;
-        let key = self.child_key(&dir, name, true)?;
         let inode = self.new_entry(&dir, name, Kind::Dir, mode & !umask, caller);
-        self.put_entry(&dir, &key, Bytes::new(), inode).await
+        self.put_entry(&dir, Bytes::new(), inode).await
     }
 
     /// Creates and opens a regular file. Its object is written on the first flush.
@@ -185,12 +186,11 @@ impl Fs {
             return Err(FsError::Invalid("mknod of a directory"));
         }
         let (_g, dir, name) = self.name_to_create(parent, name).await?;
-        let key = self.child_key(&dir, name, false)?;
         let mut inode = self.new_entry(&dir, name, kind, mode & !umask, caller);
         if matches!(kind, Kind::CharDev | Kind::BlockDev) {
             inode.rdev = rdev;
         }
-        self.put_entry(&dir, &key, Bytes::new(), inode).await
+        self.put_entry(&dir, Bytes::new(), inode).await
     }
 
     /// Creates a symlink: an object whose body is the target.
@@ -207,12 +207,11 @@ impl Fs {
         }
         let target = std::str::from_utf8(target.as_bytes()).map_err(|_| NameError::NotUtf8)?;
         let (_g, dir, name) = self.name_to_create(parent, name).await?;
-        let key = self.child_key(&dir, name, false)?;
         let mut inode = self.new_entry(&dir, name, Kind::Symlink, 0o777, caller);
         inode.size = target.len() as u64;
         inode.symlink_target = Some(target.to_string());
         let body = Bytes::copy_from_slice(target.as_bytes());
-        self.put_entry(&dir, &key, body, inode).await
+        self.put_entry(&dir, body, inode).await
     }
 
     /// The target of a symlink (read from the object once, then remembered).
@@ -253,7 +252,7 @@ impl Fs {
         if dir.etag.is_some() {
             return Ok(());
         }
-        let key = self.key_of(&dir)?;
+        let (key, _held) = self.hold_key(&dir).await?;
         let _change = self.local.begin(&key);
         let etag = self
             .store
@@ -352,7 +351,7 @@ impl Fs {
         }
         self.keep_dir_alive(&dir).await?;
         self.keep_open_contents(&child).await?;
-        let key = self.key_of(&child)?;
+        let (key, _held) = self.hold_key(&child).await?;
         let _change = self.local.begin(&key);
         match self.open_file_of(child.ino) {
             Some(file) => {
@@ -405,7 +404,7 @@ impl Fs {
         }
         self.check_empty(&child).await?;
         self.keep_dir_alive(&dir).await?;
-        let key = self.key_of(&child)?;
+        let (key, _held) = self.hold_key(&child).await?;
         let _change = self.local.begin(&key);
         self.store.delete(&key).await?;
         self.meta.unlink(child.ino)?;
@@ -465,11 +464,30 @@ impl Fs {
         if src.kind == Kind::Dir && self.is_ancestor(src.ino, newparent)? {
             return Err(FsError::Invalid("cannot move a directory into itself"));
         }
-        let new_key = self.child_key(&dst_dir, newname, src.kind == Kind::Dir)?;
+        let is_dir = src.kind == Kind::Dir;
+        // A name too long for a key fails before anything changes.
+        self.child_key(&dst_dir, newname, is_dir)?;
         if parent != newparent {
             self.keep_dir_alive(&src_dir).await?;
         }
-        let old_key = self.key_of(&src)?;
+        // Both keys, held until the rows have the new names: a directory's as a move (writes
+        // inside it wait), a file's as a write (a move of a directory around it waits).
+        let keys_now = || -> FsResult<_> {
+            Ok([
+                self.key_of(&src)?,
+                self.child_key(&self.dir(newparent)?, newname, is_dir)?,
+            ])
+        };
+        let (mut _moving, mut _writing) = (None, None);
+        let [old_key, new_key] = if is_dir {
+            let (keys, held) = self.keys.moving(&keys_now).await?;
+            _moving = Some(held);
+            keys
+        } else {
+            let (keys, held) = self.keys.write(&keys_now).await?;
+            _writing = Some(held);
+            keys
+        };
         let _changes = if src.kind == Kind::Dir {
             [
                 self.local.begin_subtree(&old_key),
@@ -648,7 +666,6 @@ impl Fs {
         to: (u64, &str),
         new_prefix: &str,
     ) -> FsResult<i64> {
-        let _tree = self.tree.write().await;
         let old_prefix = self.key_of(src)?;
         let journal = self.meta.begin_dir_rename(&DirRename {
             src_ino: src.ino,

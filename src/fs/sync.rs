@@ -144,11 +144,14 @@ impl Fs {
     }
 
     /// Starts an upload task for every file that is due and not being uploaded, each taking
-    /// one of the `--background-uploads` slots.
+    /// one of the `--background-uploads` slots. A file someone holds busy (a write, its
+    /// upload at close) is looked at again on the next round rather than waited for.
     async fn start_due_uploads(self: &Arc<Self>) {
         for file in self.pending_files() {
             {
-                let mut st = file.state.lock().await;
+                let Ok(mut st) = file.state.try_lock() else {
+                    continue;
+                };
                 let due = st.dirty
                     && !st.unlinked
                     && !st.uploading
@@ -205,13 +208,17 @@ impl Fs {
     /// time (unmount, `s3bridge flush`). Returns how many files still have data that is not
     /// in the bucket.
     pub async fn flush_all(&self) -> usize {
-        let mut dirty = Vec::new();
+        // Those free to look at first; a busy one (a write or an upload holds it) may have
+        // data pending too, and comes last rather than holding up the others.
+        let (mut dirty, mut busy) = (Vec::new(), Vec::new());
         for file in self.pending_files() {
-            let st = file.state.lock().await;
-            if st.dirty && !st.unlinked {
-                dirty.push(file.clone());
+            match file.state.try_lock() {
+                Ok(st) if st.dirty && !st.unlinked => dirty.push(file.clone()),
+                Ok(_) => {}
+                Err(_) => busy.push(file.clone()),
             }
         }
+        dirty.append(&mut busy);
         let uploaded: Vec<bool> = futures::stream::iter(dirty)
             .map(|file| async move { self.upload_in_background(&file).await })
             .buffer_unordered(self.cfg.background_uploads.max(1))

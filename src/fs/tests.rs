@@ -1459,7 +1459,7 @@ async fn a_file_whose_upload_ends_while_it_is_renamed_moves_with_its_object() {
     let s = setup_write_back(mem.clone(), tempfile::tempdir().unwrap());
     let a = s.write_file(ROOT, "a", b"contents of a").await;
     s.write_file(ROOT, "b", b"contents of b").await;
-    let (put_a, put_b) = (mem.pause_put("pre/a"), mem.pause_put("pre/b"));
+    let (put_a, put_b) = (mem.pause(Op::Put, "pre/a"), mem.pause(Op::Put, "pre/b"));
     let rename = async {
         put_a.reached().await;
         put_b.reached().await;
@@ -1495,8 +1495,8 @@ async fn a_file_whose_upload_ends_while_a_rename_replaces_it_leaves_no_object() 
     let d = s.fs.lookup(ROOT, n("d")).await.unwrap().ino;
     s.write_file(d, "x", b"new b").await;
     let b = s.write_file(ROOT, "b", b"old b").await;
-    let (put_x, put_b) = (mem.pause_put("pre/d/x"), mem.pause_put("pre/b"));
-    let put_marker = mem.pause_put("pre/d/");
+    let (put_x, put_b) = (mem.pause(Op::Put, "pre/d/x"), mem.pause(Op::Put, "pre/b"));
+    let put_marker = mem.pause(Op::Put, "pre/d/");
     let rename = async {
         put_x.reached().await;
         put_b.reached().await;
@@ -1532,7 +1532,7 @@ async fn a_file_whose_upload_ends_while_it_is_unlinked_leaves_no_object() {
     let s = setup_write_back(mem.clone(), tempfile::tempdir().unwrap());
     let d = s.fs.lookup(ROOT, n("d")).await.unwrap().ino;
     let f = s.write_file(d, "f", b"contents").await;
-    let (put_f, put_marker) = (mem.pause_put("pre/d/f"), mem.pause_put("pre/d/"));
+    let (put_f, put_marker) = (mem.pause(Op::Put, "pre/d/f"), mem.pause(Op::Put, "pre/d/"));
     let unlink = async {
         put_f.reached().await;
         let steps = async {
@@ -1901,7 +1901,7 @@ async fn a_chmod_while_the_file_uploads_in_the_background_reaches_the_bucket_and
     mem.ignore_conditions();
     let s = setup_write_back(mem.clone(), tempfile::tempdir().unwrap());
     let f = s.write_file(ROOT, "f", b"contents").await;
-    let put = mem.pause_put("pre/f");
+    let put = mem.pause(Op::Put, "pre/f");
     let chmod = async {
         put.reached().await;
         let steps = async {
@@ -1935,4 +1935,73 @@ async fn a_chmod_while_the_file_uploads_in_the_background_reaches_the_bucket_and
     assert_eq!((again.ino, again.perm), (f, 0o600));
     assert_eq!(s.fs.flush_all().await, 0);
     assert!(conflict_copies(&s.mem, "pre/f").is_empty());
+}
+
+/// Runs `op` while a move of `pre/d/` to `pre/e/` is held at its copy of `pre/d/f`: `op`
+/// either waits for the move (and is given 50 ms to show it does not) or ran in the middle
+/// of it. Returns `op`'s result once both are done.
+async fn during_a_dir_move<T>(s: &Setup, op: impl std::future::Future<Output = T>) -> T {
+    let copy = s.mem.pause(Op::Copy, "pre/e/f");
+    let mv = s.fs.rename(ROOT, n("d"), ROOT, n("e"), 0);
+    let overlapping = async {
+        copy.reached().await;
+        let mut op = Box::pin(op);
+        let early = tokio::time::timeout(Duration::from_millis(50), op.as_mut()).await;
+        copy.resume();
+        match early {
+            Ok(done) => done,
+            Err(_) => op.await,
+        }
+    };
+    let (moved, result) = tokio::join!(mv, overlapping);
+    moved.unwrap();
+    result
+}
+
+#[tokio::test]
+async fn a_chmod_overlapping_a_move_of_its_directory_reaches_the_moved_object() {
+    let s = setup();
+    let d = s.fs.mkdir(ROOT, n("d"), 0o755, 0, ME).await.unwrap().ino;
+    let f = s.write_file(d, "f", b"contents").await;
+    let set = SetAttr {
+        mode: Some(0o600),
+        ..Default::default()
+    };
+    during_a_dir_move(&s, s.fs.setattr(f, None, set))
+        .await
+        .unwrap();
+    assert_eq!(s.mem.keys(), ["pre/e/", "pre/e/f"], "nothing left behind");
+    let (body, headers) = s.mem.object("pre/e/f").unwrap();
+    assert_eq!(&body[..], b"contents");
+    assert_eq!(
+        headers.metadata["mode"],
+        (libc::S_IFREG | 0o600).to_string(),
+        "the chmod is in the bucket"
+    );
+    // And on a fresh mount of the bucket.
+    let fresh = setup_with(
+        s.mem.clone(),
+        MetadataTtl::For(Duration::from_secs(60)),
+        tempfile::tempdir().unwrap(),
+    );
+    let e = fresh.fs.lookup(ROOT, n("e")).await.unwrap().ino;
+    assert_eq!(fresh.fs.lookup(e, n("f")).await.unwrap().perm, 0o600);
+}
+
+#[tokio::test]
+async fn a_file_rename_overlapping_a_move_of_its_directory_leaves_one_name() {
+    let s = setup();
+    let d = s.fs.mkdir(ROOT, n("d"), 0o755, 0, ME).await.unwrap().ino;
+    s.write_file(d, "f", b"contents").await;
+    during_a_dir_move(&s, s.fs.rename(d, n("f"), d, n("g"), 0))
+        .await
+        .unwrap();
+    assert_eq!(
+        s.mem.keys(),
+        ["pre/e/", "pre/e/g"],
+        "one name, under the new directory"
+    );
+    assert_eq!(s.body("pre/e/g").unwrap(), b"contents");
+    let e = s.fs.lookup(ROOT, n("e")).await.unwrap().ino;
+    assert_eq!(s.names(e).await, ["g"]);
 }

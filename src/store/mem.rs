@@ -71,12 +71,13 @@ struct State {
     ignores_conditions: bool,
     /// How far the store's clock (Last-Modified of new writes) is ahead of the real one.
     clock_ahead: std::time::Duration,
-    /// The next PUT of each of these keys waits for its pause to be resumed.
-    paused_puts: HashMap<String, Arc<Pause>>,
+    /// The next PUT (by key) or CopyObject (by destination) of each of these waits for its
+    /// pause to be resumed.
+    paused: HashMap<(Op, String), Arc<Pause>>,
 }
 
 /// A request held on its way in, for tests that need operations to interleave in a given
-/// order (see [`MemStore::pause_put`]).
+/// order (see [`MemStore::pause`]).
 #[derive(Debug)]
 pub struct Pause {
     reached: tokio::sync::Semaphore,
@@ -134,16 +135,29 @@ impl MemStore {
             .insert(key.to_string());
     }
 
-    /// Makes the next PUT of `key` wait, before it takes effect, until the returned pause is
-    /// resumed.
-    pub fn pause_put(&self, key: &str) -> Arc<Pause> {
+    /// Makes the next request `op` (PUT or CopyObject) writing `key` wait, before it takes
+    /// effect, until the returned pause is resumed.
+    pub fn pause(&self, op: Op, key: &str) -> Arc<Pause> {
         let pause = Arc::new(Pause {
             reached: tokio::sync::Semaphore::new(0),
             resumed: tokio::sync::Semaphore::new(0),
         });
         let mut state = self.state.lock().unwrap();
-        state.paused_puts.insert(key.to_string(), pause.clone());
+        state.paused.insert((op, key.to_string()), pause.clone());
         pause
+    }
+
+    /// Holds a request `op` writing `key` if a pause waits for it.
+    async fn maybe_pause(&self, op: Op, key: &str) {
+        let paused = self
+            .state
+            .lock()
+            .unwrap()
+            .paused
+            .remove(&(op, key.to_string()));
+        if let Some(pause) = paused {
+            pause.hold().await;
+        }
     }
 
     /// Cancels the faults [`Self::fail_next`] injected that have not struck yet.
@@ -322,10 +336,7 @@ impl ObjectStore for MemStore {
         headers: &WriteHeaders,
         expect: Expect<'_>,
     ) -> StoreResult<String> {
-        let paused = self.state.lock().unwrap().paused_puts.remove(key);
-        if let Some(pause) = paused {
-            pause.hold().await;
-        }
+        self.maybe_pause(Op::Put, key).await;
         let etag = etag_of(&body);
         let mut state = self.enter(Op::Put)?;
         check_expect(&state, key, expect)?;
@@ -349,6 +360,7 @@ impl ObjectStore for MemStore {
         src_if_match: Option<&str>,
         headers: &WriteHeaders,
     ) -> StoreResult<String> {
+        self.maybe_pause(Op::Copy, dst_key).await;
         let mut state = self.enter(Op::Copy)?;
         let last_modified = state.now();
         let src = state
