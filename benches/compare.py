@@ -17,6 +17,11 @@ Every filesystem runs the same workloads on its own prefix of the same bucket:
               empty cache) and warm (the better of two runs), with the daemon's CPU seconds
               for the cold one; plain `ls` (names and types only) cold
   rename      mv of the 1 GiB file
+  many users  one user moves a 2,000-file folder into a trash folder (Nextcloud's delete)
+              while another copies in the 1 GiB file, and a third saves 4 KiB documents and
+              lists and stats a 200-file folder in a loop: the third user's latencies (p50,
+              p99, worst) and how many of each got done per second, against the same loop on
+              the idle mount; the moved folder is checked whole in the bucket
 
 With --latency-ms, everything runs a second time with that delay added each way between
 the clients and the server (tc netem on lo, or benches/latency_proxy.rs where the kernel has
@@ -38,6 +43,7 @@ import random
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -228,7 +234,124 @@ def source_tarball():
     return found[-1]
 
 
-WORKLOADS = ("data", "small", "ls")
+WORKLOADS = ("data", "small", "ls", "users")
+
+USERS_FOLDER = 2000
+USERS_LISTED = 200
+USERS_IDLE_SECONDS = 15
+USERS_MAX_SECONDS = 900
+
+
+class UserLoop:
+    """The third user: 4 KiB saves in one thread, `ls` + `stat` of a folder in another, each
+    timed, until told to stop."""
+
+    def __init__(self, fs):
+        self.fs = fs
+        self.stop = threading.Event()
+        self.saves, self.listings = [], []
+        self.errors = []
+
+    def _saves(self, tag):
+        body = os.urandom(4096)
+        i = 0
+        while not self.stop.is_set():
+            path = self.fs.p(f"users/docs/{tag}-{i:05}.odt")
+            start = time.monotonic()
+            try:
+                with open(path, "wb") as f:
+                    f.write(body)
+            except OSError as e:
+                self.errors.append(f"save {path}: {e}")
+                return
+            self.saves.append(time.monotonic() - start)
+            i += 1
+
+    def _listings(self):
+        folder = self.fs.p("users/shared")
+        while not self.stop.is_set():
+            start = time.monotonic()
+            try:
+                names = os.listdir(folder)
+                for name in names:
+                    os.stat(os.path.join(folder, name))
+            except OSError as e:
+                self.errors.append(f"ls {folder}: {e}")
+                return
+            if len(names) != USERS_LISTED:
+                self.errors.append(f"ls {folder}: {len(names)} entries, {USERS_LISTED} expected")
+                return
+            self.listings.append(time.monotonic() - start)
+
+    def run(self, tag, until):
+        """Runs the loop until `until()` is true; returns the seconds it ran."""
+        threads = [threading.Thread(target=self._saves, args=(tag,)),
+                   threading.Thread(target=self._listings)]
+        start = time.monotonic()
+        for t in threads:
+            t.start()
+        while not until() and not self.errors:
+            time.sleep(0.05)
+        self.stop.set()
+        for t in threads:
+            t.join()
+        if self.errors:
+            raise RuntimeError(f"{self.fs.name}: " + "; ".join(self.errors[:3]))
+        return time.monotonic() - start
+
+
+def percentile(values, p):
+    ordered = sorted(values)
+    if not ordered:
+        return None
+    return ordered[min(len(ordered) - 1, int(p / 100 * len(ordered)))]
+
+
+def many_users(fs, raw, local):
+    """The many-users workload (see the module doc); fills and returns its rows."""
+    r = {}
+    raw("put-many-s3fs", fs.prefix + "users/folder/", str(USERS_FOLDER))
+    raw("put-many-s3fs", fs.prefix + "users/shared/", str(USERS_LISTED))
+    fs.remount_cold()
+    os.makedirs(fs.p("users/docs"))
+    os.makedirs(fs.p("users/trash"))
+    # As the web front end would have: both folders listed once.
+    os.listdir(fs.p("users/folder"))
+    os.listdir(fs.p("users/shared"))
+    log(f"{fs.name}: many users, idle loop ({USERS_IDLE_SECONDS} s)")
+    idle = UserLoop(fs)
+    deadline = time.monotonic() + USERS_IDLE_SECONDS
+    idle_secs = idle.run("idle", lambda: time.monotonic() >= deadline)
+    log(f"{fs.name}: many users, during a folder move and a {SIZE_LABEL} upload")
+    cpu = fs.cpu_seconds()
+    jobs = [subprocess.Popen(["mv", fs.p("users/folder"), fs.p("users/trash/folder")]),
+            subprocess.Popen(["cp", str(local), fs.p("users/video.bin")])]
+    busy = UserLoop(fs)
+    start = time.monotonic()
+    busy_secs = busy.run("busy", lambda: all(j.poll() is not None for j in jobs)
+                         or time.monotonic() - start > USERS_MAX_SECONDS)
+    for j in jobs:
+        j.wait()
+        if j.returncode != 0:
+            raise RuntimeError(f"{fs.name}: {' '.join(j.args)} failed ({j.returncode})")
+    r["users_busy_seconds"] = busy_secs
+    r["users_busy_cpu"] = fs.cpu_seconds() - cpu
+    for kind, idle_v, busy_v in (("save", idle.saves, busy.saves),
+                                 ("ls", idle.listings, busy.listings)):
+        r[f"users_{kind}_p50"] = percentile(busy_v, 50)
+        r[f"users_{kind}_p99"] = percentile(busy_v, 99)
+        r[f"users_{kind}_worst"] = max(busy_v) if busy_v else None
+        r[f"users_{kind}_idle_p99"] = percentile(idle_v, 99)
+        idle_rate = len(idle_v) / idle_secs
+        r[f"users_{kind}_share"] = (len(busy_v) / busy_secs) / idle_rate if idle_rate else None
+    moved = len(os.listdir(fs.p("users/trash/folder")))
+    in_bucket = int(raw("count", fs.prefix + "users/trash/folder/")["count"])
+    left = int(raw("count", fs.prefix + "users/folder/")["count"])
+    r["users_moved_whole"] = moved == USERS_FOLDER and in_bucket >= USERS_FOLDER and left == 0
+    if not r["users_moved_whole"]:
+        log(f"{fs.name}: moved folder: {moved} entries in the mount, {in_bucket} objects in the "
+            f"bucket, {left} left behind")
+    return r
 
 
 def run_filesystem(fs, raw, local, size_mib, tree, tarball, workloads):
@@ -271,6 +394,8 @@ def run_filesystem(fs, raw, local, size_mib, tree, tarball, workloads):
         r["ls_warm"] = min(timed(ls), timed(ls))
         fs.remount_cold()
         r["ls_plain_cold"] = timed(["ls", fs.p("list")])
+    if "users" in workloads:
+        r.update(many_users(fs, raw, local))
     if "data" in workloads:
         log(f"{fs.name}: rename")
         r["rename"] = timed(["mv", fs.p("big"), fs.p("big-renamed")])
@@ -334,6 +459,19 @@ ROWS = [
     ("ls_warm", "ls -l 10,000 objects, warm", "s", False),
     ("ls_plain_cold", "ls 10,000 objects, cold", "s", False),
     ("rename", "rename {size}", "s", False),
+    ("users_save_p50", "many users: 4 KiB save, p50", "s", False),
+    ("users_save_p99", "  ... p99", "s", False),
+    ("users_save_worst", "  ... worst", "s", False),
+    ("users_save_idle_p99", "  ... p99 on the idle mount", "s", False),
+    ("users_save_share", "  ... saves done, of the idle rate", "of idle", True),
+    ("users_ls_p50", "many users: ls + stat of 200 files, p50", "s", False),
+    ("users_ls_p99", "  ... p99", "s", False),
+    ("users_ls_worst", "  ... worst", "s", False),
+    ("users_ls_idle_p99", "  ... p99 on the idle mount", "s", False),
+    ("users_ls_share", "  ... listings done, of the idle rate", "of idle", True),
+    ("users_busy_seconds", "  ... the 2,000-file move and {size} upload took", "s", False),
+    ("users_busy_cpu", "  ... daemon CPU meanwhile", "s", False),
+    ("users_moved_whole", "  ... moved folder whole in the bucket", "", True),
     ("peak_rss_mib", "peak RSS of the daemon", "MiB", False),
 ]
 
@@ -343,6 +481,10 @@ PEERS = ["s3fs", "rclone"]
 def fmt(v, unit):
     if v is None:
         return "-"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if unit == "of idle":
+        return f"{v:.0%}"
     if unit == "IOPS":
         return f"{v:,.0f}"
     if unit == "MiB":
@@ -352,7 +494,7 @@ def fmt(v, unit):
 
 def advantage(ours, other, higher_is_better):
     """How many times better s3bridge is than `other` (>1: s3bridge wins)."""
-    if ours is None or other is None or ours == 0 or other == 0:
+    if ours is None or other is None or ours == 0 or other == 0 or isinstance(ours, bool):
         return None
     return ours / other if higher_is_better else other / ours
 
@@ -399,7 +541,8 @@ def table(results, refs, title):
 def svg(all_runs, path):
     """Horizontal bars: each filesystem's speed relative to s3bridge (log scale), per workload."""
     colors = {"s3bridge": "#1f77b4", "s3fs": "#ff7f0e", "rclone": "#2ca02c"}
-    rows = [r for r in ROWS if r[0] not in ("write_in_bucket", "peak_rss_mib", "ls_cold_cpu")]
+    rows = [r for r in ROWS if r[0] not in ("write_in_bucket", "peak_rss_mib", "ls_cold_cpu")
+            and (not r[0].startswith("users_") or r[0] in ("users_save_p99", "users_ls_p99"))]
     import math
     bar, gap, left, width = 9, 10, 250, 420
     blocks = []
@@ -447,7 +590,7 @@ def main():
     ap.add_argument("--only", default="s3bridge,s3fs,rclone")
     ap.add_argument("--workloads", default=",".join(WORKLOADS),
                     help="which groups to run: data (write, reads, random reads, rename), "
-                         "small (cp -r, untar), ls (listings)")
+                         "small (cp -r, untar), ls (listings), users (many users at once)")
     args = ap.parse_args()
 
     global S3BRIDGE, SIZE_LABEL
@@ -460,7 +603,7 @@ def main():
     if unknown:
         ap.error(f"unknown workloads: {', '.join(sorted(unknown))}")
     local = work / "big.bin"
-    if "data" in workloads:
+    if "data" in workloads or "users" in workloads:
         log(f"making {args.size_mib} MiB of test data")
         run(["dd", "if=/dev/urandom", f"of={local}", "bs=1M", f"count={args.size_mib}"],
             stderr=subprocess.DEVNULL)

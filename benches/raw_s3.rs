@@ -52,7 +52,7 @@ async fn main() {
     );
     let arg = |i: usize| -> &str {
         args.get(i).map(String::as_str).unwrap_or_else(|| {
-            panic!("usage: raw_s3 put|get|copy|move|put-many|delete-prefix ARGS")
+            panic!("usage: raw_s3 put|get|copy|move|size|put-many|put-many-s3fs|head-all|count|delete-prefix ARGS")
         })
     };
     let started = Instant::now();
@@ -88,6 +88,11 @@ async fn main() {
         }
         "put-many-s3fs" => put_many(&store, arg(1), arg(2).parse().unwrap(), s3fs_headers).await,
         "head-all" => head_all(&store, arg(1), arg(2).parse().unwrap()).await,
+        "count" => {
+            // Objects under a prefix: to check that a moved folder arrived whole.
+            println!("count={}", list_all(&store, arg(1)).await.len());
+            return;
+        }
         "delete-prefix" => {
             let keys = list_all(&store, arg(1)).await;
             for chunk in keys.chunks(1000) {
