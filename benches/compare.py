@@ -300,11 +300,11 @@ class UserLoop:
         return time.monotonic() - start
 
 
-def percentile(values, p):
+def percentile_ms(values, p):
     ordered = sorted(values)
     if not ordered:
         return None
-    return ordered[min(len(ordered) - 1, int(p / 100 * len(ordered)))]
+    return 1000 * ordered[min(len(ordered) - 1, int(p / 100 * len(ordered)))]
 
 
 def many_users(fs, raw, local):
@@ -338,10 +338,10 @@ def many_users(fs, raw, local):
     r["users_busy_cpu"] = fs.cpu_seconds() - cpu
     for kind, idle_v, busy_v in (("save", idle.saves, busy.saves),
                                  ("ls", idle.listings, busy.listings)):
-        r[f"users_{kind}_p50"] = percentile(busy_v, 50)
-        r[f"users_{kind}_p99"] = percentile(busy_v, 99)
-        r[f"users_{kind}_worst"] = max(busy_v) if busy_v else None
-        r[f"users_{kind}_idle_p99"] = percentile(idle_v, 99)
+        r[f"users_{kind}_p50"] = percentile_ms(busy_v, 50)
+        r[f"users_{kind}_p99"] = percentile_ms(busy_v, 99)
+        r[f"users_{kind}_worst"] = percentile_ms(busy_v, 100)
+        r[f"users_{kind}_idle_p99"] = percentile_ms(idle_v, 99)
         idle_rate = len(idle_v) / idle_secs
         r[f"users_{kind}_share"] = (len(busy_v) / busy_secs) / idle_rate if idle_rate else None
     moved = len(os.listdir(fs.p("users/trash/folder")))
@@ -459,15 +459,15 @@ ROWS = [
     ("ls_warm", "ls -l 10,000 objects, warm", "s", False),
     ("ls_plain_cold", "ls 10,000 objects, cold", "s", False),
     ("rename", "rename {size}", "s", False),
-    ("users_save_p50", "many users: 4 KiB save, p50", "s", False),
-    ("users_save_p99", "  ... p99", "s", False),
-    ("users_save_worst", "  ... worst", "s", False),
-    ("users_save_idle_p99", "  ... p99 on the idle mount", "s", False),
+    ("users_save_p50", "many users: 4 KiB save, p50", "ms", False),
+    ("users_save_p99", "  ... p99", "ms", False),
+    ("users_save_worst", "  ... worst", "ms", False),
+    ("users_save_idle_p99", "  ... p99 on the idle mount", "ms", False),
     ("users_save_share", "  ... saves done, of the idle rate", "of idle", True),
-    ("users_ls_p50", "many users: ls + stat of 200 files, p50", "s", False),
-    ("users_ls_p99", "  ... p99", "s", False),
-    ("users_ls_worst", "  ... worst", "s", False),
-    ("users_ls_idle_p99", "  ... p99 on the idle mount", "s", False),
+    ("users_ls_p50", "many users: ls + stat of 200 files, p50", "ms", False),
+    ("users_ls_p99", "  ... p99", "ms", False),
+    ("users_ls_worst", "  ... worst", "ms", False),
+    ("users_ls_idle_p99", "  ... p99 on the idle mount", "ms", False),
     ("users_ls_share", "  ... listings done, of the idle rate", "of idle", True),
     ("users_busy_seconds", "  ... the 2,000-file move and {size} upload took", "s", False),
     ("users_busy_cpu", "  ... daemon CPU meanwhile", "s", False),
@@ -485,6 +485,8 @@ def fmt(v, unit):
         return "yes" if v else "no"
     if unit == "of idle":
         return f"{v:.0%}"
+    if unit == "ms":
+        return f"{v:.1f}" if v < 100 else f"{v:,.0f}"
     if unit == "IOPS":
         return f"{v:,.0f}"
     if unit == "MiB":

@@ -2,6 +2,9 @@
 //!
 //! Nothing here waits: each request becomes a task on the runtime and the request loop goes
 //! straight back to `/dev/fuse`, so a slow S3 call holds up only the caller that needs it.
+//! The few answered on the loop itself take only memory and short in-memory locks: statfs
+//! (constant), forget's lookup counts (the row it may delete goes to a blocking thread),
+//! releasedir, and a readdirplus batch of a listing already made (if its lock is free).
 //! Semantics live in [`crate::fs`]; this file only translates types and errnos.
 
 use std::ffi::OsStr;

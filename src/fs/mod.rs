@@ -2,9 +2,12 @@
 //!
 //! [`Fs`] answers the questions the kernel asks (lookup, getattr, readdir, read, write,
 //! rename, ...) in terms of the inode table ([`crate::meta`]), staging files
-//! ([`crate::cache::staging`]) and an [`ObjectStore`]. It never blocks on S3 while holding a
-//! lock that unrelated requests need, and every operation is `async` so the FUSE adapter can
-//! run many at once. It is tested against [`crate::store::mem::MemStore`] without a mount.
+//! ([`crate::cache::staging`]) and an [`ObjectStore`]. Every operation is `async` so the FUSE
+//! adapter can run many at once, and the locks held across an S3 request are needed only by
+//! requests on the same entries: a directory's (while it is changed), a file's content lock
+//! (while it is uploaded — its reads and opens still wait for that), the keys a write holds
+//! and the prefixes a directory move holds. It is tested against
+//! [`crate::store::mem::MemStore`] without a mount.
 //!
 //! Locking, from outermost to innermost (never the other way round):
 //! 1. directory locks ([`locks::LockMap`]) held by operations that change a directory's

@@ -762,6 +762,8 @@ impl Fs {
         }
     }
 
+    /// Gives the entries under a moved directory (`dir`, from `old_prefix` to `new_prefix`)
+    /// the ETags of their copies, and open files the keys their originals now have.
     pub(super) async fn retarget_subtree(
         &self,
         dir: u64,
@@ -773,47 +775,40 @@ impl Fs {
             // The directory's own marker was copied too.
             self.meta.set_marker(dir, etag, now_ns())?;
         }
-        let mut pending = vec![(dir, old_prefix.to_string())];
-        while let Some((ino, prefix)) = pending.pop() {
-            for mut child in self.meta.children(ino)? {
-                let is_dir = child.kind == Kind::Dir;
-                let old_key = format!("{prefix}{}{}", child.name, if is_dir { "/" } else { "" });
-                if is_dir {
-                    pending.push((child.ino, old_key.clone()));
-                }
-                let Some(etag) = new_etags.get(&old_key) else {
-                    continue;
-                };
-                // The copy is another object: its Last-Modified comes with the next listing.
-                child.etag = Some(etag.clone());
-                child.last_modified = None;
-                child.validated_at = now_ns();
-                self.meta.save(&child)?;
-                if let Some(f) = self.open_file_of(child.ino) {
-                    let new_key = format!("{new_prefix}{}", &old_key[old_prefix.len()..]);
-                    let now_at = Original {
-                        key: new_key,
-                        etag: etag.clone(),
-                    };
-                    let mut st = f.state.lock().await;
-                    let journaled = st.journaled;
-                    if let Some(staging) = st.staging.as_mut()
-                        && staging.original().is_some()
-                    {
-                        staging.set_original(now_at.clone());
-                        if journaled {
-                            self.meta.save_staging(child.ino, &staging.record())?;
-                        }
-                    }
-                    if st.remote.is_some() {
-                        st.remote = Some(now_at);
-                    }
-                    let mut live = f.attrs();
-                    live.etag = Some(etag.clone());
-                    live.last_modified = None;
-                    f.set_attrs(live);
+        // One transaction for the whole subtree, on a blocking thread: thousands of rows
+        // take a worker long enough to hold up the requests queued on it.
+        let (meta, old, etags) = (self.meta.clone(), old_prefix.to_string(), new_etags.clone());
+        let changed =
+            tokio::task::spawn_blocking(move || meta.retarget_subtree(dir, &old, &etags, now_ns()))
+                .await
+                .map_err(|e| FsError::Io(std::io::Error::other(e)))??;
+        for (ino, old_key, etag) in changed {
+            // The copy is another object: its Last-Modified comes with the next listing.
+            let Some(f) = self.open_file_of(ino) else {
+                continue;
+            };
+            let now_at = Original {
+                key: format!("{new_prefix}{}", &old_key[old_prefix.len()..]),
+                etag: etag.clone(),
+            };
+            let mut st = f.state.lock().await;
+            let journaled = st.journaled;
+            if let Some(staging) = st.staging.as_mut()
+                && staging.original().is_some()
+            {
+                staging.set_original(now_at.clone());
+                if journaled {
+                    self.meta.save_staging(ino, &staging.record())?;
                 }
             }
+            if st.remote.is_some() {
+                st.remote = Some(now_at);
+            }
+            let mut live = f.attrs();
+            live.etag = Some(etag);
+            live.last_modified = None;
+            live.validated_at = now_ns();
+            f.set_attrs(live);
         }
         Ok(())
     }

@@ -493,6 +493,55 @@ impl InodeTable {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
+    /// After a move of directory `dir` from `old_prefix`: gives every entry under it whose
+    /// old key is in `new_etags` (old key → its copy's ETag) that ETag, validated `at`, in one
+    /// transaction (a 2,000-file folder's rows one statement each took the lock 4,000 times
+    /// in a row). Returns the entries changed: inode, old key, new ETag.
+    pub fn retarget_subtree(
+        &self,
+        dir: u64,
+        old_prefix: &str,
+        new_etags: &std::collections::HashMap<String, String>,
+        at: i64,
+    ) -> MetaResult<Vec<(u64, String, String)>> {
+        let mut conn = self.conn.lock().unwrap();
+        let tx = conn.transaction()?;
+        let mut changed = Vec::new();
+        {
+            let mut children =
+                tx.prepare_cached("SELECT ino, name, kind FROM inodes WHERE parent = ?1")?;
+            let mut update = tx.prepare_cached(
+                "UPDATE inodes SET etag = ?2, last_modified = NULL, validated_at = ?3
+                 WHERE ino = ?1",
+            )?;
+            let mut pending = vec![(dir, old_prefix.to_string())];
+            while let Some((ino, prefix)) = pending.pop() {
+                let rows = children
+                    .query_map([ino], |r| {
+                        Ok((
+                            r.get::<_, u64>(0)?,
+                            r.get::<_, String>(1)?,
+                            r.get::<_, u32>(2)?,
+                        ))
+                    })?
+                    .collect::<Result<Vec<_>, _>>()?;
+                for (child, name, kind) in rows {
+                    let is_dir = kind == libc::S_IFDIR;
+                    let old_key = format!("{prefix}{name}{}", if is_dir { "/" } else { "" });
+                    if is_dir {
+                        pending.push((child, old_key.clone()));
+                    }
+                    if let Some(etag) = new_etags.get(&old_key) {
+                        update.execute(params![child, etag, at])?;
+                        changed.push((child, old_key, etag.clone()));
+                    }
+                }
+            }
+        }
+        tx.commit()?;
+        Ok(changed)
+    }
+
     /// Whether directory `parent` has any entry.
     pub fn has_children(&self, parent: u64) -> MetaResult<bool> {
         let conn = self.conn.lock().unwrap();
