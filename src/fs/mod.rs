@@ -1008,9 +1008,7 @@ impl Fs {
         let prefix = self.key_of(&dir)?;
         let read = self.local.start_read();
         let timer = std::time::Instant::now();
-        let known: HashMap<String, Inode> = self
-            .meta
-            .children(dir_ino)?
+        let known: HashMap<String, Inode> = off_worker(|| self.meta.children(dir_ino))?
             .into_iter()
             .map(|r| (r.name.clone(), r))
             .collect();
@@ -1033,13 +1031,10 @@ impl Fs {
             let failed: FsError = match events.recv().await {
                 Some(Ok(listing::ListEvent::Entries { files, dirs })) => {
                     entries += files.len() + dirs.len();
-                    let applied = self.meta.apply_listed(
-                        &mut applying,
-                        &files,
-                        &dirs,
-                        &self.defaults,
-                        &state,
-                    );
+                    let applied = off_worker(|| {
+                        self.meta
+                            .apply_listed(&mut applying, &files, &dirs, &self.defaults, &state)
+                    });
                     match applied {
                         Ok(()) => continue,
                         Err(e) => e.into(),
@@ -1051,7 +1046,7 @@ impl Fs {
             };
             // What the pages applied so far changed is in the table: the kernel and the
             // directory's clock must learn it now, as the next listing will not find it.
-            match self.meta.abandon_listing(applying, &state) {
+            match off_worker(|| self.meta.abandon_listing(applying, &state)) {
                 Ok(changes) => self.after_changes(dir_ino, &changes).await,
                 Err(e) => debug!(dir = dir_ino, "an incomplete listing: {e}"),
             }
@@ -1060,9 +1055,10 @@ impl Fs {
         for key in &end.hidden {
             self.hidden.hide(key);
         }
-        let changes =
+        let changes = off_worker(|| {
             self.meta
-                .finish_listing(applying, end.marker.as_ref(), &self.defaults, &state)?;
+                .finish_listing(applying, end.marker.as_ref(), &self.defaults, &state)
+        })?;
         debug!(
             dir = dir_ino,
             entries,
@@ -1479,6 +1475,18 @@ impl Fs {
 /// the directory. The kernel's cache of a directory's entries and a handle's own snapshot
 /// may then be read one after the other without an entry skipped or repeated (only added and
 /// removed entries differ, which POSIX leaves open). Children have inodes above the root's 1.
+/// Runs `work`, a stretch of synchronous table work long enough to matter (a listing's page
+/// of 1,000 entries, a moved folder's rows: milliseconds to a few hundred), so that the tasks
+/// queued on this worker move to another thread meanwhile rather than wait behind it (a save
+/// waited out a whole 2,000-file folder move that way). On a single-threaded runtime (unit
+/// tests) it just runs.
+fn off_worker<T>(work: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(work),
+        _ => work(),
+    }
+}
+
 fn entry_offset(ino: u64) -> u64 {
     ino + 2
 }

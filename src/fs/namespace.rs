@@ -775,13 +775,11 @@ impl Fs {
             // The directory's own marker was copied too.
             self.meta.set_marker(dir, etag, now_ns())?;
         }
-        // One transaction for the whole subtree, on a blocking thread: thousands of rows
-        // take a worker long enough to hold up the requests queued on it.
-        let (meta, old, etags) = (self.meta.clone(), old_prefix.to_string(), new_etags.clone());
-        let changed =
-            tokio::task::spawn_blocking(move || meta.retarget_subtree(dir, &old, &etags, now_ns()))
-                .await
-                .map_err(|e| FsError::Io(std::io::Error::other(e)))??;
+        // One transaction for the whole subtree, off the worker.
+        let changed = super::off_worker(|| {
+            self.meta
+                .retarget_subtree(dir, old_prefix, new_etags, now_ns())
+        })?;
         for (ino, old_key, etag) in changed {
             // The copy is another object: its Last-Modified comes with the next listing.
             let Some(f) = self.open_file_of(ino) else {
