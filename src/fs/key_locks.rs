@@ -98,34 +98,7 @@ impl KeyLocks {
         &self,
         keys_now: impl Fn() -> Result<[String; N], E>,
     ) -> Result<([String; N], WriteGuard<'_>), E> {
-        loop {
-            let keys = keys_now()?;
-            let guard = self.write_these(&keys).await;
-            if keys_now()? == keys {
-                return Ok((keys, guard));
-            }
-        }
-    }
-
-    async fn write_these(&self, keys: &[String]) -> WriteGuard<'_> {
-        loop {
-            let released = self.released.notified();
-            tokio::pin!(released);
-            released.as_mut().enable();
-            {
-                let mut state = self.state.lock().unwrap();
-                if !keys.iter().any(|k| state.covered(k)) {
-                    for k in keys {
-                        *state.writing.entry(k.clone()).or_default() += 1;
-                    }
-                    return WriteGuard {
-                        locks: self,
-                        keys: keys.to_vec(),
-                    };
-                }
-            }
-            released.await;
-        }
+        hold_as_computed(keys_now, |keys| self.write_these(keys)).await
     }
 
     /// Holds the prefixes `prefixes_now` gives for a directory move, once no write under
@@ -135,33 +108,45 @@ impl KeyLocks {
         &self,
         prefixes_now: impl Fn() -> Result<[String; N], E>,
     ) -> Result<([String; N], MoveGuard<'_>), E> {
-        loop {
-            let prefixes = prefixes_now()?;
-            let guard = self.move_these(&prefixes).await;
-            if prefixes_now()? == prefixes {
-                return Ok((prefixes, guard));
-            }
-        }
+        hold_as_computed(prefixes_now, |prefixes| self.move_these(prefixes)).await
     }
 
-    async fn move_these(&self, prefixes: &[String]) -> MoveGuard<'_> {
+    async fn write_these(&self, keys: Vec<String>) -> WriteGuard<'_> {
+        self.wait_for(|state| {
+            if keys.iter().any(|k| state.covered(k)) {
+                return false;
+            }
+            for k in &keys {
+                *state.writing.entry(k.clone()).or_default() += 1;
+            }
+            true
+        })
+        .await;
+        WriteGuard { locks: self, keys }
+    }
+
+    async fn move_these(&self, prefixes: Vec<String>) -> MoveGuard<'_> {
         let guard = {
             let mut state = self.state.lock().unwrap();
             let id = state.next_move;
             state.next_move += 1;
-            state.moves.push(Move {
-                id,
-                prefixes: prefixes.to_vec(),
-            });
+            state.moves.push(Move { id, prefixes });
             // Dropped while waiting (the request was abandoned): the entry goes with it.
             MoveGuard { locks: self, id }
         };
+        self.wait_for(|state| state.may_move(guard.id)).await;
+        guard
+    }
+
+    /// Waits until `take` succeeds on the state (it is tried again after each release).
+    async fn wait_for(&self, mut take: impl FnMut(&mut State) -> bool) {
         loop {
             let released = self.released.notified();
             tokio::pin!(released);
+            // Registered before the state is looked at, so a release in between wakes it.
             released.as_mut().enable();
-            if self.state.lock().unwrap().may_move(guard.id) {
-                return guard;
+            if take(&mut self.state.lock().unwrap()) {
+                return;
             }
             released.await;
         }
@@ -172,6 +157,24 @@ impl KeyLocks {
     fn held(&self) -> (usize, usize) {
         let state = self.state.lock().unwrap();
         (state.writing.len(), state.moves.len())
+    }
+}
+
+/// Holds, with `lock`, the keys `keys_now` gives; computes them again once held, and starts
+/// over if they changed meanwhile.
+async fn hold_as_computed<const N: usize, E, G, F>(
+    keys_now: impl Fn() -> Result<[String; N], E>,
+    lock: impl Fn(Vec<String>) -> F,
+) -> Result<([String; N], G), E>
+where
+    F: std::future::Future<Output = G>,
+{
+    loop {
+        let keys = keys_now()?;
+        let guard = lock(keys.to_vec()).await;
+        if keys_now()? == keys {
+            return Ok((keys, guard));
+        }
     }
 }
 
@@ -212,11 +215,11 @@ mod tests {
     use super::*;
 
     async fn write<'a>(locks: &'a KeyLocks, key: &str) -> WriteGuard<'a> {
-        locks.write_these(&[key.to_string()]).await
+        locks.write_these(vec![key.to_string()]).await
     }
 
     async fn moving<'a>(locks: &'a KeyLocks, prefix: &str) -> MoveGuard<'a> {
-        locks.move_these(&[prefix.to_string()]).await
+        locks.move_these(vec![prefix.to_string()]).await
     }
 
     /// Whether `fut` is still pending after the others had time to run.
@@ -231,8 +234,7 @@ mod tests {
         let locks = Arc::new(KeyLocks::default());
         let inside = write(&locks, "a/b/f").await;
         let outside = write(&locks, "a/c").await;
-        let prefixes = ["a/b/".to_string(), "x/".to_string()];
-        let mut mv = Box::pin(locks.move_these(&prefixes));
+        let mut mv = Box::pin(locks.move_these(vec!["a/b/".to_string(), "x/".to_string()]));
         assert!(pending(&mut mv).await);
         drop(outside);
         assert!(
