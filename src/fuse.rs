@@ -20,7 +20,7 @@ use fuser::{
     ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs,
     ReplyWrite, ReplyXattr, Request, SessionACL, TimeOrNow, WriteFlags,
 };
-use tracing::{debug, warn};
+use tracing::{Instrument, debug, instrument, warn};
 
 use crate::fs::kernel::{Invalidation, KernelCache};
 use crate::fs::{self, Attr, BLKSIZE, Caller, Fs, FsError, SetAttr, TimeSet};
@@ -55,7 +55,8 @@ impl FuseAdapter {
     where
         F: Future<Output = ()> + Send + 'static,
     {
-        self.rt.spawn(f(self.fs.clone()));
+        // The task runs in the request's span: its request id, inode and pid.
+        self.rt.spawn(f(self.fs.clone()).in_current_span());
     }
 }
 
@@ -240,7 +241,8 @@ impl fuser::Filesystem for FuseAdapter {
         }
     }
 
-    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+    #[instrument(level = "debug", skip_all, fields(req = u64::from(req.unique()), ino = parent.0, pid = req.pid()))]
+    fn lookup(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         let (name, ttl) = (name.to_owned(), self.ttl);
         self.spawn(move |fs| async move {
             match fs.lookup(parent.0, &name).await {
@@ -269,7 +271,8 @@ impl fuser::Filesystem for FuseAdapter {
         });
     }
 
-    fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+    #[instrument(level = "debug", skip_all, fields(req = u64::from(req.unique()), ino = ino.0, pid = req.pid()))]
+    fn forget(&self, req: &Request, ino: INodeNo, nlookup: u64) {
         // Counting is in memory; deleting an unlinked row is SQL, which may wait for the
         // table's lock (a listing's page, a durable commit): off the request loop.
         if self.fs.forget(ino.0, nlookup) {
@@ -278,16 +281,18 @@ impl fuser::Filesystem for FuseAdapter {
         }
     }
 
-    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+    #[instrument(level = "debug", skip_all, fields(req = u64::from(req.unique()), ino = ino.0, pid = req.pid()))]
+    fn getattr(&self, req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
         let ttl = self.ttl;
         self.spawn(move |fs| async move {
             reply_attr(reply, ttl, "getattr", fs.getattr(ino.0).await);
         });
     }
 
+    #[instrument(level = "debug", skip_all, fields(req = u64::from(req.unique()), ino = ino.0, pid = req.pid()))]
     fn setattr(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         mode: Option<u32>,
         uid: Option<u32>,
@@ -322,7 +327,8 @@ impl fuser::Filesystem for FuseAdapter {
         });
     }
 
-    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+    #[instrument(level = "debug", skip_all, fields(req = u64::from(req.unique()), ino = ino.0, pid = req.pid()))]
+    fn readlink(&self, req: &Request, ino: INodeNo, reply: ReplyData) {
         self.spawn(move |fs| async move {
             match fs.readlink(ino.0).await {
                 Ok(t) => reply.data(&t),
@@ -331,6 +337,7 @@ impl fuser::Filesystem for FuseAdapter {
         });
     }
 
+    #[instrument(level = "debug", skip_all, fields(req = u64::from(req.unique()), ino = parent.0, pid = req.pid()))]
     fn mknod(
         &self,
         req: &Request,
@@ -352,6 +359,7 @@ impl fuser::Filesystem for FuseAdapter {
         });
     }
 
+    #[instrument(level = "debug", skip_all, fields(req = u64::from(req.unique()), ino = parent.0, pid = req.pid()))]
     fn mkdir(
         &self,
         req: &Request,
@@ -372,20 +380,23 @@ impl fuser::Filesystem for FuseAdapter {
         });
     }
 
-    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+    #[instrument(level = "debug", skip_all, fields(req = u64::from(req.unique()), ino = parent.0, pid = req.pid()))]
+    fn unlink(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let name = name.to_owned();
         self.spawn(move |fs| async move {
             reply_empty(reply, "unlink", fs.unlink(parent.0, &name).await);
         });
     }
 
-    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+    #[instrument(level = "debug", skip_all, fields(req = u64::from(req.unique()), ino = parent.0, pid = req.pid()))]
+    fn rmdir(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let name = name.to_owned();
         self.spawn(move |fs| async move {
             reply_empty(reply, "rmdir", fs.rmdir(parent.0, &name).await);
         });
     }
 
+    #[instrument(level = "debug", skip_all, fields(req = u64::from(req.unique()), ino = parent.0, pid = req.pid()))]
     fn symlink(
         &self,
         req: &Request,
@@ -406,9 +417,10 @@ impl fuser::Filesystem for FuseAdapter {
         });
     }
 
+    #[instrument(level = "debug", skip_all, fields(req = u64::from(req.unique()), ino = parent.0, pid = req.pid()))]
     fn rename(
         &self,
-        _req: &Request,
+        req: &Request,
         parent: INodeNo,
         name: &OsStr,
         newparent: INodeNo,
@@ -425,10 +437,11 @@ impl fuser::Filesystem for FuseAdapter {
         });
     }
 
+    #[instrument(level = "debug", skip_all, fields(req = u64::from(req.unique()), ino = ino.0, pid = req.pid()))]
     fn link(
         &self,
-        _req: &Request,
-        _ino: INodeNo,
+        req: &Request,
+        ino: INodeNo,
         _newparent: INodeNo,
         _newname: &OsStr,
         reply: ReplyEntry,
@@ -436,6 +449,7 @@ impl fuser::Filesystem for FuseAdapter {
         reply_entry(reply, self.ttl, "link", self.fs.link());
     }
 
+    #[instrument(level = "debug", skip_all, fields(req = u64::from(req.unique()), ino = ino.0, pid = req.pid()))]
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let who = caller(req);
         self.spawn(move |fs| async move {
@@ -444,10 +458,11 @@ impl fuser::Filesystem for FuseAdapter {
         });
     }
 
+    #[instrument(level = "debug", skip_all, fields(req = u64::from(req.unique()), ino = ino.0, pid = req.pid()))]
     fn read(
         &self,
-        _req: &Request,
-        _ino: INodeNo,
+        req: &Request,
+        ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         size: u32,
@@ -463,10 +478,11 @@ impl fuser::Filesystem for FuseAdapter {
         });
     }
 
+    #[instrument(level = "debug", skip_all, fields(req = u64::from(req.unique()), ino = ino.0, pid = req.pid()))]
     fn write(
         &self,
-        _req: &Request,
-        _ino: INodeNo,
+        req: &Request,
+        ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         data: &[u8],
@@ -484,10 +500,11 @@ impl fuser::Filesystem for FuseAdapter {
         });
     }
 
+    #[instrument(level = "debug", skip_all, fields(req = u64::from(req.unique()), ino = ino.0, pid = req.pid()))]
     fn flush(
         &self,
-        _req: &Request,
-        _ino: INodeNo,
+        req: &Request,
+        ino: INodeNo,
         fh: FileHandle,
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
@@ -497,10 +514,11 @@ impl fuser::Filesystem for FuseAdapter {
         });
     }
 
+    #[instrument(level = "debug", skip_all, fields(req = u64::from(req.unique()), ino = ino.0, pid = req.pid()))]
     fn release(
         &self,
-        _req: &Request,
-        _ino: INodeNo,
+        req: &Request,
+        ino: INodeNo,
         fh: FileHandle,
         _flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
@@ -513,10 +531,11 @@ impl fuser::Filesystem for FuseAdapter {
         });
     }
 
+    #[instrument(level = "debug", skip_all, fields(req = u64::from(req.unique()), ino = ino.0, pid = req.pid()))]
     fn fsync(
         &self,
-        _req: &Request,
-        _ino: INodeNo,
+        req: &Request,
+        ino: INodeNo,
         fh: FileHandle,
         _datasync: bool,
         reply: ReplyEmpty,
@@ -526,16 +545,18 @@ impl fuser::Filesystem for FuseAdapter {
         });
     }
 
-    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+    #[instrument(level = "debug", skip_all, fields(req = u64::from(req.unique()), ino = ino.0, pid = req.pid()))]
+    fn opendir(&self, req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         self.spawn(move |fs| async move {
             let opened = fs.opendir(ino.0).await;
             reply_opened(reply, "opendir", FopenFlags::FOPEN_CACHE_DIR, opened);
         });
     }
 
+    #[instrument(level = "debug", skip_all, fields(req = u64::from(req.unique()), ino = ino.0, pid = req.pid()))]
     fn readdir(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         fh: FileHandle,
         offset: u64,
@@ -556,9 +577,10 @@ impl fuser::Filesystem for FuseAdapter {
         });
     }
 
+    #[instrument(level = "debug", skip_all, fields(req = u64::from(req.unique()), ino = ino.0, pid = req.pid()))]
     fn readdirplus(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         fh: FileHandle,
         offset: u64,
@@ -575,10 +597,11 @@ impl fuser::Filesystem for FuseAdapter {
         });
     }
 
+    #[instrument(level = "debug", skip_all, fields(req = u64::from(req.unique()), ino = ino.0, pid = req.pid()))]
     fn releasedir(
         &self,
-        _req: &Request,
-        _ino: INodeNo,
+        req: &Request,
+        ino: INodeNo,
         fh: FileHandle,
         _flags: OpenFlags,
         reply: ReplyEmpty,
@@ -587,10 +610,11 @@ impl fuser::Filesystem for FuseAdapter {
         reply.ok();
     }
 
+    #[instrument(level = "debug", skip_all, fields(req = u64::from(req.unique()), ino = ino.0, pid = req.pid()))]
     fn fsyncdir(
         &self,
-        _req: &Request,
-        _ino: INodeNo,
+        req: &Request,
+        ino: INodeNo,
         _fh: FileHandle,
         _datasync: bool,
         reply: ReplyEmpty,
@@ -599,10 +623,11 @@ impl fuser::Filesystem for FuseAdapter {
         reply.ok();
     }
 
+    #[instrument(level = "debug", skip_all, fields(req = u64::from(req.unique()), ino = ino.0, pid = req.pid()))]
     fn fallocate(
         &self,
-        _req: &Request,
-        _ino: INodeNo,
+        req: &Request,
+        ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         length: u64,
@@ -618,16 +643,18 @@ impl fuser::Filesystem for FuseAdapter {
         });
     }
 
-    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+    #[instrument(level = "debug", skip_all, fields(req = u64::from(req.unique()), ino = ino.0, pid = req.pid()))]
+    fn statfs(&self, req: &Request, ino: INodeNo, reply: ReplyStatfs) {
         let s = self.fs.statfs();
         reply.statfs(
             s.blocks, s.bfree, s.bavail, s.files, s.ffree, s.bsize, s.namelen, s.bsize,
         );
     }
 
+    #[instrument(level = "debug", skip_all, fields(req = u64::from(req.unique()), ino = ino.0, pid = req.pid()))]
     fn setxattr(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         name: &OsStr,
         value: &[u8],
@@ -650,7 +677,8 @@ impl fuser::Filesystem for FuseAdapter {
         });
     }
 
-    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+    #[instrument(level = "debug", skip_all, fields(req = u64::from(req.unique()), ino = ino.0, pid = req.pid()))]
+    fn getxattr(&self, req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
         if !self.xattrs {
             // ENOSYS: the kernel stops asking and answers EOPNOTSUPP itself from then on.
             reply.error(Errno::ENOSYS);
@@ -671,7 +699,8 @@ impl fuser::Filesystem for FuseAdapter {
         });
     }
 
-    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+    #[instrument(level = "debug", skip_all, fields(req = u64::from(req.unique()), ino = ino.0, pid = req.pid()))]
+    fn listxattr(&self, req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
         if !self.xattrs {
             // ENOSYS: the kernel stops asking and answers EOPNOTSUPP itself from then on.
             reply.error(Errno::ENOSYS);
@@ -685,7 +714,8 @@ impl fuser::Filesystem for FuseAdapter {
         });
     }
 
-    fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+    #[instrument(level = "debug", skip_all, fields(req = u64::from(req.unique()), ino = ino.0, pid = req.pid()))]
+    fn removexattr(&self, req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         if !self.xattrs {
             // ENOSYS: the kernel stops asking and answers EOPNOTSUPP itself from then on.
             reply.error(Errno::ENOSYS);
@@ -697,6 +727,7 @@ impl fuser::Filesystem for FuseAdapter {
         });
     }
 
+    #[instrument(level = "debug", skip_all, fields(req = u64::from(req.unique()), ino = ino.0, pid = req.pid()))]
     fn access(&self, req: &Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
         // A row read, which may wait for the table's lock: off the request loop.
         let (mask, caller) = (mask.bits(), caller(req));
@@ -705,6 +736,7 @@ impl fuser::Filesystem for FuseAdapter {
         });
     }
 
+    #[instrument(level = "debug", skip_all, fields(req = u64::from(req.unique()), ino = parent.0, pid = req.pid()))]
     fn create(
         &self,
         req: &Request,
