@@ -523,7 +523,8 @@ impl Fs {
         let ctx = self.stream_context();
         let sent = match (st.staging.as_ref().map(|s| s.reader()), st.stream.as_mut()) {
             (Some(Ok(reader)), Some(stream)) => stream.send_ready(ctx, &reader, size).await,
-            _ => Err(StoreError::Other("staging file unreadable".into())),
+            (Some(Err(e)), _) => Err(StoreError::Local(e)),
+            _ => Err(StoreError::Other("no staging file or no stream".into())),
         };
         if let Err(e) = sent {
             warn!(

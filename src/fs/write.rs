@@ -56,9 +56,7 @@ pub async fn fetch_blocks(
         let want = staging.fetch_range(b);
         let len = (want.end - want.start) as usize;
         match cache.and_then(|c| c.get(&id(b), 0..len)) {
-            Some(data) => staging
-                .fill_block(b, &data)
-                .map_err(|e| StoreError::Other(format!("staging file: {e}")))?,
+            Some(data) => staging.fill_block(b, &data).map_err(StoreError::Local)?,
             None => missing.push(b),
         }
     }
@@ -80,9 +78,7 @@ pub async fn fetch_blocks(
             {
                 c.put(&id(b), &data);
             }
-            staging
-                .fill_block(b, &data)
-                .map_err(|e| StoreError::Other(format!("staging file: {e}")))?;
+            staging.fill_block(b, &data).map_err(StoreError::Local)?;
         }
     }
     Ok(())
@@ -112,9 +108,7 @@ pub(super) async fn send_local_part(
     budget: &MemoryBudget,
 ) -> StoreResult<CompletedPart> {
     let _memory = budget.reserve(range.end - range.start).await;
-    let body = reader
-        .read(range)
-        .map_err(|e| StoreError::Other(format!("staging file: {e}")))?;
+    let body = reader.read(range).map_err(StoreError::Local)?;
     let etag = store
         .upload_part(key, upload_id, number, Bytes::from(body))
         .await?;
@@ -222,9 +216,7 @@ pub async fn upload(
     if size <= tuning.multipart_threshold.min(MAX_SINGLE_OBJECT) {
         let missing = staging.missing_for_read(0..size);
         fetch_blocks(store, cache, staging, missing).await?;
-        let body = staging
-            .read(0, size as usize)
-            .map_err(|e| StoreError::Other(format!("staging file: {e}")))?;
+        let body = staging.read(0, size as usize).map_err(StoreError::Local)?;
         return store
             .put(dest.key, Bytes::from(body), dest.headers, dest.expect)
             .await;
@@ -256,9 +248,7 @@ pub async fn upload(
             _ => PartSource::Local(r),
         })
         .collect();
-    let reader = staging
-        .reader()
-        .map_err(|e| StoreError::Other(format!("staging file: {e}")))?;
+    let reader = staging.reader().map_err(StoreError::Local)?;
     run_multipart(
         store,
         dest,

@@ -129,6 +129,11 @@ pub enum StoreError {
     /// Any other error the server returned.
     #[error("S3 error: {0}")]
     Other(String),
+    /// The local side of a transfer failed: reading the staging file a part is sent from, or
+    /// writing the blocks a GET brought into it. Its errno is the local one (a full cache
+    /// disk is ENOSPC, not EIO).
+    #[error("local staging file in the cache directory: {0}")]
+    Local(#[source] std::io::Error),
 }
 
 impl StoreError {
@@ -142,6 +147,7 @@ impl StoreError {
             StoreError::NoSuchBucket(_) | StoreError::Unavailable(_) | StoreError::Other(_) => {
                 libc::EIO
             }
+            StoreError::Local(e) => e.raw_os_error().unwrap_or(libc::EIO),
         }
     }
 }
@@ -260,4 +266,22 @@ pub trait ObjectStore: Send + Sync + 'static {
         token: Option<&str>,
         max_keys: Option<i32>,
     ) -> StoreResult<ListPage>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_local_failure_keeps_its_errno() {
+        let full = StoreError::Local(std::io::Error::from_raw_os_error(libc::ENOSPC));
+        assert_eq!(
+            full.errno(),
+            libc::ENOSPC,
+            "a full cache disk is ENOSPC, not EIO"
+        );
+        let other = StoreError::Local(std::io::Error::other("no errno"));
+        assert_eq!(other.errno(), libc::EIO);
+        assert_eq!(StoreError::Other("x".into()).errno(), libc::EIO);
+    }
 }
