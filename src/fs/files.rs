@@ -689,28 +689,29 @@ impl Fs {
 
     /// Uploads pending changes of `file` and waits for them to be in the bucket.
     pub(super) async fn sync_file(&self, file: &OpenFile) -> FsResult<()> {
-        // Its key, held against a move of its directory; none if it was unlinked.
+        // Its key, held against a move of its directory (and a rename of the file, which
+        // holds the same key) until the upload is done; none if it was unlinked.
         let held = self.hold_key_if_linked(&file.attrs()).await?;
         let mut st = file.state.lock().await;
         if !st.dirty || st.unlinked {
             st.journaled = false;
             return Ok(());
         }
-        if held.is_none() {
-            // Out of the namespace (its row moved under nothing): nothing to upload to.
-            return Ok(());
+        match held {
+            Some((key, _held)) => self.upload_locked(file, &mut st, key).await,
+            // Unlinked before its key was held: nothing to upload.
+            None => Ok(()),
         }
-        self.upload_locked(file, &mut st).await
     }
 
-    async fn upload_locked(&self, file: &OpenFile, st: &mut FileState) -> FsResult<()> {
+    /// Uploads `file` to `key`, which the caller holds ([`Fs::hold_key`]).
+    async fn upload_locked(
+        &self,
+        file: &OpenFile,
+        st: &mut FileState,
+        key: String,
+    ) -> FsResult<()> {
         let inode = file.attrs();
-        let key = match self.key_of(&inode) {
-            Ok(k) => k,
-            // Unlinked meanwhile: nothing to upload.
-            Err(FsError::NotFound) => return Ok(()),
-            Err(e) => return Err(e),
-        };
         let headers = self.headers_of(&inode);
         let known = self.known_version(st, &key);
         let _change = self.local.begin(&key);

@@ -1470,11 +1470,6 @@ impl Fs {
     }
 }
 
-/// The offset that follows the entry of inode `ino` in a directory: entries come in inode
-/// order after `.` (1) and `..` (2), so an offset means the same place in every snapshot of
-/// the directory. The kernel's cache of a directory's entries and a handle's own snapshot
-/// may then be read one after the other without an entry skipped or repeated (only added and
-/// removed entries differ, which POSIX leaves open). Children have inodes above the root's 1.
 /// Runs `work`, a stretch of synchronous table work long enough to matter (a listing's page
 /// of 1,000 entries, a moved folder's rows: milliseconds to a few hundred), so that the tasks
 /// queued on this worker move to another thread meanwhile rather than wait behind it (a save
@@ -1487,6 +1482,11 @@ fn off_worker<T>(work: impl FnOnce() -> T) -> T {
     }
 }
 
+/// The offset that follows the entry of inode `ino` in a directory: entries come in inode
+/// order after `.` (1) and `..` (2), so an offset means the same place in every snapshot of
+/// the directory. The kernel's cache of a directory's entries and a handle's own snapshot
+/// may then be read one after the other without an entry skipped or repeated (only added and
+/// removed entries differ, which POSIX leaves open). Children have inodes above the root's 1.
 fn entry_offset(ino: u64) -> u64 {
     ino + 2
 }

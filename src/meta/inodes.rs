@@ -526,7 +526,7 @@ impl InodeTable {
                     })?
                     .collect::<Result<Vec<_>, _>>()?;
                 for (child, name, kind) in rows {
-                    let is_dir = kind == libc::S_IFDIR;
+                    let is_dir = Kind::from_mode(kind) == Some(Kind::Dir);
                     let old_key = format!("{prefix}{name}{}", if is_dir { "/" } else { "" });
                     if is_dir {
                         pending.push((child, old_key.clone()));
