@@ -167,6 +167,11 @@ impl Fs {
             let file = match self.open_file_of(ino) {
                 Some(f) => f,
                 None => {
+                    let inode = self.meta.get(ino)?.ok_or(FsError::NotFound)?;
+                    // Held from reading the row until the entry is in the table: a move of a
+                    // directory above the file either ran before (the row has the new key and
+                    // ETag) or waits, and then finds this entry to give its new key to.
+                    let _held = self.hold_key_if_linked(&inode).await?;
                     let mut inode = self.meta.get(ino)?.ok_or(FsError::NotFound)?;
                     if !inode.dirty && !self.fresh(inode.validated_at) {
                         inode = self.revalidate(inode).await?;
@@ -400,6 +405,26 @@ impl Fs {
     #[instrument(level = "debug", skip(self))]
     pub async fn read(&self, fh: u64, offset: u64, size: u32) -> FsResult<Bytes> {
         let h = self.file_handle(fh)?;
+        loop {
+            match self.read_once(&h, offset, size).await {
+                // A move of a directory above the file points the open file at its copy
+                // before it deletes the original: a read that took the old key just before
+                // finds it gone, and reads the copy.
+                Err(FsError::Store(e @ StoreError::NotFound(_))) => {
+                    let moved = match (&e, &h.file.state.lock().await.remote) {
+                        (StoreError::NotFound(gone), Some(now)) => *gone != now.key,
+                        _ => false,
+                    };
+                    if !moved {
+                        return Err(e.into());
+                    }
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn read_once(&self, h: &FileHandle, offset: u64, size: u32) -> FsResult<Bytes> {
         let version = {
             let mut st = h.file.state.lock().await;
             self.take_new_version(&h.file, &mut st);

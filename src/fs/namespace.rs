@@ -704,26 +704,27 @@ impl Fs {
             self.store.delete(new_prefix).await?;
         }
         // From here a failure leaves the journal entry: the next mount finishes the move.
-        let new_etags = self.delete_originals(copied).await?;
+        // The entries inside (and the open files among them) are pointed at the copies
+        // before the originals go, so that a read or a partial write of an open file never
+        // asks for an object that is already deleted.
+        let new_etags = new_etags_of(&copied);
         self.retarget_subtree(src.ino, &old_prefix, new_prefix, &new_etags)
             .await?;
+        self.delete_originals(&copied).await?;
         Ok(journal)
     }
 
     /// Deletes the originals of `copied` (old key, new key, new ETag), each of which has its
-    /// copy; returns the new ETag of each old key.
+    /// copy.
     pub(super) async fn delete_originals(
         &self,
-        copied: Vec<(String, String, String)>,
-    ) -> FsResult<HashMap<String, String>> {
+        copied: &[(String, String, String)],
+    ) -> FsResult<()> {
         let old_keys: Vec<String> = copied.iter().map(|(old, _, _)| old.clone()).collect();
         for chunk in old_keys.chunks(1000) {
             self.store.delete_many(chunk).await?;
         }
-        Ok(copied
-            .into_iter()
-            .map(|(old, _, etag)| (old, etag))
-            .collect())
+        Ok(())
     }
 
     /// Copies `objects` (all under `old_prefix`) to the same names under `new_prefix`,
@@ -827,4 +828,12 @@ impl Fs {
             }
         }
     }
+}
+
+/// The new ETag of each old key of `copied` (old key, new key, new ETag).
+pub(super) fn new_etags_of(copied: &[(String, String, String)]) -> HashMap<String, String> {
+    copied
+        .iter()
+        .map(|(old, _, etag)| (old.clone(), etag.clone()))
+        .collect()
 }

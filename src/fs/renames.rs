@@ -38,7 +38,8 @@ impl Fs {
             .copy_objects(&objects, &r.old_prefix, &r.new_prefix)
             .await
             .map_err(|(e, _)| e)?;
-        let new_etags = self.delete_originals(copied).await?;
+        self.delete_originals(&copied).await?;
+        let new_etags = super::namespace::new_etags_of(&copied);
         if let Some(src) = self.meta.get(r.src_ino)?
             && (src.parent != Some(r.new_parent) || src.name != r.new_name)
             && self.meta.get(r.new_parent)?.is_some()

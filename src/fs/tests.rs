@@ -2005,3 +2005,48 @@ async fn a_file_rename_overlapping_a_move_of_its_directory_leaves_one_name() {
     let e = s.fs.lookup(ROOT, n("e")).await.unwrap().ino;
     assert_eq!(s.names(e).await, ["g"]);
 }
+
+#[tokio::test]
+async fn an_open_overlapping_a_move_of_its_directory_reads_the_moved_object() {
+    // Nothing is fresh: the open looks at the object first, and is held there.
+    let s = setup_with(
+        Arc::new(MemStore::new()),
+        MetadataTtl::For(Duration::ZERO),
+        tempfile::tempdir().unwrap(),
+    );
+    s.mem
+        .insert("pre/d/f", b"contents", WriteHeaders::default());
+    let d = s.fs.lookup(ROOT, n("d")).await.unwrap().ino;
+    let f = s.fs.lookup(d, n("f")).await.unwrap().ino;
+    let head = s.mem.pause(Op::Head, "pre/d/f");
+    let delete = s.mem.pause(Op::Delete, "pre/d/f");
+    let opened = tokio::sync::Notify::new();
+    let open = async {
+        let result = s.fs.open(f, libc::O_RDONLY, ME).await;
+        opened.notify_one();
+        result
+    };
+    // The move either waits for the open, or runs until it deletes the original (its copy
+    // made, the entries inside pointed at it) while the open ends.
+    let moved = async {
+        head.reached().await;
+        let mut mv = Box::pin(s.fs.rename(ROOT, n("d"), ROOT, n("e"), 0));
+        let _ = tokio::time::timeout(Duration::from_millis(50), async {
+            tokio::select! {
+                _ = mv.as_mut() => unreachable!("the original is deleted first"),
+                _ = delete.reached() => {}
+            }
+        })
+        .await;
+        head.resume();
+        opened.notified().await;
+        delete.resume();
+        mv.await
+    };
+    let (opened, moved) = tokio::join!(open, moved);
+    moved.unwrap();
+    let fh = opened.unwrap().fh;
+    assert_eq!(&s.fs.read(fh, 0, 100).await.unwrap()[..], b"contents");
+    s.fs.release(fh).await;
+    assert_eq!(s.mem.keys(), ["pre/e/f"]);
+}

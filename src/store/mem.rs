@@ -135,8 +135,8 @@ impl MemStore {
             .insert(key.to_string());
     }
 
-    /// Makes the next request `op` (PUT or CopyObject) writing `key` wait, before it takes
-    /// effect, until the returned pause is resumed.
+    /// Makes the next request `op` (HEAD, PUT, CopyObject or a delete) of `key` (for a copy:
+    /// its destination) wait, before it takes effect, until the returned pause is resumed.
     pub fn pause(&self, op: Op, key: &str) -> Arc<Pause> {
         let pause = Arc::new(Pause {
             reached: tokio::sync::Semaphore::new(0),
@@ -147,7 +147,7 @@ impl MemStore {
         pause
     }
 
-    /// Holds a request `op` writing `key` if a pause waits for it.
+    /// Holds a request `op` of `key` if a pause waits for it.
     async fn maybe_pause(&self, op: Op, key: &str) {
         let paused = self
             .state
@@ -292,6 +292,7 @@ impl ObjectStore for MemStore {
     }
 
     async fn head(&self, key: &str) -> StoreResult<ObjectInfo> {
+        self.maybe_pause(Op::Head, key).await;
         let state = self.enter(Op::Head)?;
         if state.unreachable_heads.contains(key) {
             return Err(StoreError::Unavailable(format!(
@@ -490,12 +491,16 @@ impl ObjectStore for MemStore {
     }
 
     async fn delete(&self, key: &str) -> StoreResult<()> {
+        self.maybe_pause(Op::Delete, key).await;
         let mut state = self.enter(Op::Delete)?;
         state.objects.remove(key);
         Ok(())
     }
 
     async fn delete_many(&self, keys: &[String]) -> StoreResult<()> {
+        for key in keys {
+            self.maybe_pause(Op::Delete, key).await;
+        }
         let mut state = self.enter(Op::Delete)?;
         for key in keys {
             state.objects.remove(key);
