@@ -410,13 +410,10 @@ impl Fs {
                 // A move of a directory above the file points the open file at its copy
                 // before it deletes the original: a read that took the old key just before
                 // finds it gone, and reads the copy.
-                Err(FsError::Store(e @ StoreError::NotFound(_))) => {
-                    let moved = match (&e, &h.file.state.lock().await.remote) {
-                        (StoreError::NotFound(gone), Some(now)) => *gone != now.key,
-                        _ => false,
-                    };
-                    if !moved {
-                        return Err(e.into());
+                Err(FsError::Store(StoreError::NotFound(gone))) => {
+                    let remote = &h.file.state.lock().await.remote;
+                    if remote.as_ref().is_none_or(|now| now.key == gone) {
+                        return Err(StoreError::NotFound(gone).into());
                     }
                 }
                 other => return other,
