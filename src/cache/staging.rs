@@ -220,24 +220,29 @@ impl Staging {
             .collect()
     }
 
-    /// Stores the fetched original bytes of `block` (from [`Self::fetch_range`]).
-    pub fn fill_block(&mut self, block: u64, data: &[u8]) -> io::Result<()> {
-        if !self.needs_fetch(block) {
+    /// Stores the bytes of `block` fetched from `from` (its [`Self::fetch_range`] then).
+    ///
+    /// The fetch ran without the file's lock, so the staging file may have changed since:
+    /// bytes of another original than the current one (the file was uploaded, or moved to
+    /// another key) are not used, nor those of a block present by now (written, or filled by
+    /// another reader); a truncation since keeps only the bytes still below `orig_len`.
+    pub fn fill_block(&mut self, from: &Original, block: u64, data: &[u8]) -> io::Result<()> {
+        if self.original.as_ref() != Some(from) || !self.needs_fetch(block) {
             return Ok(());
         }
         let start = block * BLOCK_SIZE;
         let want = self.fetch_range(block);
-        if data.len() as u64 != want.end - want.start {
+        let len = (want.end - want.start) as usize;
+        if data.len() < len {
             return Err(io::Error::new(
                 io::ErrorKind::UnexpectedEof,
                 format!(
-                    "original object returned {} bytes for block {block}, expected {}",
+                    "original object returned {} bytes for block {block}, expected {len}",
                     data.len(),
-                    want.end - want.start
                 ),
             ));
         }
-        self.file.write_all_at(data, start)?;
+        self.file.write_all_at(&data[..len], start)?;
         self.mark_present(block);
         Ok(())
     }
@@ -378,14 +383,24 @@ mod tests {
         s.truncate(4 * BLOCK_SIZE).unwrap();
         assert_eq!(s.missing_for_read(0..4 * BLOCK_SIZE), vec![0, 1]);
         assert_eq!(s.fetch_range(1), BLOCK_SIZE..BLOCK_SIZE + 10);
-        s.fill_block(1, &[7u8; 10]).unwrap();
+        let from = orig().unwrap();
+        // Fetched before the truncation: only what is still the original's is kept.
+        s.fill_block(&from, 1, &[7u8; 30]).unwrap();
         let got = s.read(BLOCK_SIZE, 20).unwrap();
         assert_eq!(&got[..10], &[7u8; 10]);
         assert_eq!(&got[10..], &[0u8; 10]);
         assert!(
-            s.fill_block(0, &[1u8; 3]).is_err(),
+            s.fill_block(&from, 0, &[1u8; 3]).is_err(),
             "short fetch is refused"
         );
+        // Bytes of another version are not used.
+        let other = Original {
+            key: "k".into(),
+            etag: "other".into(),
+        };
+        s.fill_block(&other, 0, &vec![1u8; BLOCK_SIZE as usize])
+            .unwrap();
+        assert_eq!(s.missing_for_read(0..10), vec![0]);
     }
 
     #[test]

@@ -90,46 +90,47 @@ impl Fs {
     /// staged contents — this mount's own upload, completed just before a crash kept it from
     /// recording so — that object is ours and its ETag is returned. Otherwise the contents go
     /// to a conflict copy ([`Self::save_conflict_copy`]) and `None` is returned.
+    ///
+    /// The caller holds the file's change lock and its key.
     pub(super) async fn settle_conflict(
         &self,
         file: &OpenFile,
-        st: &mut FileState,
         key: &str,
         headers: &WriteHeaders,
     ) -> FsResult<Option<String>> {
-        if let Some(etag) = self.bucket_holds_staged(file, st, key).await? {
+        if let Some(etag) = self.bucket_holds_staged(file, key).await? {
             return Ok(Some(etag));
         }
-        self.save_conflict_copy(file, st, key, headers).await?;
+        self.save_conflict_copy(file, key, headers).await?;
         Ok(None)
     }
 
     /// The ETag of the object at `key` if it is byte for byte the staged contents (compared
     /// in [`COMPARE_CHUNK`] pieces, stopping at the first difference); `None` otherwise, or
     /// when part of the contents is not local (an edit of a large object).
-    async fn bucket_holds_staged(
-        &self,
-        file: &OpenFile,
-        st: &mut FileState,
-        key: &str,
-    ) -> FsResult<Option<String>> {
+    async fn bucket_holds_staged(&self, file: &OpenFile, key: &str) -> FsResult<Option<String>> {
         let info = match self.store.head(key).await {
             Ok(info) => info,
             Err(StoreError::NotFound(_)) => return Ok(None),
             Err(e) => return Err(e.into()),
         };
-        let staging = self.staging_of(file, st)?;
-        let size = staging.size();
-        if info.size != size || !staging.missing_for_read(0..size).is_empty() {
-            return Ok(None);
-        }
+        let (size, ours) = {
+            let mut st = file.state.lock().await;
+            let staging = self.staging_of(file, &mut st)?;
+            let size = staging.size();
+            if info.size != size || !staging.missing_for_read(0..size).is_empty() {
+                return Ok(None);
+            }
+            // Read without the lock: the change lock keeps the contents as they are.
+            (size, staging.reader()?)
+        };
         for start in (0..size).step_by(COMPARE_CHUNK as usize) {
             let end = (start + COMPARE_CHUNK).min(size);
             let theirs = self
                 .store
                 .get_range(key, start..end, Some(&info.etag))
                 .await?;
-            let ours = staging.read(start, (end - start) as usize)?;
+            let ours = ours.read(start..end)?;
             if theirs[..] != ours[..] {
                 return Ok(None);
             }
@@ -142,7 +143,6 @@ impl Fs {
     pub(super) async fn save_conflict_copy(
         &self,
         file: &OpenFile,
-        st: &mut FileState,
         key: &str,
         headers: &WriteHeaders,
     ) -> FsResult<()> {
@@ -155,15 +155,16 @@ impl Fs {
              read it: the bucket's version stays, this mount's version is saved as the \
              conflict copy"
         );
-        self.abandon_stream(st);
+        self.abandon_stream(&mut *file.state.lock().await);
         let dest = write::Destination {
             key: &copy,
             headers,
             expect: Expect::Absent,
         };
-        self.upload_staged(file, st, dest).await?;
+        self.upload_staged(file, dest).await?;
         // The name is the other client's now: forget what this mount had, so the next look
         // at it asks the bucket.
+        let mut st = file.state.lock().await;
         st.dirty = false;
         st.journaled = false;
         st.remote = None;
@@ -180,8 +181,9 @@ impl Fs {
         attrs.validated_at = 0;
         self.save(&attrs)?;
         self.meta.delete_staging(attrs.ino)?;
-        // Not waited for: this holds the file's content lock, which a read of the file the
-        // kernel may be waiting on needs.
+        drop(st);
+        // Not waited for: this holds the file's change lock, and the kernel may be waiting
+        // for a request of the file that needs it (a write) before it answers.
         self.kernel()
             .invalidate(super::kernel::Invalidation::Inode(attrs.ino), None);
         if let Some(parent) = attrs.parent {

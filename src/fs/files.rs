@@ -6,6 +6,13 @@
 //! file's contents until the last handle is closed. `flush` (every `close`) and `fsync` upload
 //! dirty contents and return only once the object is in the bucket; a failed upload is their
 //! error, and the staged data stays for a retry.
+//!
+//! Two locks guard an open file. The *change lock* is held by whatever changes its contents
+//! or where they are in the bucket — a write, a truncate, an upload, a header rewrite, a
+//! rename, an unlink — for the whole change, S3 requests included. The *content lock* (its
+//! [`FileState`]) is only ever held for bookkeeping, never across a request or a wait, so
+//! reads and opens of a file go on while it is uploaded or its blocks are fetched. Locks are
+//! taken in the order directory locks, key locks, change lock, content lock.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -30,6 +37,9 @@ const LOCAL_RESERVE: u64 = 16 * 1024 * 1024;
 pub struct OpenFile {
     ino: u64,
     attrs: Mutex<Inode>,
+    /// The change lock (see the module docs).
+    pub(super) changes: tokio::sync::Mutex<()>,
+    /// The content lock.
     pub(super) state: tokio::sync::Mutex<FileState>,
     /// Another client replaced the object, and the state was busy when that was found: the
     /// next holder of the content lock takes the new version ([`Fs::take_new_version`]).
@@ -56,18 +66,40 @@ pub(super) struct FileState {
     /// Backoff before the attempt after that.
     pub retry_delay: Duration,
     /// The multipart upload fed while the file is written front to back.
-    pub stream: Option<Stream>,
-    /// A stream was abandoned: none starts again before the next upload.
-    pub no_stream: bool,
+    pub stream: Streaming,
     /// mtime given to the last write; an mtime that differs was set explicitly.
     pub last_write: Option<Timestamp>,
     /// Write-back: a close acknowledged the staged contents and they are not in the bucket
     /// yet. The staging file is then their only copy, so it is uploaded before it changes.
     pub journaled: bool,
-    /// The background uploader is working on this file.
-    pub uploading: bool,
     /// How many times another client replaced the object while the file was open here.
     pub replaced: u64,
+}
+
+/// Where a file stands with its streaming upload ([`super::stream`]).
+#[derive(Debug, Default)]
+pub(super) enum Streaming {
+    /// No stream; one starts when the file qualifies.
+    #[default]
+    Possible,
+    /// Parts go up while the file is written.
+    Running(Stream),
+    /// A stream was abandoned (or is being fed, or finished, by the holder of the change
+    /// lock): none starts before the next upload.
+    Stopped,
+}
+
+impl Streaming {
+    /// Takes the running stream out, leaving [`Streaming::Stopped`].
+    fn take(&mut self) -> Option<Stream> {
+        match std::mem::replace(self, Streaming::Stopped) {
+            Streaming::Running(s) => Some(s),
+            other => {
+                *self = other;
+                None
+            }
+        }
+    }
 }
 
 impl OpenFile {
@@ -75,6 +107,7 @@ impl OpenFile {
         OpenFile {
             ino: inode.ino,
             attrs: Mutex::new(inode),
+            changes: tokio::sync::Mutex::new(()),
             state: tokio::sync::Mutex::new(state),
             new_version: std::sync::atomic::AtomicBool::new(false),
         }
@@ -428,9 +461,14 @@ impl Fs {
             if st.replaced != h.opened_on {
                 return Err(FsError::Stale);
             }
-            if let Some(staging) = st.staging.as_mut() {
-                let missing = staging.missing_for_read(offset..offset + size as u64);
-                write::fetch_blocks(&self.store, self.blocks.cache(), staging, missing).await?;
+            if st.staging.is_some() {
+                // Its staging file holds the contents now (and keeps them: a handle is open).
+                drop(st);
+                let range = offset..offset + size as u64;
+                let mut st = self
+                    .lock_with_blocks(&h.file, |s| s.missing_for_read(range.clone()))
+                    .await?;
+                let staging = self.staging_of(&h.file, &mut st)?;
                 return Ok(Bytes::from(staging.read(offset, size as usize)?));
             }
             match &st.remote {
@@ -476,12 +514,17 @@ impl Fs {
             ))?;
         let file = &h.file;
         self.check_local_space(data.len() as u64)?;
-        let mut st = self.lock_for_change(file).await?;
-        self.check_current(&h, &mut st)?;
+        let _changing = self.lock_for_change(file).await?;
+        let appended = {
+            let mut st = file.state.lock().await;
+            self.check_current(&h, &mut st)?;
+            // From here on its staging file holds the version this handle opened.
+            offset == self.staging_of(file, &mut st)?.size()
+        };
+        let mut st = self
+            .lock_with_blocks(file, |s| s.missing_for_write(offset..end))
+            .await?;
         let staging = self.staging_of(file, &mut st)?;
-        let appended = offset == staging.size();
-        let missing = staging.missing_for_write(offset..end);
-        write::fetch_blocks(&self.store, self.blocks.cache(), staging, missing).await?;
         staging.write(offset, data)?;
         let size = staging.size();
         let now = Timestamp::now();
@@ -491,8 +534,41 @@ impl Fs {
             a.ctime = now;
         })?;
         st.last_write = Some(now);
-        self.feed_stream(file, &mut st, offset, appended).await;
+        self.feed_stream(file, st, offset, appended).await;
         Ok(data.len() as u32)
+    }
+
+    /// Locks the content of `file` with the blocks `wanted` names present in its staging
+    /// file (created, with nothing fetched, if it has none). The GETs run with the lock
+    /// released, [`write::BlockFetch`] at a time, so reads and opens of the file go on
+    /// meanwhile, and what changed in between is looked at again. A fetch that failed
+    /// because the original moved meanwhile (a move of a directory above the file deletes
+    /// the old key once the file points at the new one) is made again from the new key.
+    pub(super) async fn lock_with_blocks<'a>(
+        &self,
+        file: &'a OpenFile,
+        wanted: impl Fn(&Staging) -> Vec<u64>,
+    ) -> FsResult<tokio::sync::MutexGuard<'a, FileState>> {
+        let mut st = file.state.lock().await;
+        loop {
+            let staging = self.staging_of(file, &mut st)?;
+            let Some(fetch) = write::BlockFetch::first_of(staging, &wanted(staging)) else {
+                return Ok(st);
+            };
+            drop(st);
+            let from = fetch.original().clone();
+            let fetched = fetch.run(&self.store, self.blocks.cache()).await;
+            st = file.state.lock().await;
+            match (fetched, st.staging.as_mut()) {
+                (Ok(blocks), Some(staging)) => blocks.fill(staging)?,
+                (Ok(_), None) => {}
+                (Err(e), staging) => {
+                    if staging.is_none_or(|s| s.original() == Some(&from)) {
+                        return Err(e.into());
+                    }
+                }
+            }
+        }
     }
 
     /// Fails with ENOSPC unless `incoming` more bytes can be staged while leaving
@@ -508,52 +584,70 @@ impl Fs {
         }
     }
 
-    /// After a write at `offset`: starts a streaming upload when a file written front to back
-    /// from empty passes the multipart threshold, sends the parts the writer has completed,
-    /// and abandons the stream when the write went behind what was sent. Never fails the
-    /// write: the staging file has the data whatever happens to the stream.
-    async fn feed_stream(&self, file: &OpenFile, st: &mut FileState, offset: u64, appended: bool) {
+    /// After a write at `offset`, with the change lock held: starts a streaming upload when a
+    /// file written front to back from empty passes the multipart threshold, sends the parts
+    /// the writer has completed, and abandons the stream when the write went behind what was
+    /// sent. The requests go out with the content lock `st` released. Never fails the write:
+    /// the staging file has the data whatever happens to the stream.
+    async fn feed_stream(
+        &self,
+        file: &OpenFile,
+        mut st: tokio::sync::MutexGuard<'_, FileState>,
+        offset: u64,
+        appended: bool,
+    ) {
         let Some(staging) = st.staging.as_ref() else {
             return;
         };
-        let size = staging.size();
-        if st.stream.as_ref().is_some_and(|s| offset < s.sent_end()) {
-            self.abandon_stream(st);
-            return;
-        }
-        if st.stream.is_none() {
-            let eligible = appended
-                && !st.no_stream
-                && !st.unlinked
-                && staging.orig_len() == 0
-                && size > self.cfg.multipart_threshold;
-            if !eligible {
+        let (size, orig_len, reader) = (staging.size(), staging.orig_len(), staging.reader());
+        let running = match &st.stream {
+            Streaming::Running(s) if offset < s.sent_end() => {
+                self.abandon_stream(&mut st);
                 return;
             }
-            let inode = file.attrs();
-            let Ok(key) = self.key_of(&inode) else { return };
-            let headers = self.headers_of(&inode);
-            match Stream::start(&self.store, key, &headers, self.cfg.part_size).await {
-                Ok(s) => st.stream = Some(s),
-                Err(e) => {
-                    debug!(ino = file.ino, "no streaming upload: {e}");
-                    st.no_stream = true;
-                    return;
+            Streaming::Running(_) => st.stream.take(),
+            Streaming::Stopped => return,
+            Streaming::Possible => None,
+        };
+        let eligible =
+            appended && !st.unlinked && orig_len == 0 && size > self.cfg.multipart_threshold;
+        drop(st);
+        let mut stream = match running {
+            Some(s) => s,
+            None if eligible => {
+                let inode = file.attrs();
+                let Ok(key) = self.key_of(&inode) else { return };
+                let headers = self.headers_of(&inode);
+                match Stream::start(&self.store, key, &headers, self.cfg.part_size).await {
+                    Ok(s) => s,
+                    Err(e) => {
+                        debug!(ino = file.ino, "no streaming upload: {e}");
+                        file.state.lock().await.stream = Streaming::Stopped;
+                        return;
+                    }
                 }
             }
-        }
-        let ctx = self.stream_context();
-        let sent = match (st.staging.as_ref().map(|s| s.reader()), st.stream.as_mut()) {
-            (Some(Ok(reader)), Some(stream)) => stream.send_ready(ctx, &reader, size).await,
-            (Some(Err(e)), _) => Err(StoreError::Local(e)),
-            _ => Err(StoreError::Other("no staging file or no stream".into())),
+            None => return,
         };
-        if let Err(e) = sent {
-            warn!(
-                ino = file.ino,
-                "streaming upload stopped; the file goes up at close instead: {e}"
-            );
-            self.abandon_stream(st);
+        let sent = match reader {
+            Ok(reader) => {
+                stream
+                    .send_ready(self.stream_context(), &reader, size)
+                    .await
+            }
+            Err(e) => Err(StoreError::Local(e)),
+        };
+        let mut st = file.state.lock().await;
+        match sent {
+            Ok(()) => st.stream = Streaming::Running(stream),
+            Err(e) => {
+                warn!(
+                    ino = file.ino,
+                    "streaming upload stopped; the file goes up at close instead: {e}"
+                );
+                stream.abandon(&self.store);
+                st.stream = Streaming::Stopped;
+            }
         }
     }
 
@@ -569,7 +663,6 @@ impl Fs {
     pub(super) fn abandon_stream(&self, st: &mut FileState) {
         if let Some(s) = st.stream.take() {
             s.abandon(&self.store);
-            st.no_stream = true;
         }
     }
 
@@ -610,7 +703,8 @@ impl Fs {
     }
 
     async fn truncate_locked(&self, file: &Arc<OpenFile>, size: u64) -> FsResult<()> {
-        let mut st = self.lock_for_change(file).await?;
+        let _changing = self.lock_for_change(file).await?;
+        let mut st = file.state.lock().await;
         if size == 0 && st.staging.is_none() {
             // Nothing of the old contents is needed.
             st.staging = Some(Staging::create(&self.staging_dir, file.ino, None, 0)?);
@@ -692,50 +786,79 @@ impl Fs {
         Ok(())
     }
 
-    /// Locks the state of `file` for a change of its contents. Contents a write-back close
-    /// acknowledged are uploaded first: their staging file is their only copy, and a crash in
-    /// the middle of the change would otherwise leave neither version whole.
+    /// Takes the change lock of `file` for a change of its contents. Contents a write-back
+    /// close acknowledged are uploaded first: their staging file is their only copy, and a
+    /// crash in the middle of the change would otherwise leave neither version whole.
     async fn lock_for_change<'a>(
         &self,
         file: &'a OpenFile,
-    ) -> FsResult<tokio::sync::MutexGuard<'a, FileState>> {
+    ) -> FsResult<tokio::sync::MutexGuard<'a, ()>> {
         loop {
-            let st = file.state.lock().await;
-            if !st.journaled {
-                return Ok(st);
+            let changing = file.changes.lock().await;
+            if !file.state.lock().await.journaled {
+                return Ok(changing);
             }
-            drop(st);
+            // The upload holds the file's key, which comes before the change lock.
+            drop(changing);
             self.sync_file(file).await?;
+        }
+    }
+
+    /// Holds the key of `file` (`None` once it is unlinked) and then its change lock. A
+    /// rename of the file in between has given it another key: that one is held instead.
+    pub(super) async fn hold_for_change<'a>(
+        &'a self,
+        file: &'a OpenFile,
+    ) -> FsResult<(
+        Option<(String, super::key_locks::WriteGuard<'a>)>,
+        tokio::sync::MutexGuard<'a, ()>,
+    )> {
+        loop {
+            let held = self.hold_key_if_linked(&file.attrs()).await?;
+            let changing = file.changes.lock().await;
+            let key_now = match self.key_of(&file.attrs()) {
+                Ok(key) => Some(key),
+                Err(FsError::NotFound) => None,
+                Err(e) => return Err(e),
+            };
+            if held.as_ref().map(|(key, _)| key) == key_now.as_ref() {
+                return Ok((held, changing));
+            }
         }
     }
 
     /// Uploads pending changes of `file` and waits for them to be in the bucket.
     pub(super) async fn sync_file(&self, file: &OpenFile) -> FsResult<()> {
-        // Its key, held against a move of its directory (and a rename of the file, which
-        // holds the same key) until the upload is done; none if it was unlinked.
-        let held = self.hold_key_if_linked(&file.attrs()).await?;
-        let mut st = file.state.lock().await;
-        if !st.dirty || st.unlinked {
-            st.journaled = false;
-            return Ok(());
+        // Its key, held against a move of its directory until the upload is done, and its
+        // change lock, against every other change of it; none if it was unlinked.
+        let (held, _changing) = self.hold_for_change(file).await?;
+        {
+            let mut st = file.state.lock().await;
+            if !st.dirty || st.unlinked {
+                st.journaled = false;
+                return Ok(());
+            }
         }
         match held {
-            Some((key, _held)) => self.upload_locked(file, &mut st, key).await,
+            Some((key, _held)) => self.upload_changes(file, key).await,
             // Unlinked before its key was held: nothing to upload.
             None => Ok(()),
         }
     }
 
-    /// Uploads `file` to `key`, which the caller holds ([`Fs::hold_key`]).
-    async fn upload_locked(
-        &self,
-        file: &OpenFile,
-        st: &mut FileState,
-        key: String,
-    ) -> FsResult<()> {
+    /// Uploads `file` to `key`; the caller holds the key ([`Fs::hold_key`]) and the file's
+    /// change lock, and the content lock is taken only to plan and to record the upload.
+    async fn upload_changes(&self, file: &OpenFile, key: String) -> FsResult<()> {
         let inode = file.attrs();
         let headers = self.headers_of(&inode);
-        let known = self.known_version(st, &key);
+        let (known, mut stream, last_write) = {
+            let mut st = file.state.lock().await;
+            (
+                self.known_version(&st, &key),
+                st.stream.take(),
+                st.last_write,
+            )
+        };
         let _change = self.local.begin(&key);
         debug!(key, ?known, mtime = ?inode.mtime, "uploading");
         let expect = known.expect();
@@ -743,30 +866,33 @@ impl Fs {
         // completed just before a crash): nothing to send.
         let mut adopted = None;
         if self.changed_in_bucket(&key, expect).await? {
-            match self.settle_conflict(file, st, &key, &headers).await? {
+            if let Some(s) = stream.take() {
+                s.abandon(&self.store);
+            }
+            match self.settle_conflict(file, &key, &headers).await? {
                 Some(etag) => adopted = Some(etag),
                 None => return Ok(()),
             }
         }
-        if adopted.is_some() {
-            self.abandon_stream(st);
-        }
-        let streamed = match self.finish_stream(st, &key, &headers, expect).await {
-            Some(Ok(etag)) => Some(etag),
-            Some(Err(StoreError::PreconditionFailed(_))) => {
-                match self.settle_conflict(file, st, &key, &headers).await? {
-                    Some(etag) => adopted = Some(etag),
-                    None => return Ok(()),
+        let streamed = match stream {
+            Some(s) => match self.finish_stream(file, s, &key, &headers, expect).await {
+                Some(Ok(etag)) => Some(etag),
+                Some(Err(StoreError::PreconditionFailed(_))) => {
+                    match self.settle_conflict(file, &key, &headers).await? {
+                        Some(etag) => adopted = Some(etag),
+                        None => return Ok(()),
+                    }
+                    None
                 }
-                None
-            }
-            Some(Err(e)) => {
-                warn!(
-                    key,
-                    "streaming upload failed; uploading the file again: {e}"
-                );
-                None
-            }
+                Some(Err(e)) => {
+                    warn!(
+                        key,
+                        "streaming upload failed; uploading the file again: {e}"
+                    );
+                    None
+                }
+                None => None,
+            },
             None => None,
         };
         let was_streamed = streamed.is_some();
@@ -778,112 +904,104 @@ impl Fs {
                     headers: &headers,
                     expect,
                 };
-                self.upload_staged(file, st, dest).await
+                self.upload_staged(file, dest).await
             }
         };
         let result = match result {
             Err(FsError::Store(StoreError::PreconditionFailed(_))) => {
-                match self.settle_conflict(file, st, &key, &headers).await? {
+                match self.settle_conflict(file, &key, &headers).await? {
                     Some(etag) => Ok(etag),
                     None => return Ok(()),
                 }
             }
             other => other,
         };
-        let staging = self.staging_of(file, st)?;
-        match result {
-            Ok(etag) => {
-                let uploaded = Original { key, etag };
-                let size = staging.size();
-                staging.mark_uploaded(uploaded.clone(), size);
-                st.remote = Some(uploaded.clone());
-                st.dirty = false;
-                st.journaled = false;
-                st.no_stream = false;
-                let mut attrs = file.attrs();
-                attrs.wrote(uploaded.etag.clone());
-                attrs.dirty = false;
-                attrs.validated_at = now_ns();
-                if was_streamed {
-                    self.after_stream(&mut attrs, st.last_write).await?;
-                    if let Some(etag) = &attrs.etag
-                        && etag != &uploaded.etag
-                    {
-                        let rewritten = Original {
-                            key: uploaded.key.clone(),
-                            etag: etag.clone(),
-                        };
-                        if let Some(staging) = st.staging.as_mut() {
-                            staging.mark_uploaded(rewritten.clone(), size);
-                        }
-                        st.remote = Some(rewritten);
-                    }
-                    file.set_attrs(attrs.clone());
-                }
-                st.last_write = None;
-                self.save(&attrs)?;
-                self.meta.delete_staging(file.ino)?;
-                Ok(())
-            }
+        let etag = match result {
+            Ok(etag) => etag,
             Err(e) => {
                 warn!(
                     key,
                     "upload failed; the data stays staged in the cache directory: {e}"
                 );
+                let mut st = file.state.lock().await;
+                let staging = self.staging_of(file, &mut st)?;
                 staging.sync()?;
                 self.meta.save_staging(file.ino, &staging.record())?;
                 self.meta.save(&file.attrs())?;
-                Err(e)
+                return Err(e);
             }
+        };
+        // Nothing else changes the attributes while the change lock is held.
+        let mut attrs = file.attrs();
+        attrs.wrote(etag.clone());
+        attrs.dirty = false;
+        attrs.validated_at = now_ns();
+        if was_streamed && let Err(e) = self.after_stream(&mut attrs, last_write).await {
+            // The contents are in the bucket; only the times the file was given are not.
+            warn!(key, "could not store the times of a streamed file: {e}");
         }
+        let uploaded = Original {
+            key,
+            etag: attrs.etag.clone().unwrap_or(etag),
+        };
+        let mut st = file.state.lock().await;
+        let staging = self.staging_of(file, &mut st)?;
+        let size = staging.size();
+        staging.mark_uploaded(uploaded.clone(), size);
+        st.remote = Some(uploaded);
+        st.dirty = false;
+        st.journaled = false;
+        st.stream = Streaming::Possible;
+        st.last_write = None;
+        self.save(&attrs)?;
+        self.meta.delete_staging(file.ino)?;
+        Ok(())
     }
 
     /// Uploads the staged contents of `file` (all of them: blocks still remote are fetched
-    /// or copied server-side) to `dest`; returns the new ETag.
+    /// or copied server-side) to `dest`, with the content lock held only to plan it; the
+    /// caller holds the change lock. Returns the new ETag.
     pub(super) async fn upload_staged(
         &self,
         file: &OpenFile,
-        st: &mut FileState,
         dest: write::Destination<'_>,
     ) -> FsResult<String> {
         let tuning = self.upload_tuning();
-        let staging = self.staging_of(file, st)?;
-        Ok(write::upload(
-            &self.store,
-            self.blocks.cache(),
-            staging,
-            dest,
-            tuning,
-            &self.buffers,
-        )
-        .await?)
+        let plan = {
+            let mut st = self
+                .lock_with_blocks(file, |s| write::UploadPlan::blocks_to_fetch(s, tuning))
+                .await?;
+            write::UploadPlan::new(self.staging_of(file, &mut st)?, tuning)?
+        };
+        Ok(write::upload(&self.store, &plan, dest, tuning, &self.buffers).await?)
     }
 
-    /// Completes the file's stream if it still fits the file (same key, same headers but for
-    /// times); `None` if there was no usable stream.
+    /// Completes the file's `stream` if it still fits the file (same key, same headers but
+    /// for times); `None` if it did not (it is abandoned then).
     async fn finish_stream(
         &self,
-        st: &mut FileState,
+        file: &OpenFile,
+        stream: Stream,
         key: &str,
         headers: &crate::store::WriteHeaders,
         expect: Expect<'_>,
     ) -> Option<crate::store::StoreResult<String>> {
-        let stream = st.stream.take()?;
-        let staging = st.staging.as_ref()?;
-        if !stream.is_for(key, headers) || staging.orig_len() != 0 {
+        let fits = {
+            let st = file.state.lock().await;
+            match st.staging.as_ref() {
+                Some(staging) if staging.orig_len() == 0 && stream.is_for(key, headers) => {
+                    staging.reader().ok().map(|r| (r, staging.size()))
+                }
+                _ => None,
+            }
+        };
+        let Some((reader, size)) = fits else {
             stream.abandon(&self.store);
             return None;
-        }
-        let reader = match staging.reader() {
-            Ok(r) => r,
-            Err(_) => {
-                stream.abandon(&self.store);
-                return None;
-            }
         };
         Some(
             stream
-                .finish(self.stream_context(), &reader, staging.size(), expect)
+                .finish(self.stream_context(), &reader, size, expect)
                 .await,
         )
     }
@@ -989,23 +1107,29 @@ impl Fs {
         // Until the row is saved: a move of its directory waits, and a listing meanwhile
         // leaves the entry to this change. An unlinked file has no key, and its change
         // stays local.
-        let held = self.hold_key_if_linked(&self.inode(ino)?).await?;
-        let _change = held.as_ref().map(|(key, _)| self.local.begin(key));
         if let Some(file) = self.open_file_of(ino) {
-            let mut st = file.state.lock().await;
+            // And the change lock: an upload of the file in flight ends first, and none
+            // starts until the new attributes are where it takes them from.
+            let (held, _changing) = self.hold_for_change(&file).await?;
+            let _change = held.as_ref().map(|(key, _)| self.local.begin(key));
+            let pending = {
+                let st = file.state.lock().await;
+                st.dirty || st.unlinked
+            };
             let mut inode = file.attrs();
             change(&mut inode)?;
-            if st.dirty || st.unlinked {
+            if pending {
                 file.set_attrs(inode.clone());
                 self.meta.save(&inode)?;
                 return Ok(inode);
             }
             self.rewrite_headers(&mut inode).await?;
-            if let (Some(etag), Ok(key)) = (&inode.etag, self.key_of(&inode)) {
+            if let (Some(etag), Some((key, _))) = (&inode.etag, &held) {
                 let uploaded = Original {
-                    key,
+                    key: key.clone(),
                     etag: etag.clone(),
                 };
+                let mut st = file.state.lock().await;
                 if let Some(staging) = st.staging.as_mut() {
                     staging.mark_uploaded(uploaded.clone(), inode.size);
                 }
@@ -1014,6 +1138,8 @@ impl Fs {
             self.save(&inode)?;
             return Ok(inode);
         }
+        let held = self.hold_key_if_linked(&self.inode(ino)?).await?;
+        let _change = held.as_ref().map(|(key, _)| self.local.begin(key));
         // Not open (or no longer: its row is what its last upload left).
         let mut inode = self.meta.get(ino)?.ok_or(FsError::NotFound)?;
         change(&mut inode)?;

@@ -17,7 +17,7 @@
 //! moves go in the order they came.
 //!
 //! A request takes all its key locks at once, after its directory locks and before any
-//! file's content lock, and asks for no more while it holds them: that order is what keeps a
+//! file's change or content lock, and asks for no more while it holds them: that order is what keeps a
 //! waiting move and the writes it waits for from waiting on each other.
 
 use std::collections::HashMap;

@@ -4,9 +4,9 @@
 //! rename, ...) in terms of the inode table ([`crate::meta`]), staging files
 //! ([`crate::cache::staging`]) and an [`ObjectStore`]. Every operation is `async` so the FUSE
 //! adapter can run many at once, and the locks held across an S3 request are needed only by
-//! requests on the same entries: a directory's (while it is changed), a file's content lock
-//! (while it is uploaded — its reads and opens still wait for that), the keys a write holds
-//! and the prefixes a directory move holds. It is tested against
+//! requests on the same entries: a directory's (while it is changed), a file's change lock
+//! (while it is written, uploaded, renamed — its reads and opens do not wait for that), the
+//! keys a write holds and the prefixes a directory move holds. It is tested against
 //! [`crate::store::mem::MemStore`] without a mount.
 //!
 //! Locking, from outermost to innermost (never the other way round):
@@ -15,8 +15,12 @@
 //! 2. key locks ([`key_locks::KeyLocks`]): every write of an object holds its key, a
 //!    directory rename the prefixes it moves, so that no write computes a key in the middle
 //!    of a move of its directory — and nothing outside the moving directory waits for it;
-//! 3. the content lock of one open file ([`OpenFile::state`]);
-//! 4. short synchronous locks (the inode table, the handle table), never held across `.await`;
+//! 3. the change lock of one open file ([`OpenFile::changes`]), held for the whole of a
+//!    change of its contents or of where they are, S3 requests included;
+//! 4. its content lock ([`OpenFile::state`]), held for bookkeeping and local disk I/O, and
+//!    across a request only while the file's object is removed (unlink, or replaced by a
+//!    rename), so that no open reads it meanwhile;
+//! 5. short synchronous locks (the inode table, the handle table), never held across `.await`;
 //!    the table's may be held while [`changes::LocalChanges`]' is taken (a listing asks what
 //!    this mount is changing inside its transaction), never the other way round.
 
@@ -357,6 +361,8 @@ pub struct Fs {
     uploads_due: Arc<tokio::sync::Notify>,
     /// Files the background uploader may upload at once.
     upload_slots: Arc<tokio::sync::Semaphore>,
+    /// Inodes the background uploader has an upload task for.
+    uploading: Arc<Mutex<std::collections::HashSet<u64>>>,
     /// Requests made to the bucket, and errors.
     requests: Arc<tracked::RequestCounts>,
     /// When this filesystem was opened.
@@ -480,6 +486,7 @@ impl Fs {
             leftover_uploads,
             uploads_due: Arc::new(tokio::sync::Notify::new()),
             upload_slots: Arc::new(tokio::sync::Semaphore::new(background_uploads)),
+            uploading: Arc::default(),
             requests,
             started: std::time::Instant::now(),
             _cache_lock: lock,

@@ -261,31 +261,14 @@ impl Fs {
         Ok(self.meta.set_marker(dir.ino, &etag, now_ns())?)
     }
 
-    /// Keeps the contents of an open file locally: its object is about to go away.
-    async fn materialize(&self, file: &OpenFile, st: &mut FileState) -> FsResult<()> {
-        let size = file.attrs().size;
-        if st.staging.is_none() {
-            st.staging = Some(Staging::create(
-                &self.staging_dir,
-                file.ino(),
-                st.remote.clone(),
-                size,
-            )?);
-        }
-        let staging = st.staging.as_mut().expect("created above");
-        let missing = staging.missing_for_read(0..size);
-        write::fetch_blocks(&self.store, self.blocks.cache(), staging, missing).await?;
-        Ok(())
-    }
-
-    /// Copies the contents of `inode` to local disk if it is open: its object is about to be
+    /// Copies the contents of `file` to local disk if it is open: its object is about to be
     /// deleted or overwritten, and open handles must keep reading what they opened.
-    async fn keep_open_contents(&self, inode: &Inode) -> FsResult<()> {
-        if let Some(file) = self.open_file_of(inode.ino) {
-            let mut st = file.state.lock().await;
-            if st.opens > 0 {
-                self.materialize(&file, &mut st).await?;
-            }
+    async fn keep_open_contents(&self, file: &OpenFile) -> FsResult<()> {
+        if file.state.lock().await.opens > 0 {
+            drop(
+                self.lock_with_blocks(file, |s| s.missing_for_read(0..s.size()))
+                    .await?,
+            );
         }
         Ok(())
     }
@@ -294,6 +277,7 @@ impl Fs {
     /// An open file stays usable through its handles and is never uploaded.
     async fn detach_file(&self, inode: &Inode) -> FsResult<()> {
         if let Some(file) = self.open_file_of(inode.ino) {
+            let _changing = file.changes.lock().await;
             let mut st = file.state.lock().await;
             return self.detach_locked(inode, &file, &mut st);
         }
@@ -304,7 +288,7 @@ impl Fs {
         Ok(())
     }
 
-    /// [`Self::detach_file`] of an open file whose content lock is held.
+    /// [`Self::detach_file`] of an open file whose change lock and content lock are held.
     fn detach_locked(
         &self,
         inode: &Inode,
@@ -350,13 +334,17 @@ impl Fs {
             return Err(FsError::IsDir);
         }
         self.keep_dir_alive(&dir).await?;
-        self.keep_open_contents(&child).await?;
+        if let Some(file) = self.open_file_of(child.ino) {
+            self.keep_open_contents(&file).await?;
+        }
         let (key, _held) = self.hold_key(&child).await?;
         let _change = self.local.begin(&key);
         match self.open_file_of(child.ino) {
             Some(file) => {
-                // Under the content lock: an upload in flight finishes first (and its object
-                // is deleted here), and none starts before the file is detached.
+                // Under the change lock: an upload in flight finishes first (and its object
+                // is deleted here), and none starts before the file is detached. And under
+                // the content lock: an open meanwhile would read the object being deleted.
+                let _changing = file.changes.lock().await;
                 let mut st = file.state.lock().await;
                 if file.attrs().etag.is_some() || st.remote.is_some() {
                     self.store.delete(&key).await?;
@@ -497,15 +485,16 @@ impl Fs {
             [self.local.begin(&old_key), self.local.begin(&new_key)]
         };
         let mut journal = None;
-        // A replaced file is held (its content lock) from here until it is detached: an
+        // A replaced file is held (its change lock) from here until it is detached: an
         // upload of it in flight finishes first, and none starts that would put its contents
-        // back under the name the source is taking.
+        // back under the name the source is taking. Its content lock is held too, once its
+        // contents are local: an open meanwhile would read the source's object.
         let replaced = dst
             .as_ref()
             .filter(|d| d.kind != Kind::Dir)
             .and_then(|d| self.open_file_of(d.ino));
-        let mut replaced_state = match &replaced {
-            Some(f) => Some(f.state.lock().await),
+        let _replaced_changing = match &replaced {
+            Some(f) => Some(f.changes.lock().await),
             None => None,
         };
         // As it is now that it is held, or known not to be open: an upload in flight when
@@ -520,23 +509,22 @@ impl Fs {
         } else {
             self.open_file_of(src.ino)
         };
-        let mut moving_state = match &moving {
-            Some(f) => Some(f.state.lock().await),
+        let _moving_changing = match &moving {
+            Some(f) => Some(f.changes.lock().await),
             None => None,
         };
+        let mut replaced_state = None;
         if src.kind == Kind::Dir {
             journal = Some(
                 self.rename_dir(&src, dst.as_ref(), (newparent, newname), &new_key)
                     .await?,
             );
         } else {
-            if let Some(st) = replaced_state.as_mut()
-                && st.opens > 0
-            {
-                self.materialize(replaced.as_ref().expect("held"), st)
-                    .await?;
+            if let Some(f) = &replaced {
+                self.keep_open_contents(f).await?;
+                replaced_state = Some(f.state.lock().await);
             }
-            self.rename_file(&src, dst.as_ref(), &new_key, moving_state.as_deref_mut())
+            self.rename_file(&src, dst.as_ref(), &new_key, moving.as_deref())
                 .await?;
         }
         if let Some(d) = &dst {
@@ -593,14 +581,15 @@ impl Fs {
     }
 
     /// Moves a file's object: server-side copy to the new key, then delete of the old one.
-    /// `st`: the content lock of the source if it is open, held by the caller until the row
-    /// has moved, so that no upload runs under the old name meanwhile.
+    /// `moving`: the source if it is open, whose change lock the caller holds until the row
+    /// has moved, so that no upload runs under the old name meanwhile. It is pointed at the
+    /// copy before the original is deleted, so that a read then finds the copy.
     async fn rename_file(
         &self,
         src: &Inode,
         dst: Option<&Inode>,
         new_key: &str,
-        mut st: Option<&mut FileState>,
+        moving: Option<&OpenFile>,
     ) -> FsResult<()> {
         let old_key = self.key_of(src)?;
         // An upload that was in flight until the lock was ours (or, if the file was not open
@@ -621,12 +610,12 @@ impl Fs {
                     self.upload_tuning(),
                 )
                 .await?;
-                self.store.delete(&old_key).await?;
                 let now_at = Original {
                     key: new_key.to_string(),
                     etag: new_etag.clone(),
                 };
-                if let Some(st) = st.as_mut() {
+                if let Some(f) = moving {
+                    let mut st = f.state.lock().await;
                     let journaled = st.journaled;
                     if let Some(staging) = st.staging.as_mut()
                         && staging.original().is_some()
@@ -641,6 +630,7 @@ impl Fs {
                         st.remote = Some(now_at);
                     }
                 }
+                self.store.delete(&old_key).await?;
                 moved.wrote(new_etag);
                 moved.validated_at = now_ns();
             }

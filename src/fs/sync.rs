@@ -5,7 +5,8 @@
 //! data stays staged on local disk; this module is what eventually gets it into the bucket,
 //! in this run or the next one.
 
-use std::sync::{Arc, Weak};
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex, Weak};
 
 use futures::StreamExt;
 use std::time::{Duration, Instant};
@@ -144,32 +145,35 @@ impl Fs {
     }
 
     /// Starts an upload task for every file that is due and not being uploaded, each taking
-    /// one of the `--background-uploads` slots. A file someone holds busy (a write, its
+    /// one of the `--background-uploads` slots. A file someone is changing (a write, its
     /// upload at close) is looked at again on the next round rather than waited for.
     async fn start_due_uploads(self: &Arc<Self>) {
         for file in self.pending_files() {
+            if file.changes.try_lock().is_err() {
+                continue;
+            }
             {
-                let Ok(mut st) = file.state.try_lock() else {
+                let Ok(st) = file.state.try_lock() else {
                     continue;
                 };
                 let due = st.dirty
                     && !st.unlinked
-                    && !st.uploading
                     && st.opens == 0
                     && st.retry_at.is_some_and(|t| t <= Instant::now());
                 if !due {
                     continue;
                 }
-                st.uploading = true;
             }
+            let Some(claim) = UploadClaim::new(&self.uploading, file.ino()) else {
+                continue;
+            };
             let Ok(slot) = self.upload_slots.clone().acquire_owned().await else {
                 return;
             };
             let fs = self.clone();
             tokio::spawn(async move {
                 fs.upload_in_background(&file).await;
-                file.state.lock().await.uploading = false;
-                drop(slot);
+                drop((claim, slot));
             });
         }
     }
@@ -212,6 +216,10 @@ impl Fs {
         // data pending too, and comes last rather than holding up the others.
         let (mut dirty, mut busy) = (Vec::new(), Vec::new());
         for file in self.pending_files() {
+            if file.changes.try_lock().is_err() {
+                busy.push(file);
+                continue;
+            }
             match file.state.try_lock() {
                 Ok(st) if st.dirty && !st.unlinked => dirty.push(file.clone()),
                 Ok(_) => {}
@@ -227,13 +235,36 @@ impl Fs {
         uploaded.into_iter().filter(|ok| !ok).count()
     }
 
-    /// Files and bytes whose upload is pending. Read from the live attributes, not the
-    /// content locks, which an upload in progress holds.
+    /// Files and bytes whose upload is pending. Read from the live attributes, which need
+    /// no wait for any lock.
     pub fn pending_uploads(&self) -> (usize, u64) {
         self.pending_files()
             .iter()
             .map(|f| f.attrs())
             .filter(|a| a.dirty && a.parent.is_some())
             .fold((0, 0), |(files, bytes), a| (files + 1, bytes + a.size))
+    }
+}
+
+/// The background uploader's claim on one file: while it lives, no second upload task of the
+/// file is started.
+struct UploadClaim {
+    uploading: Arc<Mutex<HashSet<u64>>>,
+    ino: u64,
+}
+
+impl UploadClaim {
+    /// Claims `ino`, or `None` if an upload task has it already.
+    fn new(uploading: &Arc<Mutex<HashSet<u64>>>, ino: u64) -> Option<UploadClaim> {
+        uploading.lock().unwrap().insert(ino).then(|| UploadClaim {
+            uploading: uploading.clone(),
+            ino,
+        })
+    }
+}
+
+impl Drop for UploadClaim {
+    fn drop(&mut self) {
+        self.uploading.lock().unwrap().remove(&self.ino);
     }
 }

@@ -1444,6 +1444,39 @@ async fn an_acknowledged_version_is_uploaded_before_it_is_changed() {
     assert_eq!(s.body("pre/f").unwrap(), b"VERSION one");
 }
 
+#[tokio::test]
+async fn reads_and_opens_of_a_file_go_on_while_it_is_uploaded_and_a_write_waits() {
+    let s = setup();
+    let f = s.write_file(ROOT, "f", b"first version").await;
+    let fh = s.fs.open(f, libc::O_RDWR, ROOT_CALLER).await.unwrap().fh;
+    s.fs.write(fh, 0, b"FIRST").await.unwrap();
+    let put = s.mem.pause(Op::Put, "pre/f");
+    let during = async {
+        put.reached().await;
+        // Bounded, so that a wait for the upload fails the test rather than hangs it.
+        let wait = Duration::from_secs(10);
+        let read = tokio::time::timeout(wait, s.fs.read(fh, 0, 64)).await;
+        let read = read.expect("a read waited for the upload of the file");
+        assert_eq!(read.unwrap(), b"FIRST version"[..]);
+        let opened = tokio::time::timeout(wait, s.fs.open(f, libc::O_RDONLY, ROOT_CALLER)).await;
+        let other = opened.expect("an open waited for the upload of the file");
+        let other = other.unwrap().fh;
+        assert_eq!(s.fs.read(other, 0, 64).await.unwrap(), b"FIRST version"[..]);
+        s.fs.release(other).await;
+        // A change of the contents waits for the upload of what was there before.
+        let mut write = std::pin::pin!(s.fs.write(fh, 0, b"X"));
+        assert!(futures::poll!(&mut write).is_pending());
+        put.resume();
+        write.await.unwrap();
+    };
+    let (flushed, ()) = tokio::join!(s.fs.flush(fh), during);
+    flushed.unwrap();
+    assert_eq!(s.body("pre/f").unwrap(), b"FIRST version");
+    s.fs.flush(fh).await.unwrap();
+    s.fs.release(fh).await;
+    assert_eq!(s.body("pre/f").unwrap(), b"XIRST version");
+}
+
 /// Waits until the background upload of `ino` has ended and taken it out of the open-file
 /// table.
 async fn retired(s: &Setup, ino: u64) {

@@ -16,7 +16,7 @@ use tracing::{debug, warn};
 use super::budget::MemoryBudget;
 use crate::cache::BLOCK_SIZE;
 use crate::cache::blocks::{BlockCache, BlockId};
-use crate::cache::staging::{Staging, StagingReader};
+use crate::cache::staging::{Original, Staging, StagingReader};
 use crate::store::{
     CompletedPart, Expect, MAX_PART_SIZE, MAX_PARTS, MAX_SINGLE_OBJECT, MIN_PART_SIZE, ObjectStore,
     StoreError, StoreResult, WriteHeaders,
@@ -34,54 +34,88 @@ pub fn part_size_for(size: u64, min_part: u64) -> u64 {
     needed.max(min_part).clamp(MIN_PART_SIZE, MAX_PART_SIZE)
 }
 
-/// Fetches `blocks` of the staging file's original into it: from the block cache when it has
-/// them (editing a file that was read costs no GET), else with ranged GETs, whose whole
-/// blocks are then cached too.
-pub async fn fetch_blocks(
-    store: &Arc<dyn ObjectStore>,
-    cache: Option<&Arc<BlockCache>>,
-    staging: &mut Staging,
-    blocks: Vec<u64>,
-) -> StoreResult<()> {
-    let Some(orig) = staging.original().cloned() else {
-        return Ok(());
-    };
-    let id = |index| BlockId {
-        key: &orig.key,
-        etag: &orig.etag,
-        index,
-    };
-    let mut missing = Vec::with_capacity(blocks.len());
-    for b in blocks {
-        let want = staging.fetch_range(b);
-        let len = (want.end - want.start) as usize;
-        match cache.and_then(|c| c.get(&id(b), 0..len)) {
-            Some(data) => staging.fill_block(b, &data).map_err(StoreError::Local)?,
-            None => missing.push(b),
-        }
+/// Blocks of a staging file's original to bring in, chosen under the file's lock and fetched
+/// without it (reads and opens of the file go on meanwhile); [`FetchedBlocks::fill`] stores
+/// them under the lock again. At most [`FETCH_CONCURRENCY`] at a time.
+#[derive(Debug)]
+pub struct BlockFetch {
+    original: Original,
+    blocks: Vec<(u64, Range<u64>)>,
+}
+
+/// Blocks fetched by a [`BlockFetch`].
+#[derive(Debug)]
+pub struct FetchedBlocks {
+    original: Original,
+    blocks: Vec<(u64, Bytes)>,
+}
+
+impl BlockFetch {
+    /// The first blocks of `missing` (blocks of `staging` that need fetching), or `None`
+    /// when there is nothing to fetch.
+    pub fn first_of(staging: &Staging, missing: &[u64]) -> Option<BlockFetch> {
+        let original = staging.original()?.clone();
+        let blocks: Vec<_> = missing
+            .iter()
+            .take(FETCH_CONCURRENCY)
+            .map(|&b| (b, staging.fetch_range(b)))
+            .collect();
+        (!blocks.is_empty()).then_some(BlockFetch { original, blocks })
     }
-    for chunk in missing.chunks(FETCH_CONCURRENCY) {
-        let fetched = futures::future::try_join_all(chunk.iter().map(|&b| {
-            let range = staging.fetch_range(b);
-            let (store, orig) = (store.clone(), orig.clone());
+
+    /// The original the blocks come from.
+    pub fn original(&self) -> &Original {
+        &self.original
+    }
+
+    /// Fetches the blocks: from the block cache when it has them (editing a file that was
+    /// read costs no GET), else with concurrent ranged GETs pinned to the original's ETag,
+    /// whose whole blocks are then cached too.
+    pub async fn run(
+        self,
+        store: &Arc<dyn ObjectStore>,
+        cache: Option<&Arc<BlockCache>>,
+    ) -> StoreResult<FetchedBlocks> {
+        let orig = &self.original;
+        let id = |index| BlockId {
+            key: &orig.key,
+            etag: &orig.etag,
+            index,
+        };
+        let blocks = futures::future::try_join_all(self.blocks.iter().map(|(b, range)| {
+            let cached = cache.and_then(|c| c.get(&id(*b), 0..(range.end - range.start) as usize));
             async move {
-                store
-                    .get_range(&orig.key, range, Some(&orig.etag))
-                    .await
-                    .map(|d| (b, d))
+                if let Some(data) = cached {
+                    return Ok((*b, data));
+                }
+                let data = store
+                    .get_range(&orig.key, range.clone(), Some(&orig.etag))
+                    .await?;
+                if data.len() as u64 == BLOCK_SIZE
+                    && let Some(c) = cache
+                {
+                    c.put(&id(*b), &data);
+                }
+                Ok::<_, StoreError>((*b, data))
             }
         }))
         .await?;
-        for (b, data) in fetched {
-            if data.len() as u64 == BLOCK_SIZE
-                && let Some(c) = cache
-            {
-                c.put(&id(b), &data);
-            }
-            staging.fill_block(b, &data).map_err(StoreError::Local)?;
-        }
+        Ok(FetchedBlocks {
+            original: self.original,
+            blocks,
+        })
     }
-    Ok(())
+}
+
+impl FetchedBlocks {
+    /// Stores the blocks in `staging`, skipping what changed there since they were chosen
+    /// ([`Staging::fill_block`]).
+    pub fn fill(&self, staging: &mut Staging) -> std::io::Result<()> {
+        for (b, data) in &self.blocks {
+            staging.fill_block(&self.original, *b, data)?;
+        }
+        Ok(())
+    }
 }
 
 /// How one part of a multipart upload gets its bytes.
@@ -202,58 +236,131 @@ pub struct UploadTuning {
     pub concurrency: usize,
 }
 
-/// Uploads the staged file to `key` with `headers`; returns the new ETag. On failure nothing
-/// is left behind (a started multipart upload is aborted) and the staging file is intact.
+/// How the bytes of an upload go: in one PUT, or as parts, each sent or copied server-side.
+#[derive(Debug)]
+enum Body {
+    Single,
+    Parts(Vec<PlannedPart>),
+}
+
+#[derive(Debug)]
+enum PlannedPart {
+    /// Read from the staging file and sent.
+    Send(Range<u64>),
+    /// Unchanged from the original: copied server-side.
+    Copy(Range<u64>),
+}
+
+/// What an upload sends, fixed under the file's lock so that the transfer runs without it.
+///
+/// The staging file is read through a handle of its own. Nothing changes the bytes of a range
+/// the plan sends while it runs: the uploader holds the file's change lock, which every
+/// writer needs, and readers only fill in blocks with the bytes of the original they hold
+/// already; a range it copies is the original's, which the uploader's key hold keeps in place.
+#[derive(Debug)]
+pub struct UploadPlan {
+    reader: StagingReader,
+    size: u64,
+    original: Option<Original>,
+    body: Body,
+}
+
+/// The parts of an upload of `size` bytes, `None` for a single PUT.
+fn part_ranges(size: u64, tuning: UploadTuning) -> Option<Vec<Range<u64>>> {
+    if size <= tuning.multipart_threshold.min(MAX_SINGLE_OBJECT) {
+        return None;
+    }
+    let part_size = part_size_for(size, tuning.part_size);
+    Some(
+        (0..size)
+            .step_by(part_size as usize)
+            .map(|s| s..(s + part_size).min(size))
+            .collect(),
+    )
+}
+
+impl UploadPlan {
+    /// Blocks the upload of `staging` needs local before it can be planned: all of a
+    /// single PUT's, and those of every part that is not copied.
+    pub fn blocks_to_fetch(staging: &Staging, tuning: UploadTuning) -> Vec<u64> {
+        let size = staging.size();
+        match part_ranges(size, tuning) {
+            None => staging.missing_for_read(0..size),
+            Some(ranges) => ranges
+                .into_iter()
+                .filter(|r| !staging.is_untouched(r))
+                .flat_map(|r| staging.missing_for_read(r))
+                .collect(),
+        }
+    }
+
+    /// Plans the upload of `staging`, whose [`Self::blocks_to_fetch`] are all local.
+    pub fn new(staging: &Staging, tuning: UploadTuning) -> std::io::Result<UploadPlan> {
+        let body = match part_ranges(staging.size(), tuning) {
+            None => Body::Single,
+            Some(ranges) => Body::Parts(
+                ranges
+                    .into_iter()
+                    .map(|r| match staging.is_untouched(&r) {
+                        true => PlannedPart::Copy(r),
+                        false => PlannedPart::Send(r),
+                    })
+                    .collect(),
+            ),
+        };
+        Ok(UploadPlan {
+            reader: staging.reader()?,
+            size: staging.size(),
+            original: staging.original().cloned(),
+            body,
+        })
+    }
+
+    /// Bytes the upload sends in all.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// A reader of the staging file.
+    pub fn reader(&self) -> &StagingReader {
+        &self.reader
+    }
+}
+
+/// Uploads what `plan` says to `dest`; returns the new ETag. On failure nothing is left
+/// behind (a started multipart upload is aborted) and the staging file is intact.
 pub async fn upload(
     store: &Arc<dyn ObjectStore>,
-    cache: Option<&Arc<BlockCache>>,
-    staging: &mut Staging,
+    plan: &UploadPlan,
     dest: Destination<'_>,
     tuning: UploadTuning,
     budget: &MemoryBudget,
 ) -> StoreResult<String> {
-    let size = staging.size();
-    if size <= tuning.multipart_threshold.min(MAX_SINGLE_OBJECT) {
-        let missing = staging.missing_for_read(0..size);
-        fetch_blocks(store, cache, staging, missing).await?;
-        let body = staging.read(0, size as usize).map_err(StoreError::Local)?;
-        return store
-            .put(dest.key, Bytes::from(body), dest.headers, dest.expect)
-            .await;
-    }
-    let part_size = part_size_for(size, tuning.part_size);
-    let ranges: Vec<Range<u64>> = (0..size)
-        .step_by(part_size as usize)
-        .map(|s| s..(s + part_size).min(size))
-        .collect();
-    // Bring in what the sent parts need before any part goes out, so the parts can then be
-    // read concurrently from a staging file nobody modifies.
-    let mut missing = Vec::new();
-    for r in &ranges {
-        if !staging.is_untouched(r) {
-            missing.extend(staging.missing_for_read(r.clone()));
+    let planned = match &plan.body {
+        Body::Single => {
+            let body = plan.reader.read(0..plan.size).map_err(StoreError::Local)?;
+            return store
+                .put(dest.key, Bytes::from(body), dest.headers, dest.expect)
+                .await;
         }
-    }
-    fetch_blocks(store, cache, staging, missing).await?;
-    let staging = &*staging;
-    let original = staging.original();
-    let parts = ranges
-        .into_iter()
-        .map(|r| match original {
-            Some(orig) if staging.is_untouched(&r) => PartSource::Copy {
+        Body::Parts(parts) => parts,
+    };
+    let parts = planned
+        .iter()
+        .map(|part| match (part, &plan.original) {
+            (PlannedPart::Copy(r), Some(orig)) => PartSource::Copy {
                 key: &orig.key,
                 etag: Some(&orig.etag),
-                range: r,
+                range: r.clone(),
             },
-            _ => PartSource::Local(r),
+            (PlannedPart::Send(r) | PlannedPart::Copy(r), _) => PartSource::Local(r.clone()),
         })
         .collect();
-    let reader = staging.reader().map_err(StoreError::Local)?;
     run_multipart(
         store,
         dest,
         parts,
-        Some((&reader, budget)),
+        Some((&plan.reader, budget)),
         tuning.concurrency,
     )
     .await
@@ -307,6 +414,17 @@ pub async fn copy_object(
 mod tests {
     use super::*;
 
+    /// Brings the blocks `wanted` names into `s`, until it names none.
+    async fn fetch_blocks(
+        store: &Arc<dyn ObjectStore>,
+        s: &mut Staging,
+        wanted: impl Fn(&Staging) -> Vec<u64>,
+    ) {
+        while let Some(fetch) = BlockFetch::first_of(s, &wanted(s)) {
+            fetch.run(store, None).await.unwrap().fill(s).unwrap();
+        }
+    }
+
     /// Uploads `s` to `key` with no headers and the test tuning.
     async fn upload_to(
         store: &Arc<dyn ObjectStore>,
@@ -319,9 +437,11 @@ mod tests {
             headers: &WriteHeaders::default(),
             expect: Expect::Any,
         };
-        upload(store, None, s, dest, TUNING, &budget).await
+        fetch_blocks(store, s, |s| UploadPlan::blocks_to_fetch(s, TUNING)).await;
+        let plan = UploadPlan::new(s, TUNING).unwrap();
+        upload(store, &plan, dest, TUNING, &budget).await
     }
-    use crate::cache::staging::{BLOCK_SIZE, Original};
+    use crate::cache::staging::BLOCK_SIZE;
     use crate::store::mem::{MemStore, Op};
 
     const MIB: u64 = 1024 * 1024;
@@ -355,8 +475,7 @@ mod tests {
         };
         let mut s = Staging::create(dir.path(), 1, Some(orig), data.len() as u64).unwrap();
         let at = 12 * MIB + 5;
-        let missing = s.missing_for_write(at..at + 4);
-        fetch_blocks(&store, None, &mut s, missing).await.unwrap();
+        fetch_blocks(&store, &mut s, |s| s.missing_for_write(at..at + 4)).await;
         s.write(at, b"EDIT").unwrap();
         let gets_before = mem.count(Op::Get);
         upload_to(&store, &mut s, "big").await.unwrap();
