@@ -84,15 +84,15 @@ pub(super) enum Streaming {
     Possible,
     /// Parts go up while the file is written.
     Running(Stream),
-    /// A stream was abandoned (or is being fed, or finished, by the holder of the change
-    /// lock): none starts before the next upload.
+    /// A stream was abandoned: none starts before the next upload.
     Stopped,
 }
 
 impl Streaming {
-    /// Takes the running stream out, leaving [`Streaming::Stopped`].
+    /// Takes the running stream out (to feed or finish it, by the holder of the change lock,
+    /// or to abandon it), leaving [`Streaming::Possible`].
     fn take(&mut self) -> Option<Stream> {
-        match std::mem::replace(self, Streaming::Stopped) {
+        match std::mem::take(self) {
             Streaming::Running(s) => Some(s),
             other => {
                 *self = other;
@@ -297,7 +297,13 @@ impl Fs {
         if let Err(e) = self.meta.delete_staging(file.ino) {
             warn!(ino = file.ino, "could not drop staging bookkeeping: {e}");
         }
-        self.open_files.lock().unwrap().remove(&file.ino);
+        {
+            // Only this state: a retired one's entry may have been replaced by a new open.
+            let mut table = self.open_files.lock().unwrap();
+            if table.get(&file.ino).is_some_and(|f| Arc::ptr_eq(f, file)) {
+                table.remove(&file.ino);
+            }
+        }
         let unlinked = file.attrs().parent.is_none() && file.ino != ROOT_INO;
         if unlinked && !self.lookups.lock().unwrap().contains_key(&file.ino) {
             let _ = self.meta.forget(file.ino);
@@ -438,16 +444,34 @@ impl Fs {
     #[instrument(level = "debug", skip(self))]
     pub async fn read(&self, fh: u64, offset: u64, size: u32) -> FsResult<Bytes> {
         let h = self.file_handle(fh)?;
+        let mut waited = false;
         loop {
             match self.read_once(&h, offset, size).await {
-                // A move of a directory above the file points the open file at its copy
-                // before it deletes the original: a read that took the old key just before
-                // finds it gone, and reads the copy.
+                // A move of a directory above the file (or a rename of it) points the open
+                // file at its copy before it deletes the original: a read that took the old
+                // key just before finds it gone, and reads the copy.
                 Err(FsError::Store(StoreError::NotFound(gone))) => {
                     let remote = &h.file.state.lock().await.remote;
                     if remote.as_ref().is_none_or(|now| now.key == gone) {
                         return Err(StoreError::NotFound(gone).into());
                     }
+                }
+                // A change this mount is making (a header rewrite's CopyObject, an upload)
+                // may have replaced the version the read asked for: once it is recorded, the
+                // read asks for the version it left.
+                Err(FsError::Store(StoreError::PreconditionFailed(_))) if !waited => {
+                    drop(h.file.changes.lock().await);
+                    waited = true;
+                }
+                Err(e @ FsError::Store(StoreError::PreconditionFailed(_))) => {
+                    // Another client replaced the object: this handle keeps failing with
+                    // ESTALE rather than mixing versions, and the next open looks at the new
+                    // object.
+                    if let Some(mut row) = self.meta.get(h.file.ino)? {
+                        row.validated_at = 0;
+                        self.meta.save(&row)?;
+                    }
+                    return Err(e);
                 }
                 other => return other,
             }
@@ -481,21 +505,9 @@ impl Fs {
             }
         };
         let mut reader = h.reader.lock().await;
-        match reader
+        Ok(reader
             .read(&self.blocks, &version, offset, size as usize)
-            .await
-        {
-            Err(e @ StoreError::PreconditionFailed(_)) => {
-                // Another client replaced the object: this handle keeps failing with ESTALE
-                // rather than mixing versions, and the next open looks at the new object.
-                if let Some(mut row) = self.meta.get(h.file.ino)? {
-                    row.validated_at = 0;
-                    self.meta.save(&row)?;
-                }
-                Err(e.into())
-            }
-            other => Ok(other?),
-        }
+            .await?)
     }
 
     /// Writes `data` at `offset`; returns the bytes written.
@@ -544,6 +556,9 @@ impl Fs {
     /// meanwhile, and what changed in between is looked at again. A fetch that failed
     /// because the original moved meanwhile (a move of a directory above the file deletes
     /// the old key once the file points at the new one) is made again from the new key.
+    ///
+    /// ESTALE if the file was retired meanwhile (its last handle closed): its contents are
+    /// nobody's to keep, and a new open has a new state.
     pub(super) async fn lock_with_blocks<'a>(
         &self,
         file: &'a OpenFile,
@@ -551,6 +566,9 @@ impl Fs {
     ) -> FsResult<tokio::sync::MutexGuard<'a, FileState>> {
         let mut st = file.state.lock().await;
         loop {
+            if st.closed {
+                return Err(FsError::Stale);
+            }
             let staging = self.staging_of(file, &mut st)?;
             let Some(fetch) = write::BlockFetch::first_of(staging, &wanted(staging)) else {
                 return Ok(st);
@@ -663,6 +681,7 @@ impl Fs {
     pub(super) fn abandon_stream(&self, st: &mut FileState) {
         if let Some(s) = st.stream.take() {
             s.abandon(&self.store);
+            st.stream = Streaming::Stopped;
         }
     }
 
@@ -752,6 +771,9 @@ impl Fs {
     pub async fn flush(&self, fh: u64) -> FsResult<()> {
         let h = self.file_handle(fh)?;
         if self.cfg.write_back {
+            // Not in the middle of a write through another handle: what is journaled is
+            // then the staging file's only copy, and must be whole.
+            let _changing = h.file.changes.lock().await;
             let mut st = h.file.state.lock().await;
             return self.journal_locked(&h.file, &mut st);
         }
@@ -851,21 +873,19 @@ impl Fs {
     async fn upload_changes(&self, file: &OpenFile, key: String) -> FsResult<()> {
         let inode = file.attrs();
         let headers = self.headers_of(&inode);
-        let (known, mut stream, last_write) = {
-            let mut st = file.state.lock().await;
-            (
-                self.known_version(&st, &key),
-                st.stream.take(),
-                st.last_write,
-            )
+        let (known, last_write) = {
+            let st = file.state.lock().await;
+            (self.known_version(&st, &key), st.last_write)
         };
         let _change = self.local.begin(&key);
         debug!(key, ?known, mtime = ?inode.mtime, "uploading");
         let expect = known.expect();
+        let changed = self.changed_in_bucket(&key, expect).await?;
+        let mut stream = file.state.lock().await.stream.take();
         // What the bucket already holds, when it is exactly our contents (an upload that
         // completed just before a crash): nothing to send.
         let mut adopted = None;
-        if self.changed_in_bucket(&key, expect).await? {
+        if changed {
             if let Some(s) = stream.take() {
                 s.abandon(&self.store);
             }
@@ -934,12 +954,11 @@ impl Fs {
         // Nothing else changes the attributes while the change lock is held.
         let mut attrs = file.attrs();
         attrs.wrote(etag.clone());
-        attrs.dirty = false;
         attrs.validated_at = now_ns();
-        if was_streamed && let Err(e) = self.after_stream(&mut attrs, last_write).await {
-            // The contents are in the bucket; only the times the file was given are not.
-            warn!(key, "could not store the times of a streamed file: {e}");
-        }
+        let times = match was_streamed {
+            true => self.after_stream(&mut attrs, last_write).await,
+            false => Ok(()),
+        };
         let uploaded = Original {
             key,
             etag: attrs.etag.clone().unwrap_or(etag),
@@ -948,11 +967,24 @@ impl Fs {
         let staging = self.staging_of(file, &mut st)?;
         let size = staging.size();
         staging.mark_uploaded(uploaded.clone(), size);
+        let record = staging.record();
         st.remote = Some(uploaded);
+        st.stream = Streaming::Possible;
+        if let Err(e) = times {
+            // The contents are in the bucket, the times set while they were written are
+            // not: the file stays dirty, and its next upload carries them.
+            warn!(
+                ino = file.ino,
+                "could not store the times of a streamed file: {e}"
+            );
+            self.meta.save_staging(file.ino, &record)?;
+            self.save(&attrs)?;
+            return Err(e);
+        }
         st.dirty = false;
         st.journaled = false;
-        st.stream = Streaming::Possible;
         st.last_write = None;
+        attrs.dirty = false;
         self.save(&attrs)?;
         self.meta.delete_staging(file.ino)?;
         Ok(())

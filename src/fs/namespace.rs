@@ -264,13 +264,17 @@ impl Fs {
     /// Copies the contents of `file` to local disk if it is open: its object is about to be
     /// deleted or overwritten, and open handles must keep reading what they opened.
     async fn keep_open_contents(&self, file: &OpenFile) -> FsResult<()> {
-        if file.state.lock().await.opens > 0 {
-            drop(
-                self.lock_with_blocks(file, |s| s.missing_for_read(0..s.size()))
-                    .await?,
-            );
+        if file.state.lock().await.opens == 0 {
+            return Ok(());
         }
-        Ok(())
+        match self
+            .lock_with_blocks(file, |s| s.missing_for_read(0..s.size()))
+            .await
+        {
+            // Closed meanwhile: nobody reads it any more.
+            Ok(_) | Err(FsError::Stale) => Ok(()),
+            Err(e) => Err(e),
+        }
     }
 
     /// Detaches a non-directory entry from the namespace (after [`Self::keep_open_contents`]).
@@ -281,6 +285,11 @@ impl Fs {
             let mut st = file.state.lock().await;
             return self.detach_locked(inode, &file, &mut st);
         }
+        self.detach_row(inode)
+    }
+
+    /// [`Self::detach_file`] of an entry that is not open.
+    fn detach_row(&self, inode: &Inode) -> FsResult<()> {
         self.meta.unlink(inode.ino)?;
         if !self.is_referenced(inode.ino) {
             self.meta.forget(inode.ino)?;
@@ -295,6 +304,10 @@ impl Fs {
         file: &Arc<OpenFile>,
         st: &mut FileState,
     ) -> FsResult<()> {
+        if st.closed {
+            // Retired since it was found open: its row is all there is.
+            return self.detach_row(inode);
+        }
         st.unlinked = true;
         st.dirty = false;
         st.journaled = false;
@@ -614,23 +627,17 @@ impl Fs {
                     key: new_key.to_string(),
                     etag: new_etag.clone(),
                 };
-                if let Some(f) = moving {
-                    let mut st = f.state.lock().await;
-                    let journaled = st.journaled;
-                    if let Some(staging) = st.staging.as_mut()
-                        && staging.original().is_some()
-                    {
-                        staging.set_original(now_at.clone());
-                        if journaled {
-                            // A crash must find the original where it now is.
-                            self.meta.save_staging(src.ino, &staging.record())?;
-                        }
+                let before = match moving {
+                    Some(f) => Some(self.point_at_copy(f, &mut *f.state.lock().await, &now_at)?),
+                    None => None,
+                };
+                if let Err(e) = self.store.delete(&old_key).await {
+                    // The rename failed; the file stays where its row says it is.
+                    if let (Some(f), Some(before)) = (moving, before) {
+                        self.set_pointers(f, &mut *f.state.lock().await, before)?;
                     }
-                    if st.remote.is_some() {
-                        st.remote = Some(now_at);
-                    }
+                    return Err(e.into());
                 }
-                self.store.delete(&old_key).await?;
                 moved.wrote(new_etag);
                 moved.validated_at = now_ns();
             }
@@ -780,24 +787,49 @@ impl Fs {
                 key: format!("{new_prefix}{}", &old_key[old_prefix.len()..]),
                 etag: etag.clone(),
             };
-            let mut st = f.state.lock().await;
-            let journaled = st.journaled;
-            if let Some(staging) = st.staging.as_mut()
-                && staging.original().is_some()
-            {
-                staging.set_original(now_at.clone());
-                if journaled {
-                    self.meta.save_staging(ino, &staging.record())?;
-                }
-            }
-            if st.remote.is_some() {
-                st.remote = Some(now_at);
-            }
+            self.point_at_copy(&f, &mut *f.state.lock().await, &now_at)?;
             let mut live = f.attrs();
             live.etag = Some(etag);
             live.last_modified = None;
             live.validated_at = now_ns();
             f.set_attrs(live);
+        }
+        Ok(())
+    }
+
+    /// Points open `file` (its content lock `st`) at `copy`, a copy of its object under
+    /// another key made by a rename or a move of a directory above it, before the original
+    /// is deleted. Returns what it pointed at before.
+    fn point_at_copy(
+        &self,
+        file: &OpenFile,
+        st: &mut FileState,
+        copy: &Original,
+    ) -> FsResult<Pointers> {
+        let before = Pointers {
+            original: st.staging.as_ref().and_then(|s| s.original().cloned()),
+            remote: st.remote.clone(),
+        };
+        let after = Pointers {
+            original: before.original.as_ref().map(|_| copy.clone()),
+            remote: before.remote.as_ref().map(|_| copy.clone()),
+        };
+        self.set_pointers(file, st, after)?;
+        Ok(before)
+    }
+
+    /// Points open `file` (its content lock `st`) at `to`.
+    fn set_pointers(&self, file: &OpenFile, st: &mut FileState, to: Pointers) -> FsResult<()> {
+        let journaled = st.journaled;
+        if let (Some(original), Some(staging)) = (to.original, st.staging.as_mut()) {
+            staging.set_original(original);
+            if journaled {
+                // A crash must find the original where it now is.
+                self.meta.save_staging(file.ino(), &staging.record())?;
+            }
+        }
+        if to.remote.is_some() {
+            st.remote = to.remote;
         }
         Ok(())
     }
@@ -826,4 +858,12 @@ pub(super) fn new_etags_of(copied: &[(String, String, String)]) -> HashMap<Strin
         .iter()
         .map(|(old, _, etag)| (old.clone(), etag.clone()))
         .collect()
+}
+
+/// Where an open file's contents are in the bucket: the original its staging file fetches
+/// from and the object it reads, each `None` where it has none.
+#[derive(Debug)]
+struct Pointers {
+    original: Option<Original>,
+    remote: Option<Original>,
 }
