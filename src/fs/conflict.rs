@@ -18,7 +18,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use tracing::warn;
 
-use super::files::{FileState, OpenFile};
+use super::files::{FileState, OpenFile, Phase};
 use super::{Fs, FsResult, write};
 use crate::meta::ROOT_INO;
 use crate::store::{Expect, StoreError, WriteHeaders};
@@ -165,8 +165,7 @@ impl Fs {
         // The name is the other client's now: forget what this mount had, so the next look
         // at it asks the bucket.
         let mut st = file.state.lock().await;
-        st.dirty = false;
-        st.journaled = false;
+        st.phase = Phase::Clean;
         st.remote = None;
         if st.opens == 0
             && let Some(staging) = st.staging.take()

@@ -51,14 +51,10 @@ pub struct OpenFile {
 pub(super) struct FileState {
     /// Local copy of the contents, once written (or read while dirty).
     pub staging: Option<Staging>,
-    /// Contents or headers changed and not yet uploaded.
-    pub dirty: bool,
+    /// Where it stands with its changes.
+    pub phase: Phase,
     /// Handles (and internal users) holding the file.
     pub opens: usize,
-    /// Unlinked while open: never uploaded, dropped on the last close.
-    pub unlinked: bool,
-    /// Removed from the open-file table; a new open makes a new `OpenFile`.
-    pub closed: bool,
     /// Object version holding the contents in the bucket, `None` before the first upload.
     pub remote: Option<Original>,
     /// Next background upload attempt of a file nobody has open.
@@ -69,11 +65,32 @@ pub(super) struct FileState {
     pub stream: Streaming,
     /// mtime given to the last write; an mtime that differs was set explicitly.
     pub last_write: Option<Timestamp>,
-    /// Write-back: a close acknowledged the staged contents and they are not in the bucket
-    /// yet. The staging file is then their only copy, so it is uploaded before it changes.
-    pub journaled: bool,
     /// How many times another client replaced the object while the file was open here.
     pub replaced: u64,
+}
+
+/// Where an open file stands with its changes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(super) enum Phase {
+    /// Its contents and headers are those of its object (or, never uploaded, of nothing).
+    #[default]
+    Clean,
+    /// Contents or headers changed and not uploaded yet.
+    Dirty,
+    /// Changed, and a write-back close acknowledged the change before it was uploaded: the
+    /// staging file is its only copy, so it is uploaded before it changes again.
+    Journaled,
+    /// Unlinked while open: never uploaded, dropped on the last close.
+    Unlinked,
+    /// Out of the open-file table; a new open makes a new [`OpenFile`].
+    Retired,
+}
+
+impl Phase {
+    /// Whether there are changes to upload.
+    pub(super) fn has_changes(self) -> bool {
+        matches!(self, Phase::Dirty | Phase::Journaled)
+    }
 }
 
 /// Where a file stands with its streaming upload ([`super::stream`]).
@@ -227,7 +244,7 @@ impl Fs {
                 }
             };
             let mut st = file.state.lock().await;
-            if st.closed {
+            if st.phase == Phase::Retired {
                 continue;
             }
             self.take_new_version(&file, &mut st);
@@ -245,7 +262,7 @@ impl Fs {
         if st.opens > 0 {
             return;
         }
-        if st.dirty && !st.unlinked && self.cfg.write_back {
+        if st.phase.has_changes() && self.cfg.write_back {
             // The upload is the background uploader's; the data is on local disk.
             match self.journal_locked(file, &mut st) {
                 Ok(()) => {
@@ -259,7 +276,7 @@ impl Fs {
                 ),
             }
         }
-        if st.dirty && !st.unlinked {
+        if st.phase.has_changes() {
             drop(st);
             if let Err(e) = self.sync_file(file).await {
                 warn!(
@@ -268,11 +285,11 @@ impl Fs {
                 );
             }
             st = file.state.lock().await;
-            if st.opens > 0 || st.closed {
+            if st.opens > 0 || st.phase == Phase::Retired {
                 return;
             }
         }
-        if st.dirty && !st.unlinked {
+        if st.phase.has_changes() {
             st.retry_at = Some(Instant::now() + Duration::from_secs(1));
             st.retry_delay = Duration::from_secs(2);
             return;
@@ -282,10 +299,10 @@ impl Fs {
 
     /// Removes a file nobody holds from the open-file table and deletes its staging.
     pub(super) fn retire(&self, file: &Arc<OpenFile>, st: &mut FileState) {
-        st.closed = true;
+        let uploaded = st.remote.clone().filter(|_| st.phase == Phase::Clean);
+        st.phase = Phase::Retired;
         self.abandon_stream(st);
         if let Some(staging) = st.staging.take() {
-            let uploaded = st.remote.clone().filter(|_| !st.dirty && !st.unlinked);
             let removed = match (uploaded, self.blocks.cache()) {
                 (Some(object), Some(cache)) => self.seed_cache(file.ino, staging, object, cache),
                 _ => staging.remove(),
@@ -403,7 +420,7 @@ impl Fs {
     async fn keep_page_cache(&self, file: &OpenFile) -> bool {
         let current = {
             let st = file.state.lock().await;
-            match (&st.remote, st.dirty || st.staging.is_some()) {
+            match (&st.remote, st.phase.has_changes() || st.staging.is_some()) {
                 (Some(o), false) => Some(o.etag.clone()),
                 _ => None,
             }
@@ -566,7 +583,7 @@ impl Fs {
     ) -> FsResult<tokio::sync::MutexGuard<'a, FileState>> {
         let mut st = file.state.lock().await;
         loop {
-            if st.closed {
+            if st.phase == Phase::Retired {
                 return Err(FsError::Stale);
             }
             let staging = self.staging_of(file, &mut st)?;
@@ -627,8 +644,10 @@ impl Fs {
             Streaming::Stopped => return,
             Streaming::Possible => None,
         };
-        let eligible =
-            appended && !st.unlinked && orig_len == 0 && size > self.cfg.multipart_threshold;
+        let eligible = appended
+            && st.phase != Phase::Unlinked
+            && orig_len == 0
+            && size > self.cfg.multipart_threshold;
         drop(st);
         let mut stream = match running {
             Some(s) => s,
@@ -714,8 +733,8 @@ impl Fs {
         let mut attrs = file.attrs.lock().unwrap();
         change(&mut attrs);
         attrs.dirty = true;
-        if !st.dirty {
-            st.dirty = true;
+        if st.phase == Phase::Clean {
+            st.phase = Phase::Dirty;
             self.meta.save(&attrs)?;
         }
         Ok(())
@@ -794,14 +813,14 @@ impl Fs {
     /// of the cache directory uploads it.
     fn journal_locked(&self, file: &OpenFile, st: &mut FileState) -> FsResult<()> {
         // Journaled and unchanged since (a change uploads it first): nothing more to do.
-        if !st.dirty || st.unlinked || st.journaled {
+        if st.phase != Phase::Dirty {
             return Ok(());
         }
         let attrs = file.attrs();
         let staging = self.staging_of(file, st)?;
         staging.sync()?;
         self.meta.save_pending(&attrs, &staging.record())?;
-        st.journaled = true;
+        st.phase = Phase::Journaled;
         st.retry_at = Some(Instant::now());
         st.retry_delay = Duration::from_secs(1);
         self.uploads_due.notify_one();
@@ -817,7 +836,7 @@ impl Fs {
     ) -> FsResult<tokio::sync::MutexGuard<'a, ()>> {
         loop {
             let changing = file.changes.lock().await;
-            if !file.state.lock().await.journaled {
+            if file.state.lock().await.phase != Phase::Journaled {
                 return Ok(changing);
             }
             // The upload holds the file's key, which comes before the change lock.
@@ -854,12 +873,8 @@ impl Fs {
         // Its key, held against a move of its directory until the upload is done, and its
         // change lock, against every other change of it; none if it was unlinked.
         let (held, _changing) = self.hold_for_change(file).await?;
-        {
-            let mut st = file.state.lock().await;
-            if !st.dirty || st.unlinked {
-                st.journaled = false;
-                return Ok(());
-            }
+        if !file.state.lock().await.phase.has_changes() {
+            return Ok(());
         }
         match held {
             Some((key, _held)) => self.upload_changes(file, key).await,
@@ -981,8 +996,7 @@ impl Fs {
             self.save(&attrs)?;
             return Err(e);
         }
-        st.dirty = false;
-        st.journaled = false;
+        st.phase = Phase::Clean;
         st.last_write = None;
         attrs.dirty = false;
         self.save(&attrs)?;
@@ -1146,7 +1160,7 @@ impl Fs {
             let _change = held.as_ref().map(|(key, _)| self.local.begin(key));
             let pending = {
                 let st = file.state.lock().await;
-                st.dirty || st.unlinked
+                st.phase.has_changes() || st.phase == Phase::Unlinked
             };
             let mut inode = file.attrs();
             change(&mut inode)?;

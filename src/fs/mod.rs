@@ -1158,7 +1158,7 @@ impl Fs {
         let Ok(Some(row)) = self.meta.get(file.ino()) else {
             return;
         };
-        if st.dirty || st.staging.is_some() || row.parent.is_none() {
+        if st.phase.has_changes() || st.staging.is_some() || row.parent.is_none() {
             return;
         }
         st.remote = self.original_of(&row).ok().flatten();

@@ -14,7 +14,7 @@ use bytes::Bytes;
 use futures::stream::{self, StreamExt};
 use tracing::{info, instrument, warn};
 
-use super::files::{FileState, OpenFile};
+use super::files::{FileState, OpenFile, Phase};
 use super::locks::DirGuard;
 use super::{Attr, Caller, Fs, FsError, FsResult, write};
 use crate::cache::staging::{Original, Staging};
@@ -153,7 +153,7 @@ impl Fs {
             inode,
             FileState {
                 staging: Some(staging),
-                dirty: true,
+                phase: Phase::Dirty,
                 opens: 1,
                 ..Default::default()
             },
@@ -304,13 +304,11 @@ impl Fs {
         file: &Arc<OpenFile>,
         st: &mut FileState,
     ) -> FsResult<()> {
-        if st.closed {
+        if st.phase == Phase::Retired {
             // Retired since it was found open: its row is all there is.
             return self.detach_row(inode);
         }
-        st.unlinked = true;
-        st.dirty = false;
-        st.journaled = false;
+        st.phase = Phase::Unlinked;
         let mut attrs = file.attrs();
         attrs.parent = None;
         attrs.ctime = Timestamp::now();
@@ -820,7 +818,7 @@ impl Fs {
 
     /// Points open `file` (its content lock `st`) at `to`.
     fn set_pointers(&self, file: &OpenFile, st: &mut FileState, to: Pointers) -> FsResult<()> {
-        let journaled = st.journaled;
+        let journaled = st.phase == Phase::Journaled;
         if let (Some(original), Some(staging)) = (to.original, st.staging.as_mut()) {
             staging.set_original(original);
             if journaled {

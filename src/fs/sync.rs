@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use tracing::{info, warn};
 
-use super::files::{FileState, OpenFile};
+use super::files::{FileState, OpenFile, Phase};
 use super::{Fs, FsResult};
 use crate::cache::staging::Staging;
 use crate::meta::StagingRecord;
@@ -68,9 +68,8 @@ impl Fs {
                 inode,
                 FileState {
                     staging: Some(staging),
-                    dirty: true,
                     // Its only copy: uploaded before anything changes it.
-                    journaled: true,
+                    phase: Phase::Journaled,
                     remote,
                     retry_at: Some(Instant::now()),
                     retry_delay: Duration::from_secs(1),
@@ -156,8 +155,7 @@ impl Fs {
                 let Ok(st) = file.state.try_lock() else {
                     continue;
                 };
-                let due = st.dirty
-                    && !st.unlinked
+                let due = st.phase.has_changes()
                     && st.opens == 0
                     && st.retry_at.is_some_and(|t| t <= Instant::now());
                 if !due {
@@ -190,7 +188,7 @@ impl Fs {
         let mut st = file.state.lock().await;
         match result {
             Ok(()) => {
-                if st.opens == 0 && !st.closed && !st.dirty {
+                if st.opens == 0 && matches!(st.phase, Phase::Clean | Phase::Unlinked) {
                     self.retire(file, &mut st);
                 }
                 true
@@ -221,7 +219,7 @@ impl Fs {
                 continue;
             }
             match file.state.try_lock() {
-                Ok(st) if st.dirty && !st.unlinked => dirty.push(file.clone()),
+                Ok(st) if st.phase.has_changes() => dirty.push(file.clone()),
                 Ok(_) => {}
                 Err(_) => busy.push(file.clone()),
             }
