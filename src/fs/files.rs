@@ -267,7 +267,7 @@ impl Fs {
             match self.journal_locked(file, &mut st) {
                 Ok(()) => {
                     // Now that nobody holds it, it is the uploader's.
-                    self.uploads_due.notify_one();
+                    self.uploader.wake();
                     return;
                 }
                 Err(e) => warn!(
@@ -823,7 +823,7 @@ impl Fs {
         st.phase = Phase::Journaled;
         st.retry_at = Some(Instant::now());
         st.retry_delay = Duration::from_secs(1);
-        self.uploads_due.notify_one();
+        self.uploader.wake();
         Ok(())
     }
 

@@ -355,14 +355,8 @@ pub struct Fs {
     /// Directories whose cached entries the kernel is told to drop when their listing's
     /// `--metadata-ttl` runs out ([`Fs::expire_cached_entries`]).
     entries_expiring: Mutex<std::collections::HashSet<u64>>,
-    /// Multipart uploads a previous run left in flight, aborted by the background task.
-    leftover_uploads: Mutex<Vec<(String, String)>>,
-    /// Wakes the background uploader (a write-back close queued a file).
-    uploads_due: Arc<tokio::sync::Notify>,
-    /// Files the background uploader may upload at once.
-    upload_slots: Arc<tokio::sync::Semaphore>,
-    /// Inodes the background uploader has an upload task for.
-    uploading: Arc<Mutex<std::collections::HashSet<u64>>>,
+    /// The background uploader's queue, slots and leftovers.
+    uploader: sync::UploadQueue,
     /// Requests made to the bucket, and errors.
     requests: Arc<tracked::RequestCounts>,
     /// When this filesystem was opened.
@@ -439,9 +433,8 @@ impl Fs {
         let db = cfg.cache_dir.join("meta.db");
         let meta = Arc::new(InodeTable::open(&db, &root)?);
         restrict_permissions(&db);
-        let background_uploads = cfg.background_uploads.max(1);
         // Read before any upload of this run can be recorded.
-        let leftover_uploads = Mutex::new(meta.recorded_uploads()?);
+        let uploader = sync::UploadQueue::new(cfg.background_uploads, meta.recorded_uploads()?);
         let requests = Arc::new(tracked::RequestCounts::default());
         let store: Arc<dyn ObjectStore> = Arc::new(tracked::TrackedStore::new(
             store,
@@ -483,10 +476,7 @@ impl Fs {
             page_cached: Mutex::new(HashMap::new()),
             entries_cached: Mutex::new(HashMap::new()),
             entries_expiring: Mutex::new(std::collections::HashSet::new()),
-            leftover_uploads,
-            uploads_due: Arc::new(tokio::sync::Notify::new()),
-            upload_slots: Arc::new(tokio::sync::Semaphore::new(background_uploads)),
-            uploading: Arc::default(),
+            uploader,
             requests,
             started: std::time::Instant::now(),
             _cache_lock: lock,
@@ -524,11 +514,7 @@ impl Fs {
             uptime_secs: self.started.elapsed().as_secs(),
             pending_files,
             pending_bytes,
-            uploads_in_flight: self
-                .cfg
-                .background_uploads
-                .max(1)
-                .saturating_sub(self.upload_slots.available_permits()),
+            uploads_in_flight: self.uploader.in_flight(),
             cache_bytes: cache.bytes,
             cache_blocks: cache.blocks,
             cache_hits: cache.hits,

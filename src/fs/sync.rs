@@ -116,7 +116,7 @@ impl Fs {
     pub async fn run_background(fs: Weak<Fs>) {
         let Some(due) = fs.upgrade().map(|me| {
             let _ = me.me.set(fs.clone());
-            me.uploads_due.clone()
+            me.uploader.due.clone()
         }) else {
             return;
         };
@@ -139,7 +139,7 @@ impl Fs {
     /// Aborts the multipart uploads a crash of a previous run interrupted (their files, still
     /// staged, go up again whole). Returns how many were aborted.
     pub async fn abort_leftover_uploads(&self) -> usize {
-        let leftover = std::mem::take(&mut *self.leftover_uploads.lock().unwrap());
+        let leftover = std::mem::take(&mut *self.uploader.leftover.lock().unwrap());
         super::tracked::abort_leftover_uploads(&self.store, leftover).await
     }
 
@@ -162,10 +162,10 @@ impl Fs {
                     continue;
                 }
             }
-            let Some(claim) = UploadClaim::new(&self.uploading, file.ino()) else {
+            let Some(claim) = self.uploader.claim(file.ino()) else {
                 continue;
             };
-            let Ok(slot) = self.upload_slots.clone().acquire_owned().await else {
+            let Ok(slot) = self.uploader.slots.clone().acquire_owned().await else {
                 return;
             };
             let fs = self.clone();
@@ -244,25 +244,89 @@ impl Fs {
     }
 }
 
-/// The background uploader's claim on one file: while it lives, no second upload task of the
-/// file is started.
-struct UploadClaim {
-    uploading: Arc<Mutex<HashSet<u64>>>,
-    ino: u64,
+/// What the background uploader owns: its wake-up, its slots, the files it has upload
+/// tasks for, and the multipart uploads a previous run left behind.
+#[derive(Debug)]
+pub(super) struct UploadQueue {
+    /// Wakes the uploader (a write-back close queued a file).
+    due: Arc<tokio::sync::Notify>,
+    /// Files it may upload at once (`--background-uploads`).
+    slots: Arc<tokio::sync::Semaphore>,
+    /// How many slots there are.
+    size: usize,
+    /// Inodes it has an upload task for.
+    claimed: Arc<Mutex<HashSet<u64>>>,
+    /// Multipart uploads a previous run left in flight (key, upload id), aborted first.
+    leftover: Mutex<Vec<(String, String)>>,
 }
 
-impl UploadClaim {
-    /// Claims `ino`, or `None` if an upload task has it already.
-    fn new(uploading: &Arc<Mutex<HashSet<u64>>>, ino: u64) -> Option<UploadClaim> {
-        uploading.lock().unwrap().insert(ino).then(|| UploadClaim {
-            uploading: uploading.clone(),
-            ino,
-        })
+impl UploadQueue {
+    /// A queue of `slots` uploads at once (at least one), which starts by aborting
+    /// `leftover`.
+    pub(super) fn new(slots: usize, leftover: Vec<(String, String)>) -> UploadQueue {
+        let size = slots.max(1);
+        UploadQueue {
+            due: Arc::new(tokio::sync::Notify::new()),
+            slots: Arc::new(tokio::sync::Semaphore::new(size)),
+            size,
+            claimed: Arc::default(),
+            leftover: Mutex::new(leftover),
+        }
     }
+
+    /// Tells the uploader a file is due.
+    pub(super) fn wake(&self) {
+        self.due.notify_one();
+    }
+
+    /// Upload tasks running now.
+    pub(super) fn in_flight(&self) -> usize {
+        self.size.saturating_sub(self.slots.available_permits())
+    }
+
+    /// Claims `ino` for an upload task, or `None` if one has it already.
+    fn claim(&self, ino: u64) -> Option<UploadClaim> {
+        self.claimed
+            .lock()
+            .unwrap()
+            .insert(ino)
+            .then(|| UploadClaim {
+                claimed: self.claimed.clone(),
+                ino,
+            })
+    }
+}
+
+/// The uploader's claim on one file: while it lives, no second upload task of the file is
+/// started.
+struct UploadClaim {
+    claimed: Arc<Mutex<HashSet<u64>>>,
+    ino: u64,
 }
 
 impl Drop for UploadClaim {
     fn drop(&mut self) {
-        self.uploading.lock().unwrap().remove(&self.ino);
+        self.claimed.lock().unwrap().remove(&self.ino);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_file_has_one_upload_task_at_a_time_and_slots_count_the_tasks() {
+        let queue = UploadQueue::new(0, Vec::new());
+        let claim = queue.claim(7).expect("free");
+        assert!(queue.claim(7).is_none(), "claimed twice");
+        assert!(queue.claim(8).is_some(), "another file is free");
+        drop(claim);
+        assert!(queue.claim(7).is_some(), "free again once the task ends");
+        assert_eq!(queue.in_flight(), 0);
+        let slot = queue.slots.clone().acquire_owned().await.unwrap();
+        assert_eq!(queue.in_flight(), 1, "at least one slot, and it is taken");
+        assert!(queue.slots.try_acquire().is_err());
+        drop(slot);
+        assert_eq!(queue.in_flight(), 0);
     }
 }
