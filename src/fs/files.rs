@@ -20,9 +20,10 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use tracing::{debug, instrument, warn};
 
+use super::open_table::Handle;
 use super::read::{ObjectVersion, Reader};
 use super::stream::{Stream, StreamContext};
-use super::{Attr, Caller, Fs, FsError, FsResult, Handle, write};
+use super::{Attr, Caller, Fs, FsError, FsResult, write};
 use crate::cache::staging::{Original, Staging};
 use crate::meta::{Inode, Kind, ROOT_INO, Timestamp, now_ns};
 use crate::store::{Expect, StoreError};
@@ -204,10 +205,7 @@ impl SetAttr {
 
 impl Fs {
     fn file_handle(&self, fh: u64) -> FsResult<Arc<FileHandle>> {
-        match self.handles.lock().unwrap().get(&fh) {
-            Some(Handle::File(h)) => Ok(h.clone()),
-            _ => Err(FsError::BadHandle),
-        }
+        self.open.file_handle(fh).ok_or(FsError::BadHandle)
     }
 
     /// Takes a reference to the open state of `ino`, creating it (after re-validating a
@@ -235,12 +233,7 @@ impl Fs {
                             ..Default::default()
                         },
                     ));
-                    self.open_files
-                        .lock()
-                        .unwrap()
-                        .entry(ino)
-                        .or_insert(fresh)
-                        .clone()
+                    self.open.file_or_insert(fresh)
                 }
             };
             let mut st = file.state.lock().await;
@@ -314,13 +307,7 @@ impl Fs {
         if let Err(e) = self.meta.delete_staging(file.ino) {
             warn!(ino = file.ino, "could not drop staging bookkeeping: {e}");
         }
-        {
-            // Only this state: a retired one's entry may have been replaced by a new open.
-            let mut table = self.open_files.lock().unwrap();
-            if table.get(&file.ino).is_some_and(|f| Arc::ptr_eq(f, file)) {
-                table.remove(&file.ino);
-            }
-        }
+        self.open.remove(file);
         let unlinked = file.attrs().parent.is_none() && file.ino != ROOT_INO;
         if unlinked && !self.lookups.lock().unwrap().contains_key(&file.ino) {
             let _ = self.meta.forget(file.ino);
@@ -338,10 +325,7 @@ impl Fs {
         cache: &Arc<crate::cache::blocks::BlockCache>,
     ) -> std::io::Result<()> {
         let blocks = staging.present_blocks();
-        let seq = self
-            .next_handle
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let path = cache.seed_path(&format!("{ino}.{seq}"))?;
+        let path = cache.seed_path(&format!("{ino}.{}", self.open.next_id()))?;
         let (data, size) = staging.detach(&path)?;
         let cache = cache.clone();
         tokio::task::spawn_blocking(move || {
@@ -441,20 +425,13 @@ impl Fs {
         writable: bool,
         opened_on: u64,
     ) -> u64 {
-        let fh = self
-            .next_handle
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let handle = FileHandle {
             file,
             reader: tokio::sync::Mutex::new(Reader::default()),
             writable,
             opened_on,
         };
-        self.handles
-            .lock()
-            .unwrap()
-            .insert(fh, Handle::File(Arc::new(handle)));
-        fh
+        self.open.add_handle(Handle::File(Arc::new(handle)))
     }
 
     /// Reads up to `size` bytes at `offset`.
@@ -1074,8 +1051,7 @@ impl Fs {
     /// Closes a handle (the kernel's release): the last close of a file drops its staging.
     #[instrument(level = "debug", skip(self))]
     pub async fn release(&self, fh: u64) {
-        let handle = self.handles.lock().unwrap().remove(&fh);
-        if let Some(Handle::File(h)) = handle {
+        if let Some(Handle::File(h)) = self.open.remove_handle(fh) {
             self.close_file(&h.file).await;
         }
     }

@@ -33,6 +33,7 @@ mod key_locks;
 mod listing;
 mod locks;
 mod namespace;
+mod open_table;
 pub mod read;
 mod renames;
 pub mod stream;
@@ -46,7 +47,7 @@ use std::ffi::OsStr;
 use std::fs::File;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -289,11 +290,6 @@ pub struct Caller {
     pub gid: u32,
 }
 
-enum Handle {
-    File(Arc<files::FileHandle>),
-    Dir(Arc<tokio::sync::Mutex<Option<DirSnapshot>>>),
-}
-
 /// A directory's entries as listed at offset 0 of a handle, with their rows.
 type DirSnapshot = Vec<(DirEntry, Inode)>;
 
@@ -327,9 +323,8 @@ pub struct Fs {
     buffers: MemoryBudget,
     defaults: EntryDefaults,
     hidden: HiddenKeyLog,
-    handles: Mutex<HashMap<u64, Handle>>,
-    next_handle: AtomicU64,
-    open_files: Mutex<HashMap<u64, Arc<OpenFile>>>,
+    /// Open inodes and handles.
+    open: open_table::OpenTable,
     dir_locks: LockMap,
     /// Keys being written and directories being moved.
     keys: key_locks::KeyLocks,
@@ -461,9 +456,7 @@ impl Fs {
             buffers,
             defaults,
             hidden: HiddenKeyLog::default(),
-            handles: Mutex::new(HashMap::new()),
-            next_handle: AtomicU64::new(1),
-            open_files: Mutex::new(HashMap::new()),
+            open: open_table::OpenTable::new(),
             dir_locks: LockMap::default(),
             keys: key_locks::KeyLocks::default(),
             local: changes::LocalChanges::default(),
@@ -563,7 +556,7 @@ impl Fs {
     }
 
     fn open_file_of(&self, ino: u64) -> Option<Arc<OpenFile>> {
-        self.open_files.lock().unwrap().get(&ino).cloned()
+        self.open.file(ino)
     }
 
     fn dir(&self, ino: u64) -> FsResult<Inode> {
@@ -1172,11 +1165,9 @@ impl Fs {
         let clock = (dir.mtime, dir.ctime);
         let cached = self.entries_cached.lock().unwrap().insert(ino, clock);
         let keep_cache = cached == Some(clock) && dir.listed_at.is_some_and(|t| self.fresh(t));
-        let fh = self.next_handle.fetch_add(1, Ordering::Relaxed);
-        self.handles
-            .lock()
-            .unwrap()
-            .insert(fh, Handle::Dir(Arc::new(tokio::sync::Mutex::new(None))));
+        let fh = self
+            .open
+            .add_handle(open_table::Handle::Dir(Arc::default()));
         Ok(Opened { fh, keep_cache })
     }
 
@@ -1260,9 +1251,8 @@ impl Fs {
         if offset == 0 {
             return None;
         }
-        let snapshot = match self.handles.lock().unwrap().get(&fh) {
-            Some(Handle::Dir(s)) => s.clone(),
-            _ => return Some(Err(FsError::BadHandle)),
+        let Some(snapshot) = self.open.dir_handle(fh) else {
+            return Some(Err(FsError::BadHandle));
         };
         let snapshot = snapshot.try_lock().ok()?;
         let entries = snapshot.as_ref()?;
@@ -1306,10 +1296,7 @@ impl Fs {
         offset: u64,
         max: usize,
     ) -> FsResult<Vec<(DirEntry, Inode)>> {
-        let snapshot = match self.handles.lock().unwrap().get(&fh) {
-            Some(Handle::Dir(s)) => s.clone(),
-            _ => return Err(FsError::BadHandle),
-        };
+        let snapshot = self.open.dir_handle(fh).ok_or(FsError::BadHandle)?;
         let mut snapshot = snapshot.lock().await;
         if offset == 0 || snapshot.is_none() {
             self.refresh_dir_or_stale(&self.dir(ino)?).await?;
@@ -1363,7 +1350,7 @@ impl Fs {
 
     /// Closes a directory handle.
     pub fn releasedir(&self, fh: u64) {
-        self.handles.lock().unwrap().remove(&fh);
+        self.open.remove_handle(fh);
     }
 
     /// Filesystem statistics. S3 has no capacity limit: report a large, constant size so

@@ -158,10 +158,7 @@ impl Fs {
                 ..Default::default()
             },
         ));
-        self.open_files
-            .lock()
-            .unwrap()
-            .insert(attr.ino, file.clone());
+        self.open.insert(file.clone());
         let writable = flags & libc::O_ACCMODE != libc::O_RDONLY;
         Ok((attr, self.new_file_handle(file, writable, 0)))
     }

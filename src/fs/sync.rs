@@ -76,7 +76,7 @@ impl Fs {
                     ..Default::default()
                 },
             ));
-            self.open_files.lock().unwrap().insert(ino, file);
+            self.open.insert(file);
             recovered += 1;
         }
         if recovered > 0 {
@@ -96,7 +96,7 @@ impl Fs {
             return;
         };
         let owned: std::collections::HashSet<u64> =
-            self.open_files.lock().unwrap().keys().copied().collect();
+            self.open.files().iter().map(|f| f.ino()).collect();
         for entry in entries.flatten() {
             let name = entry.file_name();
             let ino = name
@@ -178,7 +178,7 @@ impl Fs {
 
     /// Files with data not in the bucket, or possibly so (the open-file table).
     fn pending_files(&self) -> Vec<Arc<OpenFile>> {
-        self.open_files.lock().unwrap().values().cloned().collect()
+        self.open.files()
     }
 
     /// Uploads one file; on success a file nobody holds is retired, on failure its next
