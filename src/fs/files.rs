@@ -795,8 +795,12 @@ impl Fs {
         }
         let attrs = file.attrs();
         let staging = self.staging_of(file, st)?;
-        staging.sync()?;
-        self.meta.save_pending(&attrs, &staging.record())?;
+        // Two disk flushes (the data, the commit): milliseconds, tens of them on a busy
+        // disk, which the other tasks of this worker thread do not wait out.
+        super::off_worker(|| -> FsResult<()> {
+            staging.sync()?;
+            Ok(self.meta.save_pending(&attrs, &staging.record())?)
+        })?;
         st.phase = Phase::Journaled;
         st.retry_at = Some(Instant::now());
         st.retry_delay = Duration::from_secs(1);

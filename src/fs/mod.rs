@@ -1450,8 +1450,9 @@ impl Fs {
     }
 }
 
-/// Runs `work`, a stretch of synchronous table work long enough to matter (a listing's page
-/// of 1,000 entries, a moved folder's rows: milliseconds to a few hundred), so that the tasks
+/// Runs `work`, a stretch of synchronous work long enough to matter (a listing's page of
+/// 1,000 entries, a moved folder's rows, a write-back close's disk flushes: milliseconds to a
+/// few hundred), so that the tasks
 /// queued on this worker move to another thread meanwhile rather than wait behind it (a save
 /// waited out a whole 2,000-file folder move that way). On a single-threaded runtime (unit
 /// tests) it just runs.
