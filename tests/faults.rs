@@ -10,7 +10,10 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::fault_proxy::FaultProxy;
-use common::{Mount, MountOptions, Server, flush_ok, pattern, scratch, sh, unique, write_checked};
+use common::{
+    Mount, MountOptions, Server, eventually, flush_ok, pattern, scratch, sh, unique,
+    write_and_close, write_checked,
+};
 
 fn through(proxy: &FaultProxy, extra: &[&str]) -> MountOptions {
     MountOptions {
@@ -105,6 +108,49 @@ fn programs_complete_byte_exact_with_a_tenth_of_requests_failing() {
 /// The server is unreachable for 60 seconds. A sync mount answers `close()` with EIO within
 /// a bounded time and keeps serving what it has cached; a write-back mount keeps accepting
 /// writes; both send everything once the server is back.
+/// An upload that hangs holds up nothing but changes of its own file: while the server has
+/// not answered the PUT of a file being closed, the file is opened, read, closed and stat'ed
+/// through another descriptor, and another file is saved.
+#[test]
+fn a_file_is_opened_and_read_while_its_upload_hangs() {
+    let server = Server::from_env();
+    let proxy = FaultProxy::start(&server.endpoint);
+    let m = Mount::with("hung-upload", through(&proxy, &[]));
+    write_checked(&m.p("doc.txt"), b"first version").unwrap();
+    let file = fs::OpenOptions::new()
+        .write(true)
+        .open(m.p("doc.txt"))
+        .unwrap();
+    proxy.hold_puts("/doc.txt");
+    let closing = std::thread::spawn(move || write_and_close(file, b"FIRST"));
+    assert!(
+        eventually(Duration::from_secs(30), || proxy.held() == 1),
+        "the close never sent its upload"
+    );
+    let (doc, other) = (m.p("doc.txt"), m.p("other.txt"));
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let read = fs::read(&doc);
+        let len = fs::metadata(&doc).map(|md| md.len());
+        let saved = write_checked(&other, b"another file");
+        let _ = tx.send((read, len, saved));
+    });
+    // Bounded: a wait for the held upload fails the test rather than hangs it.
+    let got = rx.recv_timeout(Duration::from_secs(20));
+    let still_held = proxy.held();
+    proxy.release();
+    let (read, len, saved) = got.expect(
+        "an open, a read, a close, a stat or another file's save waited for the hung upload",
+    );
+    assert_eq!(read.unwrap(), b"FIRST version");
+    assert_eq!(len.unwrap(), 13);
+    saved.unwrap();
+    assert_eq!(still_held, 1, "the upload was still held meanwhile");
+    closing.join().unwrap().unwrap();
+    assert_eq!(m.bucket().get("doc.txt").unwrap(), b"FIRST version");
+    assert_eq!(m.bucket().get("other.txt").unwrap(), b"another file");
+}
+
 #[test]
 fn a_minute_without_the_server() {
     const OUTAGE: Duration = Duration::from_secs(60);

@@ -762,10 +762,15 @@ impl Fs {
     }
 
     /// close(): uploads the file if it has pending changes and returns once they are in the
-    /// bucket; in write-back mode, returns once they are durable on local disk.
+    /// bucket; in write-back mode, returns once they are durable on local disk. A handle
+    /// opened read-only changed nothing, and its close waits for no upload (of changes made
+    /// through other handles, which their own closes upload).
     #[instrument(level = "debug", skip(self))]
     pub async fn flush(&self, fh: u64) -> FsResult<()> {
         let h = self.file_handle(fh)?;
+        if !h.writable {
+            return Ok(());
+        }
         if self.cfg.write_back {
             // Not in the middle of a write through another handle: what is journaled is
             // then the staging file's only copy, and must be whole.

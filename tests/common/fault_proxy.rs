@@ -5,7 +5,8 @@
 //! server, a GET whose body breaks off halfway — or forwards it, sometimes after a delay.
 //! Forwarded requests carry `Connection: close`, so each response ends at end of stream and
 //! needs no parsing. `set_down(true)` makes it reset every connection: the server is
-//! unreachable.
+//! unreachable. `hold_puts` keeps the PUTs of one object from the server until `release`: an
+//! upload that hangs.
 //!
 //! Faults are only injected where a real S3 outage can put them without changing what the
 //! server did: before the request is processed, or in the body of a read. A write whose
@@ -38,9 +39,23 @@ struct State {
     requests: AtomicU64,
     faults: AtomicU64,
     rng: Mutex<u64>,
+    /// PUTs whose path ends with this wait before they reach the server.
+    hold: Mutex<Option<String>>,
+    /// Requests waiting for that now.
+    held: AtomicU64,
 }
 
 impl State {
+    fn holds(&self, method: &str, path: &str) -> bool {
+        method == "PUT"
+            && self
+                .hold
+                .lock()
+                .unwrap()
+                .as_deref()
+                .is_some_and(|suffix| path.ends_with(suffix))
+    }
+
     fn random(&self) -> u64 {
         let mut x = self.rng.lock().unwrap();
         *x ^= *x << 13;
@@ -93,6 +108,8 @@ impl FaultProxy {
             requests: AtomicU64::new(0),
             faults: AtomicU64::new(0),
             rng: Mutex::new(seed),
+            hold: Mutex::new(None),
+            held: AtomicU64::new(0),
         });
         let shared = Arc::downgrade(&state);
         std::thread::spawn(move || {
@@ -124,6 +141,22 @@ impl FaultProxy {
     /// Takes the server away (every connection is reset) or brings it back.
     pub fn set_down(&self, down: bool) {
         self.state.down.store(down, Ordering::Relaxed);
+    }
+
+    /// Holds every PUT of the object whose key ends with `suffix` before it reaches the
+    /// server, until [`Self::release`].
+    pub fn hold_puts(&self, suffix: &str) {
+        *self.state.hold.lock().unwrap() = Some(suffix.to_string());
+    }
+
+    /// Lets the held requests go on, and holds no more.
+    pub fn release(&self) {
+        *self.state.hold.lock().unwrap() = None;
+    }
+
+    /// How many requests are being held now.
+    pub fn held(&self) -> u64 {
+        self.state.held.load(Ordering::Relaxed)
     }
 
     /// Requests seen and faults injected so far.
@@ -183,6 +216,15 @@ fn serve(conn: TcpStream, state: &State) -> io::Result<()> {
         if state.down.load(Ordering::Relaxed) {
             reset(client);
             return Ok(());
+        }
+        let path = head.split(' ').nth(1).unwrap_or("");
+        let path = path.split('?').next().unwrap_or(path);
+        if state.holds(&method, path) {
+            state.held.fetch_add(1, Ordering::Relaxed);
+            while state.holds(&method, path) {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            state.held.fetch_sub(1, Ordering::Relaxed);
         }
         let fate = state.fate(&method);
         match fate {
