@@ -3,9 +3,9 @@
 //! An inode that is open (or has data not yet uploaded) has one [`OpenFile`], shared by all
 //! its handles. A file that was only read is served by ranged GETs pinned to the ETag seen at
 //! open; the first write creates a staging file, and from then on the staging file is the
-//! file's contents until the last handle is closed. `flush` (every `close`) and `fsync` upload
-//! dirty contents and return only once the object is in the bucket; a failed upload is their
-//! error, and the staged data stays for a retry.
+//! file's contents until the last handle is closed. `flush` (the `close` of a writable handle)
+//! and `fsync` upload dirty contents and return only once the object is in the bucket; a
+//! failed upload is their error, and the staged data stays for a retry.
 //!
 //! Two locks guard an open file. The *change lock* is held by whatever changes its contents
 //! or where they are in the bucket — a write, a truncate, an upload, a header rewrite, a
