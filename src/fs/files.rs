@@ -611,7 +611,7 @@ impl Fs {
         let Some(staging) = st.staging.as_ref() else {
             return;
         };
-        let (size, orig_len, reader) = (staging.size(), staging.orig_len(), staging.reader());
+        let (size, orig_len) = (staging.size(), staging.orig_len());
         let running = match &st.stream {
             Streaming::Running(s) if offset < s.sent_end() => {
                 self.abandon_stream(&mut st);
@@ -625,10 +625,15 @@ impl Fs {
             && st.phase != Phase::Unlinked
             && orig_len == 0
             && size > self.cfg.multipart_threshold;
+        if running.is_none() && !eligible {
+            return;
+        }
+        // Its own handle of the staging file (a dup), only for a write that feeds a stream.
+        let reader = st.staging.as_ref().expect("checked above").reader();
         drop(st);
         let mut stream = match running {
             Some(s) => s,
-            None if eligible => {
+            None => {
                 let inode = file.attrs();
                 let Ok(key) = self.key_of(&inode) else { return };
                 let headers = self.headers_of(&inode);
@@ -641,7 +646,6 @@ impl Fs {
                     }
                 }
             }
-            None => return,
         };
         let sent = match reader {
             Ok(reader) => {
@@ -968,7 +972,10 @@ impl Fs {
         let staging = self.staging_of(file, &mut st)?;
         let size = staging.size();
         staging.mark_uploaded(uploaded.clone(), size);
-        let record = staging.record();
+        if times.is_err() {
+            // Where a crash must find the original from now on.
+            self.meta.save_staging(file.ino, &staging.record())?;
+        }
         st.remote = Some(uploaded);
         st.stream = Streaming::Possible;
         if let Err(e) = times {
@@ -978,7 +985,6 @@ impl Fs {
                 ino = file.ino,
                 "could not store the times of a streamed file: {e}"
             );
-            self.meta.save_staging(file.ino, &record)?;
             self.save(&attrs)?;
             return Err(e);
         }

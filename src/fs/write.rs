@@ -315,16 +315,6 @@ impl UploadPlan {
             body,
         })
     }
-
-    /// Bytes the upload sends in all.
-    pub fn size(&self) -> u64 {
-        self.size
-    }
-
-    /// A reader of the staging file.
-    pub fn reader(&self) -> &StagingReader {
-        &self.reader
-    }
 }
 
 /// Uploads what `plan` says to `dest`; returns the new ETag. On failure nothing is left
