@@ -273,8 +273,8 @@ impl fuser::Filesystem for FuseAdapter {
 
     #[instrument(level = "debug", skip_all, fields(req = u64::from(req.unique()), ino = ino.0, pid = req.pid()))]
     fn forget(&self, req: &Request, ino: INodeNo, nlookup: u64) {
-        // Counting is in memory; deleting an unlinked row is SQL, which may wait for the
-        // table's lock (a listing's page, a durable commit): off the request loop.
+        // Counting is in memory; deleting an unlinked row is an SQL write, which may wait for
+        // the writer (a listing's page, a durable commit): off the request loop.
         if self.fs.forget(ino.0, nlookup) {
             let fs = self.fs.clone();
             self.rt.spawn_blocking(move || fs.forget_row(ino.0));
@@ -729,7 +729,8 @@ impl fuser::Filesystem for FuseAdapter {
 
     #[instrument(level = "debug", skip_all, fields(req = u64::from(req.unique()), ino = ino.0, pid = req.pid()))]
     fn access(&self, req: &Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
-        // A row read, which may wait for the table's lock: off the request loop.
+        // A row read (microseconds, but one that finds no idle reading connection opens
+        // one): off the request loop.
         let (mask, caller) = (mask.bits(), caller(req));
         self.spawn(move |fs| async move {
             reply_empty(reply, "access", fs.access(ino.0, mask, caller));

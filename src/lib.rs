@@ -6,6 +6,7 @@
 
 #![warn(missing_docs)]
 
+pub mod blocking;
 pub mod cache;
 pub mod config;
 pub mod control;

@@ -806,7 +806,7 @@ impl Fs {
         let staging = self.staging_of(file, st)?;
         // Two disk flushes (the data, the commit): milliseconds, tens of them on a busy
         // disk, which the other tasks of this worker thread do not wait out.
-        super::off_worker(|| -> FsResult<()> {
+        crate::blocking::off_worker(|| -> FsResult<()> {
             staging.sync()?;
             Ok(self.meta.save_pending(&attrs, &staging.record())?)
         })?;

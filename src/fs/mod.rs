@@ -994,7 +994,9 @@ impl Fs {
         let prefix = self.key_of(&dir)?;
         let read = self.local.start_read();
         let timer = std::time::Instant::now();
-        let known: HashMap<String, Inode> = off_worker(|| self.meta.children(dir_ino))?
+        let known: HashMap<String, Inode> = self
+            .meta
+            .children(dir_ino)?
             .into_iter()
             .map(|r| (r.name.clone(), r))
             .collect();
@@ -1017,10 +1019,13 @@ impl Fs {
             let failed: FsError = match events.recv().await {
                 Some(Ok(listing::ListEvent::Entries { files, dirs })) => {
                     entries += files.len() + dirs.len();
-                    let applied = off_worker(|| {
-                        self.meta
-                            .apply_listed(&mut applying, &files, &dirs, &self.defaults, &state)
-                    });
+                    let applied = self.meta.apply_listed(
+                        &mut applying,
+                        &files,
+                        &dirs,
+                        &self.defaults,
+                        &state,
+                    );
                     match applied {
                         Ok(()) => continue,
                         Err(e) => e.into(),
@@ -1032,7 +1037,7 @@ impl Fs {
             };
             // What the pages applied so far changed is in the table: the kernel and the
             // directory's clock must learn it now, as the next listing will not find it.
-            match off_worker(|| self.meta.abandon_listing(applying, &state)) {
+            match self.meta.abandon_listing(applying, &state) {
                 Ok(changes) => self.after_changes(dir_ino, &changes).await,
                 Err(e) => debug!(dir = dir_ino, "an incomplete listing: {e}"),
             }
@@ -1041,10 +1046,9 @@ impl Fs {
         for key in &end.hidden {
             self.hidden.hide(key);
         }
-        let changes = off_worker(|| {
+        let changes =
             self.meta
-                .finish_listing(applying, end.marker.as_ref(), &self.defaults, &state)
-        })?;
+                .finish_listing(applying, end.marker.as_ref(), &self.defaults, &state)?;
         debug!(
             dir = dir_ino,
             entries,
@@ -1447,19 +1451,6 @@ impl Fs {
             part_size: self.cfg.part_size,
             concurrency: self.cfg.upload_concurrency,
         }
-    }
-}
-
-/// Runs `work`, a stretch of synchronous work long enough to matter (a listing's page of
-/// 1,000 entries, a moved folder's rows, a write-back close's disk flushes: milliseconds to a
-/// few hundred), so that the tasks
-/// queued on this worker move to another thread meanwhile rather than wait behind it (a save
-/// waited out a whole 2,000-file folder move that way). On a single-threaded runtime (unit
-/// tests) it just runs.
-fn off_worker<T>(work: impl FnOnce() -> T) -> T {
-    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
-        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(work),
-        _ => work(),
     }
 }
 

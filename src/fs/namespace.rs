@@ -768,11 +768,10 @@ impl Fs {
             // The directory's own marker was copied too.
             self.meta.set_marker(dir, etag, now_ns())?;
         }
-        // One transaction for the whole subtree, off the worker.
-        let changed = super::off_worker(|| {
-            self.meta
-                .retarget_subtree(dir, old_prefix, new_etags, now_ns())
-        })?;
+        // One transaction for the whole subtree.
+        let changed = self
+            .meta
+            .retarget_subtree(dir, old_prefix, new_etags, now_ns())?;
         for (ino, old_key, etag) in changed {
             // The copy is another object: its Last-Modified comes with the next listing.
             let Some(f) = self.open_file_of(ino) else {

@@ -1,20 +1,21 @@
 //! Inode and directory-entry operations on the SQLite table.
 //!
-//! One connection behind a mutex: most statements are short (an indexed lookup or a
-//! single-row update, microseconds); the big write, applying a directory's listing with the
-//! headers read for it, runs one transaction per LIST page (about a millisecond per hundred
-//! entries, so ten milliseconds for a page of 1,000), never one for a whole listing. No S3
-//! request is ever made with the lock held.
+//! Writes go through one connection, reads through others that never wait for it
+//! ([`super::connections`]). Most statements are short (an indexed lookup or a single-row
+//! update, microseconds); the big write, applying a directory's listing with the headers read
+//! for it, runs one transaction per LIST page (about a millisecond per hundred entries, so ten
+//! milliseconds for a page of 1,000), never one for a whole listing. No S3 request is ever
+//! made inside a transaction.
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::Path;
-use std::sync::Mutex;
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use rusqlite::{Connection, OptionalExtension, Row, params};
 
-use super::{Headers, Inode, Kind, MetaResult, ObjectVersion, ROOT_INO, Timestamp, schema};
+use super::connections::Connections;
+use super::{Headers, Inode, Kind, MetaResult, ObjectVersion, ROOT_INO, Timestamp};
 
 /// Owner and permissions for entries whose object carries no POSIX headers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -354,7 +355,7 @@ pub struct DirRename {
 /// The inode table of one mount.
 #[derive(Debug)]
 pub struct InodeTable {
-    conn: Mutex<Connection>,
+    db: Connections,
 }
 
 const COLUMNS: &str = "ino, parent, name, kind, perm, uid, gid, size, rdev, atime_s, atime_ns, \
@@ -421,21 +422,16 @@ impl InodeTable {
     /// attributes (they come from the mount options), and entries left unlinked by a previous
     /// run are dropped: no kernel holds them any more.
     pub fn open(path: &Path, root: &Inode) -> MetaResult<Self> {
-        Self::with_connection(Connection::open(path)?, root)
+        Self::with_connections(Connections::open(path)?, root)
     }
 
     /// An in-memory table, for tests.
     pub fn open_in_memory(root: &Inode) -> MetaResult<Self> {
-        Self::with_connection(Connection::open_in_memory()?, root)
+        Self::with_connections(Connections::in_memory()?, root)
     }
 
-    fn with_connection(conn: Connection, root: &Inode) -> MetaResult<Self> {
-        schema::prepare(&conn)?;
-        let table = InodeTable {
-            conn: Mutex::new(conn),
-        };
-        {
-            let conn = table.conn.lock().unwrap();
+    fn with_connections(db: Connections, root: &Inode) -> MetaResult<Self> {
+        db.write(|conn| {
             let exists: bool = conn
                 .query_row("SELECT 1 FROM inodes WHERE ino = ?1", [ROOT_INO], |_| {
                     Ok(true)
@@ -443,7 +439,7 @@ impl InodeTable {
                 .optional()?
                 .unwrap_or(false);
             if !exists {
-                insert_row(&conn, Some(ROOT_INO), root)?;
+                insert_row(conn, Some(ROOT_INO), root)?;
             }
             let mut root_row = root.clone();
             root_row.ino = ROOT_INO;
@@ -464,38 +460,40 @@ impl InodeTable {
                 root_row.mtime = old.mtime;
                 root_row.ctime = old.ctime;
             }
-            update_row(&conn, &root_row)?;
-            purge_unreachable(&conn)?;
-        }
-        Ok(table)
+            update_row(conn, &root_row)?;
+            purge_unreachable(conn)
+        })?;
+        Ok(InodeTable { db })
     }
 
     /// The entry with inode number `ino`.
     pub fn get(&self, ino: u64) -> MetaResult<Option<Inode>> {
-        let conn = self.conn.lock().unwrap();
-        let mut stmt =
-            conn.prepare_cached(&format!("SELECT {COLUMNS} FROM inodes WHERE ino = ?1"))?;
-        Ok(stmt.query_row([ino], from_row).optional()?)
+        self.db.read(|conn| {
+            let mut stmt =
+                conn.prepare_cached(&format!("SELECT {COLUMNS} FROM inodes WHERE ino = ?1"))?;
+            Ok(stmt.query_row([ino], from_row).optional()?)
+        })
     }
 
     /// The entry `name` in directory `parent`.
     pub fn child(&self, parent: u64, name: &str) -> MetaResult<Option<Inode>> {
-        child_row(&self.conn.lock().unwrap(), parent, name)
+        self.db.read(|conn| child_row(conn, parent, name))
     }
 
     /// All entries of directory `parent`, sorted by name.
     pub fn children(&self, parent: u64) -> MetaResult<Vec<Inode>> {
-        let conn = self.conn.lock().unwrap();
-        let mut stmt = conn.prepare_cached(&format!(
-            "SELECT {COLUMNS} FROM inodes WHERE parent = ?1 ORDER BY name"
-        ))?;
-        let rows = stmt.query_map([parent], from_row)?;
-        Ok(rows.collect::<Result<_, _>>()?)
+        self.db.scan(|conn| {
+            let mut stmt = conn.prepare_cached(&format!(
+                "SELECT {COLUMNS} FROM inodes WHERE parent = ?1 ORDER BY name"
+            ))?;
+            let rows = stmt.query_map([parent], from_row)?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })
     }
 
     /// After a move of directory `dir` from `old_prefix`: gives every entry under it whose
     /// old key is in `new_etags` (old key → its copy's ETag) that ETag, validated `at`, in one
-    /// transaction (a 2,000-file folder's rows one statement each took the lock 4,000 times
+    /// transaction (a 2,000-file folder's rows one statement each took the writer 4,000 times
     /// in a row). Returns the entries changed: inode, old key, new ETag.
     pub fn retarget_subtree(
         &self,
@@ -504,154 +502,168 @@ impl InodeTable {
         new_etags: &std::collections::HashMap<String, String>,
         at: i64,
     ) -> MetaResult<Vec<(u64, String, String)>> {
-        let mut conn = self.conn.lock().unwrap();
-        let tx = conn.transaction()?;
-        let mut changed = Vec::new();
-        {
-            let mut children =
-                tx.prepare_cached("SELECT ino, name, kind FROM inodes WHERE parent = ?1")?;
-            let mut update = tx.prepare_cached(
-                "UPDATE inodes SET etag = ?2, last_modified = NULL, validated_at = ?3
+        self.db.write(|conn| {
+            let tx = conn.transaction()?;
+            let mut changed = Vec::new();
+            {
+                let mut children =
+                    tx.prepare_cached("SELECT ino, name, kind FROM inodes WHERE parent = ?1")?;
+                let mut update = tx.prepare_cached(
+                    "UPDATE inodes SET etag = ?2, last_modified = NULL, validated_at = ?3
                  WHERE ino = ?1",
-            )?;
-            let mut pending = vec![(dir, old_prefix.to_string())];
-            while let Some((ino, prefix)) = pending.pop() {
-                let rows = children
-                    .query_map([ino], |r| {
-                        Ok((
-                            r.get::<_, u64>(0)?,
-                            r.get::<_, String>(1)?,
-                            r.get::<_, u32>(2)?,
-                        ))
-                    })?
-                    .collect::<Result<Vec<_>, _>>()?;
-                for (child, name, kind) in rows {
-                    let is_dir = Kind::from_mode(kind) == Some(Kind::Dir);
-                    let old_key = format!("{prefix}{name}{}", if is_dir { "/" } else { "" });
-                    if is_dir {
-                        pending.push((child, old_key.clone()));
-                    }
-                    if let Some(etag) = new_etags.get(&old_key) {
-                        update.execute(params![child, etag, at])?;
-                        changed.push((child, old_key, etag.clone()));
+                )?;
+                let mut pending = vec![(dir, old_prefix.to_string())];
+                while let Some((ino, prefix)) = pending.pop() {
+                    let rows = children
+                        .query_map([ino], |r| {
+                            Ok((
+                                r.get::<_, u64>(0)?,
+                                r.get::<_, String>(1)?,
+                                r.get::<_, u32>(2)?,
+                            ))
+                        })?
+                        .collect::<Result<Vec<_>, _>>()?;
+                    for (child, name, kind) in rows {
+                        let is_dir = Kind::from_mode(kind) == Some(Kind::Dir);
+                        let old_key = format!("{prefix}{name}{}", if is_dir { "/" } else { "" });
+                        if is_dir {
+                            pending.push((child, old_key.clone()));
+                        }
+                        if let Some(etag) = new_etags.get(&old_key) {
+                            update.execute(params![child, etag, at])?;
+                            changed.push((child, old_key, etag.clone()));
+                        }
                     }
                 }
             }
-        }
-        tx.commit()?;
-        Ok(changed)
+            tx.commit()?;
+            Ok(changed)
+        })
     }
 
     /// Whether directory `parent` has any entry.
     pub fn has_children(&self, parent: u64) -> MetaResult<bool> {
-        let conn = self.conn.lock().unwrap();
-        let mut stmt = conn.prepare_cached("SELECT 1 FROM inodes WHERE parent = ?1 LIMIT 1")?;
-        Ok(stmt.exists([parent])?)
+        self.db.read(|conn| {
+            let mut stmt = conn.prepare_cached("SELECT 1 FROM inodes WHERE parent = ?1 LIMIT 1")?;
+            Ok(stmt.exists([parent])?)
+        })
     }
 
     /// Number of subdirectories of `parent` (for `st_nlink`).
     pub fn subdir_count(&self, parent: u64) -> MetaResult<u64> {
-        let conn = self.conn.lock().unwrap();
-        let mut stmt =
-            conn.prepare_cached("SELECT COUNT(*) FROM inodes WHERE parent = ?1 AND kind = ?2")?;
-        let n: i64 = stmt.query_row(params![parent, libc::S_IFDIR], |r| r.get(0))?;
-        Ok(n as u64)
+        self.db.scan(|conn| {
+            let mut stmt =
+                conn.prepare_cached("SELECT COUNT(*) FROM inodes WHERE parent = ?1 AND kind = ?2")?;
+            let n: i64 = stmt.query_row(params![parent, libc::S_IFDIR], |r| r.get(0))?;
+            Ok(n as u64)
+        })
     }
 
     /// Number of entries of directory `parent`.
     pub fn child_count(&self, parent: u64) -> MetaResult<u64> {
-        let conn = self.conn.lock().unwrap();
-        let mut stmt = conn.prepare_cached("SELECT COUNT(*) FROM inodes WHERE parent = ?1")?;
-        let n: i64 = stmt.query_row(params![parent], |r| r.get(0))?;
-        Ok(n as u64)
+        self.db.scan(|conn| {
+            let mut stmt = conn.prepare_cached("SELECT COUNT(*) FROM inodes WHERE parent = ?1")?;
+            let n: i64 = stmt.query_row(params![parent], |r| r.get(0))?;
+            Ok(n as u64)
+        })
     }
 
     /// Inserts a new entry and sets `inode.ino` to its new, never reused, number.
     pub fn insert(&self, inode: &mut Inode) -> MetaResult<()> {
-        let conn = self.conn.lock().unwrap();
-        inode.ino = insert_row(&conn, None, inode)?;
-        Ok(())
+        self.db.write(|conn| {
+            inode.ino = insert_row(conn, None, inode)?;
+            Ok(())
+        })
     }
 
     /// Writes every attribute of `inode` back.
     pub fn save(&self, inode: &Inode) -> MetaResult<()> {
-        let conn = self.conn.lock().unwrap();
-        update_row(&conn, inode)
+        self.db.write(|conn| update_row(conn, inode))
     }
 
     /// Moves an entry to `new_parent` under `new_name`.
     pub fn rename(&self, ino: u64, new_parent: u64, new_name: &str) -> MetaResult<()> {
-        let conn = self.conn.lock().unwrap();
-        conn.execute(
-            "UPDATE inodes SET parent = ?2, name = ?3 WHERE ino = ?1",
-            params![ino, new_parent, new_name],
-        )?;
-        Ok(())
+        self.db.write(|conn| {
+            conn.execute(
+                "UPDATE inodes SET parent = ?2, name = ?3 WHERE ino = ?1",
+                params![ino, new_parent, new_name],
+            )?;
+            Ok(())
+        })
     }
 
     /// Detaches an entry from its directory; the row lives on until [`Self::forget`].
     pub fn unlink(&self, ino: u64) -> MetaResult<()> {
-        let conn = self.conn.lock().unwrap();
-        conn.execute(
-            "UPDATE inodes SET parent = NULL, name = '#' || ino WHERE ino = ?1",
-            [ino],
-        )?;
-        Ok(())
+        self.db.write(|conn| {
+            conn.execute(
+                "UPDATE inodes SET parent = NULL, name = '#' || ino WHERE ino = ?1",
+                [ino],
+            )?;
+            Ok(())
+        })
     }
 
     /// Deletes an unlinked entry (and its staging record) once nothing holds it.
     pub fn forget(&self, ino: u64) -> MetaResult<()> {
-        let conn = self.conn.lock().unwrap();
-        let n = conn.execute(
-            "DELETE FROM inodes WHERE ino = ?1 AND parent IS NULL",
-            [ino],
-        )?;
-        if n > 0 {
-            conn.execute("DELETE FROM staging WHERE ino = ?1", [ino])?;
-        }
-        Ok(())
+        self.db.write(|conn| {
+            let n = conn.execute(
+                "DELETE FROM inodes WHERE ino = ?1 AND parent IS NULL",
+                [ino],
+            )?;
+            if n > 0 {
+                conn.execute("DELETE FROM staging WHERE ino = ?1", [ino])?;
+            }
+            Ok(())
+        })
     }
 
     /// Names from the root down to `ino`; `None` if it is not reachable from the root.
     pub fn path(&self, ino: u64) -> MetaResult<Option<Vec<String>>> {
-        let conn = self.conn.lock().unwrap();
-        let mut stmt = conn.prepare_cached("SELECT parent, name FROM inodes WHERE ino = ?1")?;
-        let mut names = Vec::new();
-        let mut cur = ino;
-        while cur != ROOT_INO {
-            let row: Option<(Option<u64>, String)> = stmt
-                .query_row([cur], |r| Ok((r.get(0)?, r.get(1)?)))
-                .optional()?;
-            match row {
-                Some((Some(parent), name)) if names.len() < 4096 => {
-                    names.push(name);
-                    cur = parent;
+        self.db.read(|conn| {
+            // One snapshot for the whole walk: a rename committed halfway through would
+            // otherwise give a path that never existed.
+            let snapshot = conn.unchecked_transaction()?;
+            let mut stmt =
+                snapshot.prepare_cached("SELECT parent, name FROM inodes WHERE ino = ?1")?;
+            let mut names = Vec::new();
+            let mut cur = ino;
+            while cur != ROOT_INO {
+                let row: Option<(Option<u64>, String)> = stmt
+                    .query_row([cur], |r| Ok((r.get(0)?, r.get(1)?)))
+                    .optional()?;
+                match row {
+                    Some((Some(parent), name)) if names.len() < 4096 => {
+                        names.push(name);
+                        cur = parent;
+                    }
+                    _ => return Ok(None),
                 }
-                _ => return Ok(None),
             }
-        }
-        names.reverse();
-        Ok(Some(names))
+            names.reverse();
+            Ok(Some(names))
+        })
     }
 
     /// Inodes with local changes not yet in the bucket.
     pub fn dirty_inodes(&self) -> MetaResult<Vec<u64>> {
-        let conn = self.conn.lock().unwrap();
-        let mut stmt = conn.prepare_cached("SELECT ino FROM inodes WHERE dirty = 1")?;
-        let rows = stmt.query_map([], |r| r.get(0))?;
-        Ok(rows.collect::<Result<_, _>>()?)
+        self.db.scan(|conn| {
+            let mut stmt = conn.prepare_cached("SELECT ino FROM inodes WHERE dirty = 1")?;
+            let rows = stmt.query_map([], |r| r.get(0))?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })
     }
 
     /// Records that this mount wrote directory `dir`'s marker and got `etag` back, leaving
     /// the rest of its row (which a listing may have just updated) as it is.
     pub fn set_marker(&self, dir: u64, etag: &str, at: i64) -> MetaResult<()> {
-        let conn = self.conn.lock().unwrap();
-        conn.execute(
-            "UPDATE inodes SET etag = ?2, last_modified = NULL, headers_known = 1,
+        self.db.write(|conn| {
+            conn.execute(
+                "UPDATE inodes SET etag = ?2, last_modified = NULL, headers_known = 1,
              validated_at = ?3 WHERE ino = ?1",
-            params![dir, etag, at],
-        )?;
-        Ok(())
+                params![dir, etag, at],
+            )?;
+            Ok(())
+        })
     }
 
     /// Moves directory `dir`'s mtime and ctime for a change this mount made to its entries:
@@ -665,39 +677,41 @@ impl InodeTable {
         now: Timestamp,
         clock_shown: &dyn Fn(Timestamp) -> bool,
     ) -> MetaResult<Inode> {
-        let mut conn = self.conn.lock().unwrap();
-        let tx = conn.transaction()?;
-        let mut row = get_row(&tx, dir)?;
-        if row.mtime < now {
-            row.mtime = now;
-        } else if clock_shown(row.mtime) {
-            row.mtime = super::objects::advance(row.mtime, now);
-        }
-        row.ctime = row.ctime.max(row.mtime);
-        tx.execute(
-            "UPDATE inodes SET mtime_s = ?2, mtime_ns = ?3, ctime_s = ?4, ctime_ns = ?5
+        self.db.write(|conn| {
+            let tx = conn.transaction()?;
+            let mut row = get_row(&tx, dir)?;
+            if row.mtime < now {
+                row.mtime = now;
+            } else if clock_shown(row.mtime) {
+                row.mtime = super::objects::advance(row.mtime, now);
+            }
+            row.ctime = row.ctime.max(row.mtime);
+            tx.execute(
+                "UPDATE inodes SET mtime_s = ?2, mtime_ns = ?3, ctime_s = ?4, ctime_ns = ?5
              WHERE ino = ?1",
-            params![
-                dir,
-                row.mtime.sec,
-                row.mtime.nsec,
-                row.ctime.sec,
-                row.ctime.nsec
-            ],
-        )?;
-        tx.commit()?;
-        Ok(row)
+                params![
+                    dir,
+                    row.mtime.sec,
+                    row.mtime.nsec,
+                    row.ctime.sec,
+                    row.ctime.nsec
+                ],
+            )?;
+            tx.commit()?;
+            Ok(row)
+        })
     }
 
     /// Marks the listing of directory `dir` stale, if it was listed: the next look lists it
     /// again.
     pub fn mark_listing_stale(&self, dir: u64) -> MetaResult<()> {
-        let conn = self.conn.lock().unwrap();
-        conn.execute(
-            "UPDATE inodes SET listed_at = 0 WHERE ino = ?1 AND listed_at IS NOT NULL",
-            [dir],
-        )?;
-        Ok(())
+        self.db.write(|conn| {
+            conn.execute(
+                "UPDATE inodes SET listed_at = 0 WHERE ino = ?1 AND listed_at IS NOT NULL",
+                [dir],
+            )?;
+            Ok(())
+        })
     }
 
     /// Reconciles directory `dir` with a complete listing of its prefix and returns what
@@ -726,15 +740,16 @@ impl InodeTable {
     /// that other users of the table wait for one page at most, and a page is written while
     /// the headers of the next are read.
     pub fn begin_listing(&self, dir: u64, started: i64) -> MetaResult<ListingApply> {
-        let conn = self.conn.lock().unwrap();
-        let listed_before = get_row(&conn, dir)?.listed_at.is_some();
-        Ok(ListingApply {
-            dir,
-            started,
-            listed_before,
-            seen: HashSet::new(),
-            changes: Changes::default(),
-            moving: false,
+        self.db.read(|conn| {
+            let listed_before = get_row(conn, dir)?.listed_at.is_some();
+            Ok(ListingApply {
+                dir,
+                started,
+                listed_before,
+                seen: HashSet::new(),
+                changes: Changes::default(),
+                moving: false,
+            })
         })
     }
 
@@ -754,31 +769,32 @@ impl InodeTable {
         defaults: &EntryDefaults,
         state: &dyn DirState,
     ) -> MetaResult<()> {
-        let mut conn = self.conn.lock().unwrap();
-        let tx = conn.transaction()?;
-        // Asked inside the transaction: nothing it answers can change before the rows do.
-        let busy = state.busy();
-        if busy == Busy::All || applying.moving {
-            // Moving as a whole: the listing may show it half moved. The next look lists
-            // it again.
-            applying.moving = true;
-            return Ok(());
-        }
-        let ctx = applying.context(defaults);
-        let dirs = dirs.iter().map(|d| (&d.name, Found::Dir(&d.marker)));
-        let files = files
-            .iter()
-            .map(|f| (&f.name, Found::File(&f.version, &f.headers)));
-        for (name, found) in dirs.chain(files) {
-            // Directories come first and win over a file of the same name.
-            if !applying.seen.insert(name.clone()) || busy.name(name) {
-                continue;
+        self.db.write(|conn| {
+            let tx = conn.transaction()?;
+            // Asked inside the transaction: nothing it answers can change before the rows do.
+            let busy = state.busy();
+            if busy == Busy::All || applying.moving {
+                // Moving as a whole: the listing may show it half moved. The next look lists
+                // it again.
+                applying.moving = true;
+                return Ok(());
             }
-            let row = child_row(&tx, applying.dir, name)?;
-            reconcile(&tx, &ctx, name, found, row, &mut applying.changes)?;
-        }
-        tx.commit()?;
-        Ok(())
+            let ctx = applying.context(defaults);
+            let dirs = dirs.iter().map(|d| (&d.name, Found::Dir(&d.marker)));
+            let files = files
+                .iter()
+                .map(|f| (&f.name, Found::File(&f.version, &f.headers)));
+            for (name, found) in dirs.chain(files) {
+                // Directories come first and win over a file of the same name.
+                if !applying.seen.insert(name.clone()) || busy.name(name) {
+                    continue;
+                }
+                let row = child_row(&tx, applying.dir, name)?;
+                reconcile(&tx, &ctx, name, found, row, &mut applying.changes)?;
+            }
+            tx.commit()?;
+            Ok(())
+        })
     }
 
     /// Ends a listing whose every page was applied: the names it did not show are gone, the
@@ -792,61 +808,62 @@ impl InodeTable {
         defaults: &EntryDefaults,
         state: &dyn DirState,
     ) -> MetaResult<Changes> {
-        let mut conn = self.conn.lock().unwrap();
-        let tx = conn.transaction()?;
-        let busy = state.busy();
-        if busy == Busy::All || applying.moving {
-            let changes = settle_abandoned(&tx, applying, state)?;
-            tx.commit()?;
-            return Ok(changes);
-        }
-        let ctx = applying.context(defaults);
-        let ListingApply {
-            dir,
-            started,
-            seen,
-            mut changes,
-            ..
-        } = applying;
-        let unseen: Vec<Inode> = {
-            let mut stmt =
-                tx.prepare_cached(&format!("SELECT {COLUMNS} FROM inodes WHERE parent = ?1"))?;
-            let rows = stmt.query_map([dir], from_row)?;
-            rows.filter(|r| r.as_ref().map_or(true, |i| !seen.contains(&i.name)))
-                .collect::<Result<_, _>>()?
-        };
-        for row in unseen {
-            if !busy.name(&row.name) {
-                let name = row.name.clone();
-                reconcile(&tx, &ctx, &name, Found::Absent, Some(row), &mut changes)?;
+        self.db.write(|conn| {
+            let tx = conn.transaction()?;
+            let busy = state.busy();
+            if busy == Busy::All || applying.moving {
+                let changes = settle_abandoned(&tx, applying, state)?;
+                tx.commit()?;
+                return Ok(changes);
             }
-        }
-        let mut dir_row = get_row(&tx, dir)?;
-        let shown = (dir_row.mtime, dir_row.ctime);
-        let untouchable = dir_row.validated_at > started;
-        if dir != ROOT_INO && !untouchable && !busy.marker() {
-            match marker {
-                Some((v, _)) if dir_row.headers_known && dir_row.holds(v) => {
-                    dir_row.learn_modified(v)
+            let ctx = applying.context(defaults);
+            let ListingApply {
+                dir,
+                started,
+                seen,
+                mut changes,
+                ..
+            } = applying;
+            let unseen: Vec<Inode> = {
+                let mut stmt =
+                    tx.prepare_cached(&format!("SELECT {COLUMNS} FROM inodes WHERE parent = ?1"))?;
+                let rows = stmt.query_map([dir], from_row)?;
+                rows.filter(|r| r.as_ref().map_or(true, |i| !seen.contains(&i.name)))
+                    .collect::<Result<_, _>>()?
+            };
+            for row in unseen {
+                if !busy.name(&row.name) {
+                    let name = row.name.clone();
+                    reconcile(&tx, &ctx, &name, Found::Absent, Some(row), &mut changes)?;
                 }
-                Some((_, marker)) => dir_row.apply_marker(marker, defaults, ctx.now),
-                None => dir_row.apply_marker(&Headers::Gone, defaults, ctx.now),
             }
-        }
-        if changes.entries_changed()
-            && (dir_row.mtime, dir_row.ctime) == shown
-            && state.clock_shown(dir_row.mtime)
-        {
-            dir_row.advance_clock(ctx.now);
-        }
-        changes.clock_moved = (dir_row.mtime, dir_row.ctime) != shown;
-        dir_row.listed_at = Some(started);
-        if !untouchable {
-            dir_row.validated_at = started;
-        }
-        update_row(&tx, &dir_row)?;
-        tx.commit()?;
-        Ok(changes)
+            let mut dir_row = get_row(&tx, dir)?;
+            let shown = (dir_row.mtime, dir_row.ctime);
+            let untouchable = dir_row.validated_at > started;
+            if dir != ROOT_INO && !untouchable && !busy.marker() {
+                match marker {
+                    Some((v, _)) if dir_row.headers_known && dir_row.holds(v) => {
+                        dir_row.learn_modified(v)
+                    }
+                    Some((_, marker)) => dir_row.apply_marker(marker, defaults, ctx.now),
+                    None => dir_row.apply_marker(&Headers::Gone, defaults, ctx.now),
+                }
+            }
+            if changes.entries_changed()
+                && (dir_row.mtime, dir_row.ctime) == shown
+                && state.clock_shown(dir_row.mtime)
+            {
+                dir_row.advance_clock(ctx.now);
+            }
+            changes.clock_moved = (dir_row.mtime, dir_row.ctime) != shown;
+            dir_row.listed_at = Some(started);
+            if !untouchable {
+                dir_row.validated_at = started;
+            }
+            update_row(&tx, &dir_row)?;
+            tx.commit()?;
+            Ok(changes)
+        })
     }
 
     /// Ends a listing that could not be completed (an error, or the directory found moving
@@ -858,11 +875,12 @@ impl InodeTable {
         applying: ListingApply,
         state: &dyn DirState,
     ) -> MetaResult<Changes> {
-        let mut conn = self.conn.lock().unwrap();
-        let tx = conn.transaction()?;
-        let changes = settle_abandoned(&tx, applying, state)?;
-        tx.commit()?;
-        Ok(changes)
+        self.db.write(|conn| {
+            let tx = conn.transaction()?;
+            let changes = settle_abandoned(&tx, applying, state)?;
+            tx.commit()?;
+            Ok(changes)
+        })
     }
 
     /// Reconciles one name of directory `dir` with what a probe started at `started` found
@@ -877,152 +895,161 @@ impl InodeTable {
         defaults: &EntryDefaults,
         state: &dyn DirState,
     ) -> MetaResult<(Option<Inode>, Changes)> {
-        let mut conn = self.conn.lock().unwrap();
-        let tx = conn.transaction()?;
-        let row = child_row(&tx, dir, name)?;
-        let mut changes = Changes::default();
-        if state.busy().name(name) {
-            return Ok((row, changes));
-        }
-        let mut dir_row = get_row(&tx, dir)?;
-        let ctx = Reconcile {
-            dir,
-            started,
-            now: Timestamp::now(),
-            defaults,
-            listed_before: dir_row.listed_at.is_some(),
-        };
-        let row = reconcile(&tx, &ctx, name, found, row, &mut changes)?;
-        tell_changes(&tx, &mut dir_row, &mut changes, state, ctx.now)?;
-        tx.commit()?;
-        Ok((row, changes))
+        self.db.write(|conn| {
+            let tx = conn.transaction()?;
+            let row = child_row(&tx, dir, name)?;
+            let mut changes = Changes::default();
+            if state.busy().name(name) {
+                return Ok((row, changes));
+            }
+            let mut dir_row = get_row(&tx, dir)?;
+            let ctx = Reconcile {
+                dir,
+                started,
+                now: Timestamp::now(),
+                defaults,
+                listed_before: dir_row.listed_at.is_some(),
+            };
+            let row = reconcile(&tx, &ctx, name, found, row, &mut changes)?;
+            tell_changes(&tx, &mut dir_row, &mut changes, state, ctx.now)?;
+            tx.commit()?;
+            Ok((row, changes))
+        })
     }
 
     /// Stores the staging bookkeeping of `ino`.
     pub fn save_staging(&self, ino: u64, rec: &StagingRecord) -> MetaResult<()> {
-        let conn = self.conn.lock().unwrap();
-        Ok(save_staging_row(&conn, ino, rec)?)
+        self.db.write(|conn| Ok(save_staging_row(conn, ino, rec)?))
     }
 
     /// Stores the bookkeeping of a file whose data a close has acknowledged (write-back):
     /// its row (dirty) and its staging record, in one transaction that is on disk when this
     /// returns, so a crash or a power cut after it cannot lose the file.
     pub fn save_pending(&self, inode: &Inode, rec: &StagingRecord) -> MetaResult<()> {
-        let mut conn = self.conn.lock().unwrap();
-        // In WAL mode FULL syncs the log at commit; NORMAL (the default here) would leave the
-        // commit to the next checkpoint.
-        conn.pragma_update(None, "synchronous", "FULL")?;
-        let result = (|| -> MetaResult<()> {
-            let tx = conn.transaction()?;
-            update_row(&tx, inode)?;
-            save_staging_row(&tx, inode.ino, rec)?;
-            Ok(tx.commit()?)
-        })();
-        conn.pragma_update(None, "synchronous", "NORMAL")?;
-        result
+        self.db.write(|conn| {
+            // In WAL mode FULL syncs the log at commit; NORMAL (the default here) would leave the
+            // commit to the next checkpoint.
+            conn.pragma_update(None, "synchronous", "FULL")?;
+            let result = (|| -> MetaResult<()> {
+                let tx = conn.transaction()?;
+                update_row(&tx, inode)?;
+                save_staging_row(&tx, inode.ino, rec)?;
+                Ok(tx.commit()?)
+            })();
+            conn.pragma_update(None, "synchronous", "NORMAL")?;
+            result
+        })
     }
 
     /// Records a multipart upload that was just created.
     pub fn record_upload(&self, upload_id: &str, key: &str) -> MetaResult<()> {
-        let conn = self.conn.lock().unwrap();
-        conn.execute(
-            "INSERT OR REPLACE INTO multipart_uploads (upload_id, key) VALUES (?1, ?2)",
-            params![upload_id, key],
-        )?;
-        Ok(())
+        self.db.write(|conn| {
+            conn.execute(
+                "INSERT OR REPLACE INTO multipart_uploads (upload_id, key) VALUES (?1, ?2)",
+                params![upload_id, key],
+            )?;
+            Ok(())
+        })
     }
 
     /// Forgets a multipart upload that was completed or aborted.
     pub fn forget_upload(&self, upload_id: &str) -> MetaResult<()> {
-        let conn = self.conn.lock().unwrap();
-        conn.execute(
-            "DELETE FROM multipart_uploads WHERE upload_id = ?1",
-            [upload_id],
-        )?;
-        Ok(())
+        self.db.write(|conn| {
+            conn.execute(
+                "DELETE FROM multipart_uploads WHERE upload_id = ?1",
+                [upload_id],
+            )?;
+            Ok(())
+        })
     }
 
     /// Multipart uploads recorded and not yet forgotten: (upload id, key).
     pub fn recorded_uploads(&self) -> MetaResult<Vec<(String, String)>> {
-        let conn = self.conn.lock().unwrap();
-        let mut stmt = conn.prepare_cached("SELECT upload_id, key FROM multipart_uploads")?;
-        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
-        Ok(rows.collect::<rusqlite::Result<_>>()?)
+        self.db.scan(|conn| {
+            let mut stmt = conn.prepare_cached("SELECT upload_id, key FROM multipart_uploads")?;
+            let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+            Ok(rows.collect::<rusqlite::Result<_>>()?)
+        })
     }
 
     /// Records a directory rename about to start, durably; returns its id.
     pub fn begin_dir_rename(&self, r: &DirRename) -> MetaResult<i64> {
-        let conn = self.conn.lock().unwrap();
-        conn.pragma_update(None, "synchronous", "FULL")?;
-        let result = conn.execute(
-            "INSERT INTO dir_renames (src_ino, new_parent, new_name, old_prefix, new_prefix)
+        self.db.write(|conn| {
+            conn.pragma_update(None, "synchronous", "FULL")?;
+            let result = conn.execute(
+                "INSERT INTO dir_renames (src_ino, new_parent, new_name, old_prefix, new_prefix)
              VALUES (?1, ?2, ?3, ?4, ?5)",
-            params![
-                r.src_ino,
-                r.new_parent,
-                r.new_name,
-                r.old_prefix,
-                r.new_prefix
-            ],
-        );
-        conn.pragma_update(None, "synchronous", "NORMAL")?;
-        result?;
-        Ok(conn.last_insert_rowid())
+                params![
+                    r.src_ino,
+                    r.new_parent,
+                    r.new_name,
+                    r.old_prefix,
+                    r.new_prefix
+                ],
+            );
+            conn.pragma_update(None, "synchronous", "NORMAL")?;
+            result?;
+            Ok(conn.last_insert_rowid())
+        })
     }
 
     /// Forgets a directory rename that finished (or was rolled back).
     pub fn end_dir_rename(&self, id: i64) -> MetaResult<()> {
-        let conn = self.conn.lock().unwrap();
-        conn.execute("DELETE FROM dir_renames WHERE id = ?1", [id])?;
-        Ok(())
+        self.db.write(|conn| {
+            conn.execute("DELETE FROM dir_renames WHERE id = ?1", [id])?;
+            Ok(())
+        })
     }
 
     /// Directory renames a previous run started and did not finish, oldest first.
     pub fn pending_dir_renames(&self) -> MetaResult<Vec<(i64, DirRename)>> {
-        let conn = self.conn.lock().unwrap();
-        let mut stmt = conn.prepare_cached(
-            "SELECT id, src_ino, new_parent, new_name, old_prefix, new_prefix
+        self.db.scan(|conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT id, src_ino, new_parent, new_name, old_prefix, new_prefix
              FROM dir_renames ORDER BY id",
-        )?;
-        let rows = stmt.query_map([], |r| {
-            Ok((
-                r.get(0)?,
-                DirRename {
-                    src_ino: r.get(1)?,
-                    new_parent: r.get(2)?,
-                    new_name: r.get(3)?,
-                    old_prefix: r.get(4)?,
-                    new_prefix: r.get(5)?,
-                },
-            ))
-        })?;
-        Ok(rows.collect::<rusqlite::Result<_>>()?)
+            )?;
+            let rows = stmt.query_map([], |r| {
+                Ok((
+                    r.get(0)?,
+                    DirRename {
+                        src_ino: r.get(1)?,
+                        new_parent: r.get(2)?,
+                        new_name: r.get(3)?,
+                        old_prefix: r.get(4)?,
+                        new_prefix: r.get(5)?,
+                    },
+                ))
+            })?;
+            Ok(rows.collect::<rusqlite::Result<_>>()?)
+        })
     }
 
     /// Staging records whose original lies under `prefix`: (ino, original key).
     pub fn staging_under(&self, prefix: &str) -> MetaResult<Vec<(u64, String)>> {
-        let conn = self.conn.lock().unwrap();
-        let mut stmt = conn.prepare_cached(
-            "SELECT ino, orig_key FROM staging
+        self.db.scan(|conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT ino, orig_key FROM staging
              WHERE orig_key >= ?1 AND substr(orig_key, 1, length(?1)) = ?1",
-        )?;
-        let rows = stmt.query_map([prefix], |r| Ok((r.get(0)?, r.get(1)?)))?;
-        Ok(rows.collect::<rusqlite::Result<_>>()?)
+            )?;
+            let rows = stmt.query_map([prefix], |r| Ok((r.get(0)?, r.get(1)?)))?;
+            Ok(rows.collect::<rusqlite::Result<_>>()?)
+        })
     }
 
     /// Points the staging record of `ino` at another original (a renamed object).
     pub fn retarget_staging(&self, ino: u64, key: &str, etag: &str) -> MetaResult<()> {
-        let conn = self.conn.lock().unwrap();
-        conn.execute(
-            "UPDATE staging SET orig_key = ?2, orig_etag = ?3 WHERE ino = ?1",
-            params![ino, key, etag],
-        )?;
-        Ok(())
+        self.db.write(|conn| {
+            conn.execute(
+                "UPDATE staging SET orig_key = ?2, orig_etag = ?3 WHERE ino = ?1",
+                params![ino, key, etag],
+            )?;
+            Ok(())
+        })
     }
 
     /// The staging bookkeeping of `ino`, if any.
     pub fn load_staging(&self, ino: u64) -> MetaResult<Option<StagingRecord>> {
-        let conn = self.conn.lock().unwrap();
+        self.db.read(|conn| {
         Ok(conn
             .query_row(
                 "SELECT orig_key, orig_etag, orig_len, block_size, present FROM staging WHERE ino = ?1",
@@ -1038,13 +1065,15 @@ impl InodeTable {
                 },
             )
             .optional()?)
+        })
     }
 
     /// Drops the staging bookkeeping of `ino`.
     pub fn delete_staging(&self, ino: u64) -> MetaResult<()> {
-        let conn = self.conn.lock().unwrap();
-        conn.execute("DELETE FROM staging WHERE ino = ?1", [ino])?;
-        Ok(())
+        self.db.write(|conn| {
+            conn.execute("DELETE FROM staging WHERE ino = ?1", [ino])?;
+            Ok(())
+        })
     }
 }
 

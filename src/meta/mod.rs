@@ -5,6 +5,7 @@
 //! mount (in the cache directory), so inode numbers survive a remount and a warm listing costs
 //! no request. It is the only code that speaks SQL.
 
+mod connections;
 pub mod headers;
 pub mod inodes;
 pub mod names;

@@ -12,7 +12,7 @@ const VERSION: i64 = 4;
 /// WAL lets readers proceed while the writer commits; `synchronous = NORMAL` in WAL mode loses
 /// at most the last transactions on power loss, never consistency, and the inode table can
 /// always be rebuilt from the bucket. Dirty-data bookkeeping that must survive a crash is
-/// committed with an explicit checkpoint by its caller.
+/// committed with `synchronous = FULL` by its caller.
 pub(super) fn prepare(conn: &Connection) -> MetaResult<()> {
     conn.pragma_update(None, "journal_mode", "WAL")?;
     conn.pragma_update(None, "synchronous", "NORMAL")?;
