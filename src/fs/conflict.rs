@@ -183,7 +183,8 @@ impl Fs {
         drop(st);
         // Not waited for: this holds the file's change lock, and the kernel may be waiting
         // for a request of the file that needs it (a write) before it answers.
-        self.kernel()
+        self.view
+            .kernel()
             .invalidate(super::kernel::Invalidation::Inode(attrs.ino), None);
         if let Some(parent) = attrs.parent {
             // The copy is a new entry of the directory.

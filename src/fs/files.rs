@@ -309,7 +309,7 @@ impl Fs {
         }
         self.open.remove(file);
         let unlinked = file.attrs().parent.is_none() && file.ino != ROOT_INO;
-        if unlinked && !self.lookups.lock().unwrap().contains_key(&file.ino) {
+        if unlinked && !self.view.holds(file.ino) {
             let _ = self.meta.forget(file.ino);
         }
     }
@@ -409,14 +409,7 @@ impl Fs {
                 _ => None,
             }
         };
-        let mut seen = self.page_cached.lock().unwrap();
-        match current {
-            Some(etag) => seen.insert(file.ino, etag.clone()).as_ref() == Some(&etag),
-            None => {
-                seen.remove(&file.ino);
-                false
-            }
-        }
+        self.view.pages_still_valid(file.ino, current.as_deref())
     }
 
     pub(super) fn new_file_handle(

@@ -20,9 +20,16 @@
 //! 4. its content lock ([`OpenFile::state`]), held for bookkeeping and local disk I/O, and
 //!    across a request only while the file's object is removed (unlink, or replaced by a
 //!    rename), so that no open reads it meanwhile;
-//! 5. short synchronous locks (the inode table, the handle table), never held across `.await`;
-//!    the table's may be held while [`changes::LocalChanges`]' is taken (a listing asks what
-//!    this mount is changing inside its transaction), never the other way round.
+//! 5. short synchronous locks (the inode table's writer, the handle table, the maps of
+//!    [`kernel::KernelView`]), never held across `.await`; the table's writer may be held
+//!    while [`changes::LocalChanges`]' is taken (a listing asks what this mount is changing
+//!    inside its transaction), never the other way round.
+//!
+//! `Fs` ties together parts that own their state and are tested on their own: the open-file
+//! table ([`open_table::OpenTable`]), the background uploader's queue
+//! ([`sync::UploadQueue`]), what the kernel holds of the mount ([`kernel::KernelView`]),
+//! the keys being written ([`key_locks::KeyLocks`]), what this mount is changing
+//! ([`changes::LocalChanges`]) and the listing reader ([`listing::HeaderReader`]).
 
 pub mod budget;
 mod changes;
@@ -48,7 +55,7 @@ use std::fs::File;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use futures::{StreamExt, TryStreamExt};
@@ -68,7 +75,7 @@ use crate::store::{ObjectStore, StoreError, WriteHeaders};
 
 use budget::MemoryBudget;
 pub use files::{OpenFile, Opened, SetAttr, TimeSet};
-use kernel::{Invalidation, KernelCache, NoKernel};
+use kernel::{Invalidation, KernelCache, KernelView};
 use locks::LockMap;
 pub use xattr::is_stored_xattr;
 
@@ -293,9 +300,6 @@ pub struct Caller {
 /// A directory's entries as listed at offset 0 of a handle, with their rows.
 type DirSnapshot = Vec<(DirEntry, Inode)>;
 
-/// Names a negative lookup may remember before the memo is cleared: about 10 MiB at most,
-/// and enough for the misses of a `git status` or a build in a large tree.
-const NEGATIVE_CACHE_MAX: usize = 100_000;
 /// Directory entries returned per readdir call. The kernel's buffer (4 KiB, a page) takes
 /// about a hundred entries; 1,024 leaves room for long pages without copying the whole
 /// listing of a 100,000-entry directory on every call.
@@ -304,10 +308,6 @@ const READDIR_BATCH: usize = 1024;
 /// Directories with fewer entries than one LIST page are listed again, rather than probed,
 /// when a lookup in them finds their listing stale.
 const RELIST_MAX_ENTRIES: u64 = 1000;
-
-/// Longest wait for the kernel to apply an inode's invalidation (it takes microseconds, or
-/// as long as a read of that file in flight holds its pages).
-const KERNEL_INVALIDATION_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Entries prepared per READDIRPLUS request: the kernel's 4 KiB buffer holds about 25 with
 /// their attributes, and each one prepared but not sent is wasted work.
@@ -332,24 +332,11 @@ pub struct Fs {
     local: changes::LocalChanges,
     /// Reads the headers that listings lack, within one budget of requests.
     headers: listing::HeaderReader,
-    /// The kernel's caches, once the mount exists.
-    kernel: std::sync::OnceLock<Arc<dyn KernelCache>>,
-    /// Per directory, the latest second of its mtime shown in this run (see
-    /// [`Fs::clock_shown`]).
-    dir_clocks: Mutex<HashMap<u64, i64>>,
+    /// What the kernel holds of this mount, and its caches to tell what changed.
+    view: KernelView,
     /// This filesystem, for work it starts in the background (set by
     /// [`Fs::run_background`]).
     me: std::sync::OnceLock<std::sync::Weak<Fs>>,
-    lookups: Mutex<HashMap<u64, u64>>,
-    negative: Mutex<HashMap<(u64, String), i64>>,
-    /// Per inode, the ETag of the version whose pages the kernel may have cached.
-    page_cached: Mutex<HashMap<u64, String>>,
-    /// Per directory, its clock (mtime, ctime) at the last `opendir`: the entries the kernel
-    /// may have cached of it (`FOPEN_CACHE_DIR`) were listed at or after that clock.
-    entries_cached: Mutex<HashMap<u64, (Timestamp, Timestamp)>>,
-    /// Directories whose cached entries the kernel is told to drop when their listing's
-    /// `--metadata-ttl` runs out ([`Fs::expire_cached_entries`]).
-    entries_expiring: Mutex<std::collections::HashSet<u64>>,
     /// The background uploader's queue, slots and leftovers.
     uploader: sync::UploadQueue,
     /// Requests made to the bucket, and errors.
@@ -447,6 +434,7 @@ impl Fs {
                 part_size: cfg.read_part_size,
             },
         ));
+        let view = KernelView::new(cfg.metadata_ttl);
         Ok(Fs {
             cfg,
             store,
@@ -461,14 +449,8 @@ impl Fs {
             keys: key_locks::KeyLocks::default(),
             local: changes::LocalChanges::default(),
             headers,
-            kernel: std::sync::OnceLock::new(),
-            dir_clocks: Mutex::new(HashMap::new()),
+            view,
             me: std::sync::OnceLock::new(),
-            lookups: Mutex::new(HashMap::new()),
-            negative: Mutex::new(HashMap::new()),
-            page_cached: Mutex::new(HashMap::new()),
-            entries_cached: Mutex::new(HashMap::new()),
-            entries_expiring: Mutex::new(std::collections::HashSet::new()),
             uploader,
             requests,
             started: std::time::Instant::now(),
@@ -484,14 +466,7 @@ impl Fs {
     /// Connects the kernel's caches (the FUSE session's notifications), so that what the
     /// mount learns changed outside is forgotten there too. Set once, when mounted.
     pub fn set_kernel_cache(&self, kernel: Arc<dyn KernelCache>) {
-        let _ = self.kernel.set(kernel);
-    }
-
-    fn kernel(&self) -> &dyn KernelCache {
-        match self.kernel.get() {
-            Some(k) => k.as_ref(),
-            None => &NoKernel,
-        }
+        self.view.connect(kernel);
     }
 
     /// Counters of the block cache (all zero when it is off).
@@ -551,7 +526,9 @@ impl Fs {
     fn listing_is_stale(&self, dir: u64) -> FsResult<()> {
         self.meta.mark_listing_stale(dir)?;
         // Nor may the kernel serve the entries it cached (not waited for: callers hold locks).
-        self.kernel().invalidate(Invalidation::Inode(dir), None);
+        self.view
+            .kernel()
+            .invalidate(Invalidation::Inode(dir), None);
         Ok(())
     }
 
@@ -608,7 +585,7 @@ impl Fs {
     /// The attributes `stat` shows for `inode` (for a directory: its clock is being shown).
     fn attr(&self, inode: &Inode) -> FsResult<Attr> {
         if inode.kind == Kind::Dir {
-            self.show_clock(inode.ino, inode.mtime);
+            self.view.show_clock(inode.ino, inode.mtime);
         }
         let nlink = match (inode.kind, inode.parent) {
             (_, None) if inode.ino != ROOT_INO => 0,
@@ -631,35 +608,11 @@ impl Fs {
         })
     }
 
-    /// Records that the kernel holds one more reference to `ino`.
-    fn remember(&self, ino: u64) {
-        *self.lookups.lock().unwrap().entry(ino).or_default() += 1;
-    }
-
     /// The kernel dropped `n` references to `ino`. Returns whether it holds none now: the
     /// row may then go ([`Self::forget_row`]), which is SQL and is left to the caller to run
     /// off the request loop. This part only counts, in memory.
     pub fn forget(&self, ino: u64, n: u64) -> bool {
-        let gone = {
-            let mut lookups = self.lookups.lock().unwrap();
-            match lookups.get_mut(&ino) {
-                Some(count) if *count > n => {
-                    *count -= n;
-                    false
-                }
-                _ => {
-                    lookups.remove(&ino);
-                    true
-                }
-            }
-        };
-        if gone {
-            // The kernel dropped the inode, and its cached pages and attributes with it.
-            self.page_cached.lock().unwrap().remove(&ino);
-            self.entries_cached.lock().unwrap().remove(&ino);
-            self.dir_clocks.lock().unwrap().remove(&ino);
-        }
-        gone
+        self.view.forgot(ino, n)
     }
 
     /// Deletes the row of `ino`, which the kernel forgot, if it is unlinked and not open
@@ -674,28 +627,7 @@ impl Fs {
     }
 
     fn is_referenced(&self, ino: u64) -> bool {
-        self.lookups.lock().unwrap().contains_key(&ino) || self.open_file_of(ino).is_some()
-    }
-
-    fn remember_absent(&self, parent: u64, name: &str) {
-        let mut neg = self.negative.lock().unwrap();
-        if neg.len() >= NEGATIVE_CACHE_MAX {
-            neg.clear();
-        }
-        neg.insert((parent, name.to_string()), now_ns());
-    }
-
-    fn forget_absent(&self, parent: u64, name: &str) {
-        self.negative
-            .lock()
-            .unwrap()
-            .remove(&(parent, name.to_string()));
-    }
-
-    fn known_absent(&self, parent: u64, name: &str) -> bool {
-        let neg = self.negative.lock().unwrap();
-        neg.get(&(parent, name.to_string()))
-            .is_some_and(|&at| self.cfg.metadata_ttl.is_fresh(at, now_ns()))
+        self.view.holds(ino) || self.open_file_of(ino).is_some()
     }
 
     /// Looks up `name` in `parent`.
@@ -714,7 +646,7 @@ impl Fs {
             inode.kind == Kind::Dir && self.meta.child_count(inode.ino)? < RELIST_MAX_ENTRIES;
         let inode = self.with_fresh_clock(inode, wait).await?;
         let attr = self.attr(&inode)?;
-        self.remember(inode.ino);
+        self.view.looked_up(inode.ino);
         Ok(attr)
     }
 
@@ -789,7 +721,7 @@ impl Fs {
             }
         }
         if dir.listed_at.is_some_and(|t| self.fresh(t))
-            || (row.is_none() && self.known_absent(dir.ino, name))
+            || (row.is_none() && self.view.known_absent(dir.ino, name))
         {
             return Ok(row);
         }
@@ -877,7 +809,7 @@ impl Fs {
             .apply_found(dir.ino, &dir_key, name, found, &read)
             .await?;
         if row.is_none() {
-            self.remember_absent(dir.ino, name);
+            self.view.found_absent(dir.ino, name);
         }
         Ok(row)
     }
@@ -1073,7 +1005,7 @@ impl Fs {
     async fn after_changes(&self, dir: u64, changes: &Changes) {
         let mut forget = Vec::new();
         for name in &changes.added {
-            self.forget_absent(dir, name);
+            self.view.not_absent(dir, name);
             forget.push(Invalidation::Entry(dir, name.clone()));
         }
         for (ino, name) in changes.removed.iter().chain(&changes.replaced) {
@@ -1086,31 +1018,7 @@ impl Fs {
             // Its attributes, and the entries the kernel cached of it.
             forget.push(Invalidation::Inode(dir));
         }
-        let mut applied = Vec::new();
-        for what in forget {
-            let done = if what.is_waited_for() {
-                let (tx, rx) = tokio::sync::oneshot::channel();
-                applied.push(rx);
-                Some(tx)
-            } else {
-                None
-            };
-            self.kernel().invalidate(what, done);
-        }
-        if applied.is_empty() {
-            return;
-        }
-        // Bounded: a kernel that does not answer must not hold up the request for good.
-        let all = futures::future::join_all(applied);
-        if tokio::time::timeout(KERNEL_INVALIDATION_WAIT, all)
-            .await
-            .is_err()
-        {
-            warn!(
-                dir,
-                "the kernel took too long to drop what it cached of changed files"
-            );
-        }
+        self.view.forget_all(forget).await;
     }
 
     /// An open file whose object another client replaced: unless it has changes of its
@@ -1165,10 +1073,10 @@ impl Fs {
     /// out; offsets are the same for every snapshot of the directory ([`entry_offset`]).
     pub async fn opendir(&self, ino: u64) -> FsResult<Opened> {
         let dir = self.dir(ino)?;
-        self.show_clock(ino, dir.mtime);
+        self.view.show_clock(ino, dir.mtime);
         let clock = (dir.mtime, dir.ctime);
-        let cached = self.entries_cached.lock().unwrap().insert(ino, clock);
-        let keep_cache = cached == Some(clock) && dir.listed_at.is_some_and(|t| self.fresh(t));
+        let keep_cache =
+            self.view.entries_opened(ino, clock) && dir.listed_at.is_some_and(|t| self.fresh(t));
         let fh = self
             .open
             .add_handle(open_table::Handle::Dir(Arc::default()));
@@ -1183,7 +1091,7 @@ impl Fs {
         let (MetadataTtl::For(ttl), Some(me)) = (self.cfg.metadata_ttl, self.me.get()) else {
             return;
         };
-        if !self.entries_expiring.lock().unwrap().insert(dir) {
+        if !self.view.start_entries_expiry(dir) {
             return;
         }
         let age = Duration::from_nanos(now_ns().saturating_sub(listed_at).max(0) as u64);
@@ -1191,8 +1099,7 @@ impl Fs {
         tokio::spawn(async move {
             tokio::time::sleep(ttl.saturating_sub(age)).await;
             if let Some(fs) = me.upgrade() {
-                fs.entries_expiring.lock().unwrap().remove(&dir);
-                fs.kernel().invalidate(Invalidation::Inode(dir), None);
+                fs.view.expire_entries(dir);
             }
         });
     }
@@ -1286,7 +1193,7 @@ impl Fs {
     /// Records that the kernel received `entry` from a READDIRPLUS: a lookup of it.
     pub fn entry_sent(&self, entry: &DirEntry) {
         if entry.name != "." && entry.name != ".." {
-            self.remember(entry.ino);
+            self.view.looked_up(entry.ino);
         }
     }
 
@@ -1404,34 +1311,12 @@ impl Fs {
     /// Updates a directory's mtime and ctime after this mount changed its entries (kept
     /// locally). Never backwards: a clock moved ahead for an outside change stays ahead.
     fn touch_dir(&self, ino: u64) -> FsResult<()> {
-        let shown = |mtime: Timestamp| self.clock_shown(ino, mtime);
+        let shown = |mtime: Timestamp| self.view.clock_shown(ino, mtime);
         let row = self.meta.touch_dir(ino, Timestamp::now(), &shown)?;
         if let Some(f) = self.open_file_of(ino) {
             f.set_attrs(row);
         }
         Ok(())
-    }
-
-    /// Records that directory `dir`'s clock at `mtime` is being shown (`stat`, `opendir`).
-    fn show_clock(&self, dir: u64, mtime: Timestamp) {
-        let mut shown = self.dir_clocks.lock().unwrap();
-        let sec = shown.entry(dir).or_insert(mtime.sec);
-        *sec = (*sec).max(mtime.sec);
-    }
-
-    /// Whether directory `dir`'s clock at `mtime` may have been shown (see
-    /// [`meta::inodes::DirState::clock_shown`]): unless this run has shown only earlier
-    /// seconds of it. Answering yes records `mtime` as shown, since the clock then moves
-    /// past it and only the new value is unseen.
-    fn clock_shown(&self, dir: u64, mtime: Timestamp) -> bool {
-        let mut shown = self.dir_clocks.lock().unwrap();
-        match shown.get(&dir) {
-            Some(&sec) if sec < mtime.sec => false,
-            _ => {
-                shown.insert(dir, mtime.sec);
-                true
-            }
-        }
     }
 
     /// The original object of a file, for reads and partial fetches.
@@ -1483,7 +1368,7 @@ impl crate::meta::inodes::DirState for DirView<'_> {
     }
 
     fn clock_shown(&self, mtime: Timestamp) -> bool {
-        self.fs.clock_shown(self.dir, mtime)
+        self.fs.view.clock_shown(self.dir, mtime)
     }
 }
 

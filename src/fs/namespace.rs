@@ -58,9 +58,9 @@ impl Fs {
     fn add_entry(&self, dir: &Inode, inode: &mut Inode) -> FsResult<Attr> {
         self.meta.insert(inode)?;
         self.touch_dir(dir.ino)?;
-        self.forget_absent(dir.ino, &inode.name);
+        self.view.not_absent(dir.ino, &inode.name);
         let attr = self.attr(inode)?;
-        self.remember(inode.ino);
+        self.view.looked_up(inode.ino);
         Ok(attr)
     }
 
@@ -141,7 +141,7 @@ impl Fs {
             let existing = self.ensure_headers(existing).await?;
             let fh = self.open(existing.ino, flags, caller).await?.fh;
             let attr = self.attr(&self.inode(existing.ino)?)?;
-            self.remember(existing.ino);
+            self.view.looked_up(existing.ino);
             return Ok((attr, fh));
         }
         self.child_key(&dir, name, false)?;
@@ -370,7 +370,7 @@ impl Fs {
             }
         }
         self.touch_dir(parent)?;
-        self.remember_absent(parent, name);
+        self.view.found_absent(parent, name);
         Ok(())
     }
 
@@ -408,7 +408,7 @@ impl Fs {
             self.meta.forget(child.ino)?;
         }
         self.touch_dir(parent)?;
-        self.remember_absent(parent, name);
+        self.view.found_absent(parent, name);
         Ok(())
     }
 
@@ -571,8 +571,8 @@ impl Fs {
         if newparent != parent {
             self.touch_dir(newparent)?;
         }
-        self.forget_absent(newparent, newname);
-        self.remember_absent(parent, name);
+        self.view.not_absent(newparent, newname);
+        self.view.found_absent(parent, name);
         Ok(())
     }
 
