@@ -502,7 +502,7 @@ impl InodeTable {
         new_etags: &std::collections::HashMap<String, String>,
         at: i64,
     ) -> MetaResult<Vec<(u64, String, String)>> {
-        self.db.write(|conn| {
+        self.db.write_long(|conn| {
             let tx = conn.transaction()?;
             let mut changed = Vec::new();
             {
@@ -769,7 +769,7 @@ impl InodeTable {
         defaults: &EntryDefaults,
         state: &dyn DirState,
     ) -> MetaResult<()> {
-        self.db.write(|conn| {
+        self.db.write_long(|conn| {
             let tx = conn.transaction()?;
             // Asked inside the transaction: nothing it answers can change before the rows do.
             let busy = state.busy();
@@ -808,7 +808,7 @@ impl InodeTable {
         defaults: &EntryDefaults,
         state: &dyn DirState,
     ) -> MetaResult<Changes> {
-        self.db.write(|conn| {
+        self.db.write_long(|conn| {
             let tx = conn.transaction()?;
             let busy = state.busy();
             if busy == Busy::All || applying.moving {
@@ -875,7 +875,7 @@ impl InodeTable {
         applying: ListingApply,
         state: &dyn DirState,
     ) -> MetaResult<Changes> {
-        self.db.write(|conn| {
+        self.db.write_long(|conn| {
             let tx = conn.transaction()?;
             let changes = settle_abandoned(&tx, applying, state)?;
             tx.commit()?;
@@ -926,7 +926,7 @@ impl InodeTable {
     /// its row (dirty) and its staging record, in one transaction that is on disk when this
     /// returns, so a crash or a power cut after it cannot lose the file.
     pub fn save_pending(&self, inode: &Inode, rec: &StagingRecord) -> MetaResult<()> {
-        self.db.write(|conn| {
+        self.db.write_long(|conn| {
             // In WAL mode FULL syncs the log at commit; NORMAL (the default here) would leave the
             // commit to the next checkpoint.
             conn.pragma_update(None, "synchronous", "FULL")?;
@@ -974,7 +974,7 @@ impl InodeTable {
 
     /// Records a directory rename about to start, durably; returns its id.
     pub fn begin_dir_rename(&self, r: &DirRename) -> MetaResult<i64> {
-        self.db.write(|conn| {
+        self.db.write_long(|conn| {
             conn.pragma_update(None, "synchronous", "FULL")?;
             let result = conn.execute(
                 "INSERT INTO dir_renames (src_ino, new_parent, new_name, old_prefix, new_prefix)
