@@ -642,8 +642,10 @@ impl Fs {
         let inode = self.stat_view(inode).await?;
         // A path walk looks up every directory on its way: a large one is listed again
         // behind the answer rather than before it.
-        let wait =
-            inode.kind == Kind::Dir && self.meta.child_count(inode.ino)? < RELIST_MAX_ENTRIES;
+        let wait = inode.kind == Kind::Dir
+            && self
+                .meta
+                .has_fewer_children(inode.ino, RELIST_MAX_ENTRIES)?;
         let inode = self.with_fresh_clock(inode, wait).await?;
         let attr = self.attr(&inode)?;
         self.view.looked_up(inode.ino);
@@ -725,7 +727,7 @@ impl Fs {
         {
             return Ok(row);
         }
-        if dir.listed_at.is_some() && self.meta.child_count(dir.ino)? < RELIST_MAX_ENTRIES {
+        if dir.listed_at.is_some() && self.meta.has_fewer_children(dir.ino, RELIST_MAX_ENTRIES)? {
             // A small directory that was listed before: listing it again costs what probing
             // this one name would (one round trip) and answers the next lookups in it for
             // the TTL — `cp -r` or `tar x` into it make one lookup per new file.

@@ -22,10 +22,12 @@
 //! reads too.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, TryLockError};
 use std::time::Duration;
 
 use rusqlite::{Connection, OpenFlags};
+use tracing::warn;
 
 use super::{MetaResult, schema};
 use crate::blocking::off_worker;
@@ -39,12 +41,21 @@ const IDLE_READERS: usize = 8;
 /// writer's of another process that opened the same cache directory) before it fails.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Writes between two checkpoints of the log into the database file. SQLite's own
+/// (`wal_autocheckpoint`, every 1,000 pages) would run inside whichever commit crosses the
+/// mark — for a short write, on the async worker — and a checkpoint syncs the database file.
+/// A save writes a few rows in 3-6 commits of a page or two each, so 250 writes move about
+/// as much as SQLite's default.
+const WRITES_PER_CHECKPOINT: u64 = 250;
+
 /// The connections of one inode database.
 #[derive(Debug)]
 pub(super) struct Connections {
     writer: Mutex<Connection>,
     /// `None` for an in-memory database.
     readers: Option<Readers>,
+    /// Writes so far, for [`WRITES_PER_CHECKPOINT`].
+    writes: AtomicU64,
 }
 
 #[derive(Debug)]
@@ -58,12 +69,15 @@ impl Connections {
     pub(super) fn open(path: &Path) -> MetaResult<Self> {
         let writer = Connection::open(path)?;
         schema::prepare(&writer)?;
+        // Checkpoints are run by `after_write`, off the async worker.
+        writer.pragma_update(None, "wal_autocheckpoint", 0)?;
         Ok(Connections {
             writer: Mutex::new(writer),
             readers: Some(Readers {
                 path: path.to_path_buf(),
                 idle: Mutex::new(Vec::new()),
             }),
+            writes: AtomicU64::new(0),
         })
     }
 
@@ -74,6 +88,7 @@ impl Connections {
         Ok(Connections {
             writer: Mutex::new(writer),
             readers: None,
+            writes: AtomicU64::new(0),
         })
     }
 
@@ -83,11 +98,13 @@ impl Connections {
         &self,
         work: impl FnOnce(&mut Connection) -> MetaResult<T>,
     ) -> MetaResult<T> {
-        match self.writer.try_lock() {
+        let result = match self.writer.try_lock() {
             Ok(mut writer) => work(&mut writer),
             Err(TryLockError::WouldBlock) => off_worker(|| work(&mut self.writer.lock().unwrap())),
             Err(TryLockError::Poisoned(e)) => panic!("the inode table's writer panicked: {e}"),
-        }
+        };
+        self.after_write();
+        result
     }
 
     /// Runs `work`, a write of many rows or a durable commit, on the writing connection, off
@@ -96,7 +113,25 @@ impl Connections {
         &self,
         work: impl FnOnce(&mut Connection) -> MetaResult<T>,
     ) -> MetaResult<T> {
-        off_worker(|| work(&mut self.writer.lock().unwrap()))
+        let result = off_worker(|| work(&mut self.writer.lock().unwrap()));
+        self.after_write();
+        result
+    }
+
+    /// Every [`WRITES_PER_CHECKPOINT`] writes, copies the log into the database file, off
+    /// the async worker. Passive: it never waits for readers, and what it cannot copy yet
+    /// goes at the next one.
+    fn after_write(&self) {
+        let n = self.writes.fetch_add(1, Ordering::Relaxed) + 1;
+        if self.readers.is_none() || !n.is_multiple_of(WRITES_PER_CHECKPOINT) {
+            return;
+        }
+        off_worker(|| {
+            let writer = self.writer.lock().unwrap();
+            if let Err(e) = writer.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+                warn!("could not checkpoint the inode database's log: {e}");
+            }
+        });
     }
 
     /// Runs `work`, a read of a few rows by key, on a reading connection, where it is called.
@@ -181,6 +216,23 @@ mod tests {
                 .unwrap(),
             1
         );
+    }
+
+    #[test]
+    fn the_log_is_checkpointed_into_the_database_file_every_few_hundred_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("inodes.db");
+        let db = Connections::open(&path).unwrap();
+        db.write(|c| Ok(c.execute_batch("CREATE TABLE t (x BLOB)")?))
+            .unwrap();
+        let before = std::fs::metadata(&path).unwrap().len();
+        for _ in 0..2 * WRITES_PER_CHECKPOINT {
+            db.write(|c| Ok(c.execute("INSERT INTO t VALUES (zeroblob(1024))", [])?))
+                .unwrap();
+        }
+        // 500 KiB went in: without a checkpoint all of it would still be in the log.
+        let after = std::fs::metadata(&path).unwrap().len();
+        assert!(after >= before + 250 * 1024, "{before} -> {after} bytes");
     }
 
     #[test]
