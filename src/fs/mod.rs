@@ -928,12 +928,12 @@ impl Fs {
         let prefix = self.key_of(&dir)?;
         let read = self.local.start_read();
         let timer = std::time::Instant::now();
-        let known: HashMap<String, Inode> = self
-            .meta
-            .children(dir_ino)?
-            .into_iter()
-            .map(|r| (r.name.clone(), r))
-            .collect();
+        // A directory being listed may be large: its rows are read off the worker.
+        let known: HashMap<String, Inode> =
+            crate::blocking::off_worker(|| self.meta.children(dir_ino))?
+                .into_iter()
+                .map(|r| (r.name.clone(), r))
+                .collect();
         let mut events = self.headers.list(listing::ListRequest {
             prefix: prefix.clone(),
             known,
