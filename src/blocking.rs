@@ -10,9 +10,13 @@
 /// worker move to another thread meanwhile rather than wait behind it (a save waited out a
 /// whole 2,000-file folder move that way).
 ///
-/// The hand-off (`block_in_place`) costs about 10 µs on a busy runtime (measured on the 2-core
-/// test machine: 11 µs per call with other tasks queued, against 0.4 µs for a plain yield), so
-/// work shorter than that — reading one row by key — is better run where it is called. On a
+/// The hand-off (`block_in_place`) costs about 10 µs when the machine has a core to spare
+/// (measured on the 2-core test machine: 11 µs per call with other tasks queued, against
+/// 0.4 µs for a plain yield), and much more when both cores are busy: the new worker thread
+/// must wait to be scheduled (handing off every SQL write and every `readdir` halved the saves
+/// of one user while others moved and uploaded). Work shorter than a few hundred
+/// microseconds — one row by key, a small directory's rows — is better run where it is
+/// called. On a
 /// thread that is not a worker (a blocking-pool thread, the FUSE loop, a single-threaded
 /// runtime in unit tests) it just runs.
 pub fn off_worker<T>(work: impl FnOnce() -> T) -> T {
