@@ -358,6 +358,10 @@ pub struct InodeTable {
     db: Connections,
 }
 
+/// The number of subdirectories of `?1`, from the partial index `inodes_subdirs` (whose
+/// `WHERE kind = S_IFDIR` must appear here literally: 16384).
+const SUBDIR_COUNT: &str = "SELECT COUNT(*) FROM inodes WHERE parent = ?1 AND kind = 16384";
+
 const COLUMNS: &str = "ino, parent, name, kind, perm, uid, gid, size, rdev, atime_s, atime_ns, \
      mtime_s, mtime_ns, ctime_s, ctime_ns, etag, headers_known, symlink_target, xattrs, dirty, \
      validated_at, listed_at, last_modified";
@@ -555,9 +559,10 @@ impl InodeTable {
     /// Number of subdirectories of `parent` (for `st_nlink`).
     pub fn subdir_count(&self, parent: u64) -> MetaResult<u64> {
         self.db.read(|conn| {
-            let mut stmt =
-                conn.prepare_cached("SELECT COUNT(*) FROM inodes WHERE parent = ?1 AND kind = ?2")?;
-            let n: i64 = stmt.query_row(params![parent, libc::S_IFDIR], |r| r.get(0))?;
+            // The kind is written out, not bound: SQLite uses the partial index
+            // `inodes_subdirs` only for a query whose terms name its `WHERE` literally.
+            let mut stmt = conn.prepare_cached(SUBDIR_COUNT)?;
+            let n: i64 = stmt.query_row(params![parent], |r| r.get(0))?;
             Ok(n as u64)
         })
     }
@@ -1344,6 +1349,31 @@ mod tests {
         assert!(!t.has_fewer_children(ROOT_INO, 3).unwrap());
         assert!(t.has_fewer_children(ROOT_INO, 4).unwrap());
         assert!(!t.has_fewer_children(ROOT_INO, 1).unwrap());
+    }
+
+    #[test]
+    fn subdirectories_are_counted_from_their_own_index() {
+        assert_eq!(libc::S_IFDIR, 16384, "SUBDIR_COUNT names S_IFDIR literally");
+        let t = InodeTable::open_in_memory(&root()).unwrap();
+        apply(
+            &t,
+            &listing(
+                vec![file("a", "e1"), file("b", "e2"), file("d1", "e3")],
+                vec![dir("d1"), dir("d2")],
+            ),
+        );
+        assert_eq!(t.subdir_count(ROOT_INO).unwrap(), 2);
+        let d1 = t.child(ROOT_INO, "d1").unwrap().unwrap();
+        assert_eq!(t.subdir_count(d1.ino).unwrap(), 0);
+        let plan: String =
+            t.db.read(|conn| {
+                let sql = format!("EXPLAIN QUERY PLAN {SUBDIR_COUNT}");
+                let mut stmt = conn.prepare(&sql)?;
+                let rows = stmt.query_map([ROOT_INO], |r| r.get::<_, String>(3))?;
+                Ok(rows.collect::<Result<Vec<_>, _>>()?.join("; "))
+            })
+            .unwrap();
+        assert!(plan.contains("inodes_subdirs"), "plan: {plan}");
     }
 
     #[test]

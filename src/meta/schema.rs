@@ -5,7 +5,7 @@ use rusqlite::Connection;
 use super::{MetaError, MetaResult};
 
 /// Schema version written by this build (`PRAGMA user_version`).
-const VERSION: i64 = 4;
+const VERSION: i64 = 5;
 
 /// Sets the connection up and brings the schema to [`VERSION`].
 ///
@@ -102,6 +102,20 @@ pub(super) fn prepare(conn: &Connection) -> MetaResult<()> {
              PRAGMA user_version = 4;
              COMMIT;",
         )?;
+    }
+    if version < 5 {
+        // The subdirectories of each directory, for its link count (`2 + subdirectories`),
+        // which every `stat` of a directory shows: without it the count read every child's
+        // row (kind is not in `inodes_by_name`), 8 ms for a 100,000-file folder, on every
+        // `stat` and path walk through it. Only directories are in this index, so writing a
+        // file's row costs nothing more.
+        conn.execute_batch(&format!(
+            "BEGIN;
+             CREATE INDEX inodes_subdirs ON inodes(parent) WHERE kind = {dir};
+             PRAGMA user_version = 5;
+             COMMIT;",
+            dir = libc::S_IFDIR
+        ))?;
     }
     Ok(())
 }
