@@ -6,6 +6,8 @@
 #
 # Installs what is missing (fio, s3fs, rclone, Garage), builds s3bridge and the raw client
 # in release mode once, runs benches/compare.py and writes benches/results/latest.{md,json,svg}.
+# `--s3bridge PATH` (passed on to compare.py after the built one) measures another build,
+# for an A/B of two commits in one sitting.
 # Root: it mounts, drops the page cache between runs and adds latency on lo with tc netem
 # (or, without sch_netem, through benches/latency_proxy.rs).
 set -euo pipefail

@@ -147,7 +147,7 @@ impl Fs {
         headers: &WriteHeaders,
     ) -> FsResult<()> {
         let copy = conflict_key(key, SystemTime::now());
-        let _change = self.local.begin(&copy);
+        let _change = self.dirs.local.begin(&copy);
         warn!(
             key,
             conflict_copy = copy,
@@ -178,17 +178,18 @@ impl Fs {
         attrs.last_modified = None;
         attrs.headers_known = false;
         attrs.validated_at = 0;
-        self.save(&attrs)?;
+        self.dirs.save(&attrs)?;
         self.meta.delete_staging(attrs.ino)?;
         drop(st);
         // Not waited for: this holds the file's change lock, and the kernel may be waiting
         // for a request of the file that needs it (a write) before it answers.
-        self.view
+        self.dirs
+            .view
             .kernel()
             .invalidate(super::kernel::Invalidation::Inode(attrs.ino), None);
         if let Some(parent) = attrs.parent {
             // The copy is a new entry of the directory.
-            self.listing_is_stale(parent.max(ROOT_INO))?;
+            self.dirs.listing_is_stale(parent.max(ROOT_INO))?;
         }
         Ok(())
     }

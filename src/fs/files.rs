@@ -212,7 +212,7 @@ impl Fs {
     /// stale entry) if the inode is not open yet. Pair with [`Self::close_file`].
     pub(super) async fn acquire_file(&self, ino: u64) -> FsResult<Arc<OpenFile>> {
         loop {
-            let file = match self.open_file_of(ino) {
+            let file = match self.dirs.open_file_of(ino) {
                 Some(f) => f,
                 None => {
                     let inode = self.meta.get(ino)?.ok_or(FsError::NotFound)?;
@@ -221,11 +221,11 @@ impl Fs {
                     // ETag) or waits, and then finds this entry to give its new key to.
                     let _held = self.hold_key_if_linked(&inode).await?;
                     let mut inode = self.meta.get(ino)?.ok_or(FsError::NotFound)?;
-                    if !inode.dirty && !self.fresh(inode.validated_at) {
-                        inode = self.revalidate(inode).await?;
+                    if !inode.dirty && !self.dirs.fresh(inode.validated_at) {
+                        inode = self.dirs.revalidate(inode).await?;
                     }
-                    let inode = self.ensure_headers(inode).await?;
-                    let remote = self.original_of(&inode)?;
+                    let inode = self.dirs.ensure_headers(inode).await?;
+                    let remote = self.dirs.original_of(&inode)?;
                     let fresh = Arc::new(OpenFile::new(
                         inode,
                         FileState {
@@ -240,7 +240,7 @@ impl Fs {
             if st.phase == Phase::Retired {
                 continue;
             }
-            self.take_new_version(&file, &mut st);
+            self.dirs.take_new_version(&file, &mut st);
             st.opens += 1;
             drop(st);
             return Ok(file);
@@ -309,7 +309,7 @@ impl Fs {
         }
         self.open.remove(file);
         let unlinked = file.attrs().parent.is_none() && file.ino != ROOT_INO;
-        if unlinked && !self.view.holds(file.ino) {
+        if unlinked && !self.dirs.view.holds(file.ino) {
             let _ = self.meta.forget(file.ino);
         }
     }
@@ -338,7 +338,7 @@ impl Fs {
     /// Opens `ino` with `flags` (`O_ACCMODE`, `O_TRUNC`).
     #[instrument(level = "debug", skip(self))]
     pub async fn open(&self, ino: u64, flags: i32, caller: Caller) -> FsResult<Opened> {
-        let inode = self.inode(ino)?;
+        let inode = self.dirs.inode(ino)?;
         match inode.kind {
             Kind::File => {}
             Kind::Dir => return Err(FsError::IsDir),
@@ -373,7 +373,7 @@ impl Fs {
     /// Fails with ESTALE if another client replaced the file's object since `h` was opened:
     /// what the handle would read or change is not there any more.
     fn check_current(&self, h: &FileHandle, st: &mut FileState) -> FsResult<()> {
-        self.take_new_version(&h.file, st);
+        self.dirs.take_new_version(&h.file, st);
         if st.replaced != h.opened_on {
             return Err(FsError::Stale);
         }
@@ -409,7 +409,9 @@ impl Fs {
                 _ => None,
             }
         };
-        self.view.pages_still_valid(file.ino, current.as_deref())
+        self.dirs
+            .view
+            .pages_still_valid(file.ino, current.as_deref())
     }
 
     pub(super) fn new_file_handle(
@@ -468,7 +470,7 @@ impl Fs {
     async fn read_once(&self, h: &FileHandle, offset: u64, size: u32) -> FsResult<Bytes> {
         let version = {
             let mut st = h.file.state.lock().await;
-            self.take_new_version(&h.file, &mut st);
+            self.dirs.take_new_version(&h.file, &mut st);
             if st.replaced != h.opened_on {
                 return Err(FsError::Stale);
             }
@@ -628,7 +630,9 @@ impl Fs {
             Some(s) => s,
             None => {
                 let inode = file.attrs();
-                let Ok(key) = self.key_of(&inode) else { return };
+                let Ok(key) = self.dirs.key_of(&inode) else {
+                    return;
+                };
                 let headers = self.headers_of(&inode);
                 match Stream::start(&self.store, key, &headers, self.cfg.part_size).await {
                     Ok(s) => s,
@@ -840,7 +844,7 @@ impl Fs {
         loop {
             let held = self.hold_key_if_linked(&file.attrs()).await?;
             let changing = file.changes.lock().await;
-            let key_now = match self.key_of(&file.attrs()) {
+            let key_now = match self.dirs.key_of(&file.attrs()) {
                 Ok(key) => Some(key),
                 Err(FsError::NotFound) => None,
                 Err(e) => return Err(e),
@@ -875,7 +879,7 @@ impl Fs {
             let st = file.state.lock().await;
             (self.known_version(&st, &key), st.last_write)
         };
-        let _change = self.local.begin(&key);
+        let _change = self.dirs.local.begin(&key);
         debug!(key, ?known, mtime = ?inode.mtime, "uploading");
         let expect = known.expect();
         let changed = self.changed_in_bucket(&key, expect).await?;
@@ -978,13 +982,13 @@ impl Fs {
                 ino = file.ino,
                 "could not store the times of a streamed file: {e}"
             );
-            self.save(&attrs)?;
+            self.dirs.save(&attrs)?;
             return Err(e);
         }
         st.phase = Phase::Clean;
         st.last_write = None;
         attrs.dirty = false;
-        self.save(&attrs)?;
+        self.dirs.save(&attrs)?;
         self.meta.delete_staging(file.ino)?;
         Ok(())
     }
@@ -1044,7 +1048,7 @@ impl Fs {
         if last_write.is_some_and(|t| t != attrs.mtime) {
             return self.rewrite_headers(attrs).await;
         }
-        let key = self.key_of(attrs)?;
+        let key = self.dirs.key_of(attrs)?;
         if let Ok(info) = self.store.head(&key).await {
             let version =
                 crate::meta::ObjectVersion::new(&info.etag, info.size, info.last_modified);
@@ -1068,8 +1072,8 @@ impl Fs {
     #[instrument(level = "debug", skip(self))]
     pub async fn setattr(&self, ino: u64, fh: Option<u64>, set: SetAttr) -> FsResult<Attr> {
         self.check_writable()?;
-        let inode = self.inode(ino)?;
-        let inode = self.ensure_headers(inode).await?;
+        let inode = self.dirs.inode(ino)?;
+        let inode = self.dirs.ensure_headers(inode).await?;
         if let Some(size) = set.size {
             match inode.kind {
                 Kind::File => {}
@@ -1090,7 +1094,7 @@ impl Fs {
             result?;
         }
         if !set.changes_headers() {
-            return self.attr(&self.inode(ino)?);
+            return self.dirs.attr(&self.dirs.inode(ino)?);
         }
         let now = Timestamp::now();
         let resolve = |t: TimeSet| match t {
@@ -1118,7 +1122,7 @@ impl Fs {
                 Ok(())
             })
             .await?;
-        self.attr(&inode)
+        self.dirs.attr(&inode)
     }
 
     /// Changes the attributes of `ino` and saves them to the table and the bucket. A file
@@ -1137,11 +1141,11 @@ impl Fs {
         // Until the row is saved: a move of its directory waits, and a listing meanwhile
         // leaves the entry to this change. An unlinked file has no key, and its change
         // stays local.
-        if let Some(file) = self.open_file_of(ino) {
+        if let Some(file) = self.dirs.open_file_of(ino) {
             // And the change lock: an upload of the file in flight ends first, and none
             // starts until the new attributes are where it takes them from.
             let (held, _changing) = self.hold_for_change(&file).await?;
-            let _change = held.as_ref().map(|(key, _)| self.local.begin(key));
+            let _change = held.as_ref().map(|(key, _)| self.dirs.local.begin(key));
             let pending = {
                 let st = file.state.lock().await;
                 st.phase.has_changes() || st.phase == Phase::Unlinked
@@ -1165,18 +1169,18 @@ impl Fs {
                 }
                 st.remote = Some(uploaded);
             }
-            self.save(&inode)?;
+            self.dirs.save(&inode)?;
             return Ok(inode);
         }
-        let held = self.hold_key_if_linked(&self.inode(ino)?).await?;
-        let _change = held.as_ref().map(|(key, _)| self.local.begin(key));
+        let held = self.hold_key_if_linked(&self.dirs.inode(ino)?).await?;
+        let _change = held.as_ref().map(|(key, _)| self.dirs.local.begin(key));
         // Not open (or no longer: its row is what its last upload left).
         let mut inode = self.meta.get(ino)?.ok_or(FsError::NotFound)?;
         change(&mut inode)?;
         if !inode.dirty {
             self.rewrite_headers(&mut inode).await?;
         }
-        self.save(&inode)?;
+        self.dirs.save(&inode)?;
         Ok(inode)
     }
 
@@ -1204,7 +1208,7 @@ impl Fs {
             // The root's attributes come from the mount options; kept locally.
             return Ok(());
         }
-        let key = self.key_of(inode)?;
+        let key = self.dirs.key_of(inode)?;
         debug!(key, etag = ?inode.etag, mtime = ?inode.mtime, "rewriting headers");
         let etag = match inode.kind {
             Kind::Dir => {

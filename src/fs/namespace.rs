@@ -32,7 +32,7 @@ impl Fs {
     /// A row for a new entry created by `caller` in `dir`. In a set-group-ID directory the
     /// group is the directory's, and subdirectories inherit the bit (as on ext4).
     fn new_entry(&self, dir: &Inode, name: &str, kind: Kind, perm: u32, caller: Caller) -> Inode {
-        let mut inode = self.new_inode(dir.ino, name, kind, now_ns());
+        let mut inode = self.dirs.new_inode(dir.ino, name, kind, now_ns());
         inode.perm = perm & 0o7777;
         inode.uid = caller.uid;
         inode.gid = caller.gid;
@@ -48,7 +48,7 @@ impl Fs {
 
     /// Checks that `name` is free in `dir` (asking the bucket if the table is stale).
     async fn check_free(&self, dir: &Inode, name: &str) -> FsResult<()> {
-        if self.find_child(dir, name).await?.is_some() {
+        if self.dirs.find_child(dir, name).await?.is_some() {
             return Err(FsError::Exists);
         }
         Ok(())
@@ -57,10 +57,10 @@ impl Fs {
     /// Records a new entry: table, parent times, lookup count.
     fn add_entry(&self, dir: &Inode, inode: &mut Inode) -> FsResult<Attr> {
         self.meta.insert(inode)?;
-        self.touch_dir(dir.ino)?;
-        self.view.not_absent(dir.ino, &inode.name);
-        let attr = self.attr(inode)?;
-        self.view.looked_up(inode.ino);
+        self.dirs.touch_dir(dir.ino)?;
+        self.dirs.view.not_absent(dir.ino, &inode.name);
+        let attr = self.dirs.attr(inode)?;
+        self.dirs.view.looked_up(inode.ino);
         Ok(attr)
     }
 
@@ -72,8 +72,8 @@ impl Fs {
     ) -> FsResult<(DirGuard, Inode, &'n str)> {
         self.check_writable()?;
         let name = names::check_name(name)?;
-        let guard = self.dir_locks.lock(parent).await;
-        let dir = self.dir(parent)?;
+        let guard = self.dirs.locks.lock(parent).await;
+        let dir = self.dirs.dir(parent)?;
         self.check_free(&dir, name).await?;
         Ok((guard, dir, name))
     }
@@ -83,12 +83,14 @@ impl Fs {
         let ([key], _held) = self
             .keys
             .write(|| -> FsResult<_> {
-                let dir = self.dir(dir.ino)?;
-                Ok([self.child_key(&dir, &inode.name, inode.kind == Kind::Dir)?])
+                let dir = self.dirs.dir(dir.ino)?;
+                Ok([self
+                    .dirs
+                    .child_key(&dir, &inode.name, inode.kind == Kind::Dir)?])
             })
             .await?;
         let key = key.as_str();
-        let _change = self.local.begin(key);
+        let _change = self.dirs.local.begin(key);
         let etag = self
             .store
             .put(key, body, &self.headers_of(&inode), Expect::Any)
@@ -130,21 +132,21 @@ impl Fs {
     ) -> FsResult<(Attr, u64)> {
         self.check_writable()?;
         let name = names::check_name(name)?;
-        let _g = self.dir_locks.lock(parent).await;
-        let dir = self.dir(parent)?;
-        if let Some(existing) = self.find_child(&dir, name).await? {
+        let _g = self.dirs.locks.lock(parent).await;
+        let dir = self.dirs.dir(parent)?;
+        if let Some(existing) = self.dirs.find_child(&dir, name).await? {
             // Lost a race with another creator: open what is there, as open(2) would.
             if flags & libc::O_EXCL != 0 {
                 return Err(FsError::Exists);
             }
             drop(_g);
-            let existing = self.ensure_headers(existing).await?;
+            let existing = self.dirs.ensure_headers(existing).await?;
             let fh = self.open(existing.ino, flags, caller).await?.fh;
-            let attr = self.attr(&self.inode(existing.ino)?)?;
-            self.view.looked_up(existing.ino);
+            let attr = self.dirs.attr(&self.dirs.inode(existing.ino)?)?;
+            self.dirs.view.looked_up(existing.ino);
             return Ok((attr, fh));
         }
-        self.child_key(&dir, name, false)?;
+        self.dirs.child_key(&dir, name, false)?;
         let mut inode = self.new_entry(&dir, name, Kind::File, mode & !umask, caller);
         inode.dirty = true;
         let attr = self.add_entry(&dir, &mut inode)?;
@@ -213,14 +215,14 @@ impl Fs {
 
     /// The target of a symlink (read from the object once, then remembered).
     pub async fn readlink(&self, ino: u64) -> FsResult<Vec<u8>> {
-        let inode = self.inode(ino)?;
+        let inode = self.dirs.inode(ino)?;
         if inode.kind != Kind::Symlink {
             return Err(FsError::Invalid("not a symlink"));
         }
         if let Some(t) = &inode.symlink_target {
             return Ok(t.as_bytes().to_vec());
         }
-        let key = self.key_of(&inode)?;
+        let key = self.dirs.key_of(&inode)?;
         let body = self
             .store
             .get_range(&key, 0..inode.size, inode.etag.as_deref())
@@ -228,7 +230,7 @@ impl Fs {
         let target = String::from_utf8(body.to_vec()).map_err(|_| NameError::NotUtf8)?;
         let mut inode = inode;
         inode.symlink_target = Some(target.clone());
-        self.save(&inode)?;
+        self.dirs.save(&inode)?;
         Ok(target.into_bytes())
     }
 
@@ -245,12 +247,12 @@ impl Fs {
         }
         // As the table has it now: a listing since the caller read it may have found the
         // marker gone.
-        let dir = self.ensure_headers(self.inode(dir.ino)?).await?;
+        let dir = self.dirs.ensure_headers(self.dirs.inode(dir.ino)?).await?;
         if dir.etag.is_some() {
             return Ok(());
         }
         let (key, _held) = self.hold_key(&dir).await?;
-        let _change = self.local.begin(&key);
+        let _change = self.dirs.local.begin(&key);
         let etag = self
             .store
             .put(&key, Bytes::new(), &self.headers_of(&dir), Expect::Any)
@@ -277,7 +279,7 @@ impl Fs {
     /// Detaches a non-directory entry from the namespace (after [`Self::keep_open_contents`]).
     /// An open file stays usable through its handles and is never uploaded.
     async fn detach_file(&self, inode: &Inode) -> FsResult<()> {
-        if let Some(file) = self.open_file_of(inode.ino) {
+        if let Some(file) = self.dirs.open_file_of(inode.ino) {
             let _changing = file.changes.lock().await;
             let mut st = file.state.lock().await;
             return self.detach_locked(inode, &file, &mut st);
@@ -288,7 +290,7 @@ impl Fs {
     /// [`Self::detach_file`] of an entry that is not open.
     fn detach_row(&self, inode: &Inode) -> FsResult<()> {
         self.meta.unlink(inode.ino)?;
-        if !self.is_referenced(inode.ino) {
+        if !self.dirs.is_referenced(inode.ino) {
             self.meta.forget(inode.ino)?;
         }
         Ok(())
@@ -325,9 +327,10 @@ impl Fs {
     ) -> FsResult<(DirGuard, Inode, &'n str, Inode)> {
         self.check_writable()?;
         let name = names::check_name(name)?;
-        let guard = self.dir_locks.lock(parent).await;
-        let dir = self.dir(parent)?;
+        let guard = self.dirs.locks.lock(parent).await;
+        let dir = self.dirs.dir(parent)?;
         let child = self
+            .dirs
             .find_child(&dir, name)
             .await?
             .ok_or(FsError::NotFound)?;
@@ -342,12 +345,12 @@ impl Fs {
             return Err(FsError::IsDir);
         }
         self.keep_dir_alive(&dir).await?;
-        if let Some(file) = self.open_file_of(child.ino) {
+        if let Some(file) = self.dirs.open_file_of(child.ino) {
             self.keep_open_contents(&file).await?;
         }
         let (key, _held) = self.hold_key(&child).await?;
-        let _change = self.local.begin(&key);
-        match self.open_file_of(child.ino) {
+        let _change = self.dirs.local.begin(&key);
+        match self.dirs.open_file_of(child.ino) {
             Some(file) => {
                 // Under the change lock: an upload in flight finishes first (and its object
                 // is deleted here), and none starts before the file is detached. And under
@@ -362,28 +365,28 @@ impl Fs {
             None => {
                 // The row, not `child`: an upload in flight when that was read may have
                 // created the object since, and taken the file out of the table.
-                let child = self.inode(child.ino)?;
+                let child = self.dirs.inode(child.ino)?;
                 if child.etag.is_some() {
                     self.store.delete(&key).await?;
                 }
                 self.detach_file(&child).await?;
             }
         }
-        self.touch_dir(parent)?;
-        self.view.found_absent(parent, name);
+        self.dirs.touch_dir(parent)?;
+        self.dirs.view.found_absent(parent, name);
         Ok(())
     }
 
     /// Fails with ENOTEMPTY unless `dir` has no entry, locally or in the bucket.
     async fn check_empty(&self, dir: &Inode) -> FsResult<()> {
         if self.meta.has_children(dir.ino)? {
-            self.refresh_dir(dir.ino).await?;
+            self.dirs.refresh_dir(dir.ino).await?;
             if self.meta.has_children(dir.ino)? {
                 return Err(FsError::NotEmpty);
             }
         }
         // Keys the listing hides (odd names) still make the directory non-empty.
-        let prefix = self.key_of(dir)?;
+        let prefix = self.dirs.key_of(dir)?;
         let page = self.store.list(&prefix, None, None, Some(2)).await?;
         if page.objects.iter().any(|o| o.key != prefix) || !page.prefixes.is_empty() {
             return Err(FsError::NotEmpty);
@@ -401,14 +404,14 @@ impl Fs {
         self.check_empty(&child).await?;
         self.keep_dir_alive(&dir).await?;
         let (key, _held) = self.hold_key(&child).await?;
-        let _change = self.local.begin(&key);
+        let _change = self.dirs.local.begin(&key);
         self.store.delete(&key).await?;
         self.meta.unlink(child.ino)?;
-        if !self.is_referenced(child.ino) {
+        if !self.dirs.is_referenced(child.ino) {
             self.meta.forget(child.ino)?;
         }
-        self.touch_dir(parent)?;
-        self.view.found_absent(parent, name);
+        self.dirs.touch_dir(parent)?;
+        self.dirs.view.found_absent(parent, name);
         Ok(())
     }
 
@@ -432,17 +435,18 @@ impl Fs {
         }
         let name = names::check_name(name)?;
         let newname = names::check_name(newname)?;
-        let _g = self.dir_locks.lock_two(parent, newparent).await;
-        let src_dir = self.dir(parent)?;
-        let dst_dir = self.dir(newparent)?;
+        let _g = self.dirs.locks.lock_two(parent, newparent).await;
+        let src_dir = self.dirs.dir(parent)?;
+        let dst_dir = self.dirs.dir(newparent)?;
         let src = self
+            .dirs
             .find_child(&src_dir, name)
             .await?
             .ok_or(FsError::NotFound)?;
-        let src = self.ensure_headers(src).await?;
+        let src = self.dirs.ensure_headers(src).await?;
         // An open file's live attributes are newer than its row.
-        let src = self.inode(src.ino)?;
-        let dst = self.find_child(&dst_dir, newname).await?;
+        let src = self.dirs.inode(src.ino)?;
+        let dst = self.dirs.find_child(&dst_dir, newname).await?;
         if let Some(d) = &dst {
             if d.ino == src.ino {
                 return Ok(());
@@ -462,7 +466,7 @@ impl Fs {
         }
         let is_dir = src.kind == Kind::Dir;
         // A name too long for a key fails before anything changes.
-        self.child_key(&dst_dir, newname, is_dir)?;
+        self.dirs.child_key(&dst_dir, newname, is_dir)?;
         if parent != newparent {
             self.keep_dir_alive(&src_dir).await?;
         }
@@ -470,8 +474,9 @@ impl Fs {
         // inside it wait), a file's as a write (a move of a directory around it waits).
         let keys_now = || -> FsResult<_> {
             Ok([
-                self.key_of(&src)?,
-                self.child_key(&self.dir(newparent)?, newname, is_dir)?,
+                self.dirs.key_of(&src)?,
+                self.dirs
+                    .child_key(&self.dirs.dir(newparent)?, newname, is_dir)?,
             ])
         };
         let (mut _moving, mut _writing) = (None, None);
@@ -486,11 +491,14 @@ impl Fs {
         };
         let _changes = if src.kind == Kind::Dir {
             [
-                self.local.begin_subtree(&old_key),
-                self.local.begin_subtree(&new_key),
+                self.dirs.local.begin_subtree(&old_key),
+                self.dirs.local.begin_subtree(&new_key),
             ]
         } else {
-            [self.local.begin(&old_key), self.local.begin(&new_key)]
+            [
+                self.dirs.local.begin(&old_key),
+                self.dirs.local.begin(&new_key),
+            ]
         };
         let mut journal = None;
         // A replaced file is held (its change lock) from here until it is detached: an
@@ -500,7 +508,7 @@ impl Fs {
         let replaced = dst
             .as_ref()
             .filter(|d| d.kind != Kind::Dir)
-            .and_then(|d| self.open_file_of(d.ino));
+            .and_then(|d| self.dirs.open_file_of(d.ino));
         let _replaced_changing = match &replaced {
             Some(f) => Some(f.changes.lock().await),
             None => None,
@@ -509,13 +517,13 @@ impl Fs {
         // `dst` was read may have created its object since, and taken it out of the table.
         let dst = match &replaced {
             Some(f) => Some(f.attrs()),
-            None => dst.map(|d| self.inode(d.ino)).transpose()?,
+            None => dst.map(|d| self.dirs.inode(d.ino)).transpose()?,
         };
         // A moving file is held likewise, until its row has its new name.
         let moving = if src.kind == Kind::Dir {
             None
         } else {
-            self.open_file_of(src.ino)
+            self.dirs.open_file_of(src.ino)
         };
         let _moving_changing = match &moving {
             Some(f) => Some(f.changes.lock().await),
@@ -538,7 +546,7 @@ impl Fs {
         if let Some(d) = &dst {
             if d.kind == Kind::Dir {
                 self.meta.unlink(d.ino)?;
-                if !self.is_referenced(d.ino) {
+                if !self.dirs.is_referenced(d.ino) {
                     self.meta.forget(d.ino)?;
                 }
             } else if let (Some(f), Some(st)) = (&replaced, replaced_state.as_mut()) {
@@ -557,7 +565,7 @@ impl Fs {
             // A file's new ctime went into its copy's headers (`rename_file`).
             moved.ctime = Timestamp::now();
         }
-        if let Some(f) = self.open_file_of(src.ino) {
+        if let Some(f) = self.dirs.open_file_of(src.ino) {
             let mut live = f.attrs();
             live.parent = moved.parent;
             live.name = moved.name.clone();
@@ -566,13 +574,13 @@ impl Fs {
             live.last_modified = moved.last_modified;
             moved = live;
         }
-        self.save(&moved)?;
-        self.touch_dir(parent)?;
+        self.dirs.save(&moved)?;
+        self.dirs.touch_dir(parent)?;
         if newparent != parent {
-            self.touch_dir(newparent)?;
+            self.dirs.touch_dir(newparent)?;
         }
-        self.view.not_absent(newparent, newname);
-        self.view.found_absent(parent, name);
+        self.dirs.view.not_absent(newparent, newname);
+        self.dirs.view.found_absent(parent, name);
         Ok(())
     }
 
@@ -599,11 +607,11 @@ impl Fs {
         new_key: &str,
         moving: Option<&OpenFile>,
     ) -> FsResult<()> {
-        let old_key = self.key_of(src)?;
+        let old_key = self.dirs.key_of(src)?;
         // An upload that was in flight until the lock was ours (or, if the file was not open
         // by then, until the upload took it out of the table) may have created the object:
         // the live attributes, or the row, say where the contents are now.
-        let src = &self.inode(src.ino)?;
+        let src = &self.dirs.inode(src.ino)?;
         let mut moved = src.clone();
         moved.ctime = Timestamp::now();
         match &src.etag {
@@ -658,7 +666,7 @@ impl Fs {
         to: (u64, &str),
         new_prefix: &str,
     ) -> FsResult<i64> {
-        let old_prefix = self.key_of(src)?;
+        let old_prefix = self.dirs.key_of(src)?;
         let journal = self.meta.begin_dir_rename(&DirRename {
             src_ino: src.ino,
             new_parent: to.0,
@@ -774,7 +782,7 @@ impl Fs {
             .retarget_subtree(dir, old_prefix, new_etags, now_ns())?;
         for (ino, old_key, etag) in changed {
             // The copy is another object: its Last-Modified comes with the next listing.
-            let Some(f) = self.open_file_of(ino) else {
+            let Some(f) = self.dirs.open_file_of(ino) else {
                 continue;
             };
             let now_at = Original {

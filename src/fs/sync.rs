@@ -63,7 +63,7 @@ impl Fs {
                     continue;
                 }
             };
-            let remote = self.original_of(&inode)?;
+            let remote = self.dirs.original_of(&inode)?;
             let file = Arc::new(OpenFile::new(
                 inode,
                 FileState {
@@ -115,7 +115,7 @@ impl Fs {
     /// second.
     pub async fn run_background(fs: Weak<Fs>) {
         let Some(due) = fs.upgrade().map(|me| {
-            let _ = me.me.set(fs.clone());
+            me.dirs.start_background();
             me.uploader.due.clone()
         }) else {
             return;

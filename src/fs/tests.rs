@@ -1480,7 +1480,7 @@ async fn reads_and_opens_of_a_file_go_on_while_it_is_uploaded_and_a_write_waits(
 /// Waits until the background upload of `ino` has ended and taken it out of the open-file
 /// table.
 async fn retired(s: &Setup, ino: u64) {
-    while s.fs.open_file_of(ino).is_some() {
+    while s.fs.dirs.open_file_of(ino).is_some() {
         tokio::task::yield_now().await;
     }
 }

@@ -33,14 +33,14 @@ impl Fs {
         let Some(name) = user_name(name) else {
             return Err(FsError::NoAttr);
         };
-        let inode = self.ensure_headers(self.inode(ino)?).await?;
+        let inode = self.dirs.ensure_headers(self.dirs.inode(ino)?).await?;
         inode.xattrs.get(name).cloned().ok_or(FsError::NoAttr)
     }
 
     /// Names of all attributes, each followed by a NUL.
     #[instrument(level = "debug", skip(self))]
     pub async fn listxattr(&self, ino: u64) -> FsResult<Vec<u8>> {
-        let inode = self.ensure_headers(self.inode(ino)?).await?;
+        let inode = self.dirs.ensure_headers(self.dirs.inode(ino)?).await?;
         let mut out = Vec::new();
         for name in inode.xattrs.keys() {
             out.extend_from_slice(name.as_bytes());
@@ -58,7 +58,7 @@ impl Fs {
                 "only user.* attributes can be stored in S3",
             ));
         };
-        self.ensure_headers(self.inode(ino)?).await?;
+        self.dirs.ensure_headers(self.dirs.inode(ino)?).await?;
         self.persist_headers(ino, |inode| {
             let exists = inode.xattrs.contains_key(name);
             if flags & libc::XATTR_CREATE != 0 && exists {
@@ -83,7 +83,7 @@ impl Fs {
         let Some(name) = user_name(name) else {
             return Err(FsError::NoAttr);
         };
-        self.ensure_headers(self.inode(ino)?).await?;
+        self.dirs.ensure_headers(self.dirs.inode(ino)?).await?;
         self.persist_headers(ino, |inode| {
             if inode.xattrs.remove(name).is_none() {
                 return Err(FsError::NoAttr);
