@@ -106,9 +106,9 @@ pub(super) fn prepare(conn: &Connection) -> MetaResult<()> {
     if version < 5 {
         // The subdirectories of each directory, for its link count (`2 + subdirectories`),
         // which every `stat` of a directory shows: without it the count read every child's
-        // row (kind is not in `inodes_by_name`), 8 ms for a 100,000-file folder, on every
-        // `stat` and path walk through it. Only directories are in this index, so writing a
-        // file's row costs nothing more.
+        // row (kind is not in `inodes_by_name`): 13 ms for a 100,000-file folder on this
+        // machine, on every `stat` of it, against 0.01 ms with this index. Only directories
+        // are in it, so writing a file's row costs nothing more.
         conn.execute_batch(&format!(
             "BEGIN;
              CREATE INDEX inodes_subdirs ON inodes(parent) WHERE kind = {dir};
