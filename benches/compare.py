@@ -343,6 +343,7 @@ def many_users(fs, raw, local):
         r[f"users_{kind}_worst"] = percentile_ms(busy_v, 100)
         r[f"users_{kind}_idle_p99"] = percentile_ms(idle_v, 99)
         idle_rate = len(idle_v) / idle_secs
+        r[f"users_{kind}_rate"] = len(busy_v) / busy_secs
         r[f"users_{kind}_share"] = (len(busy_v) / busy_secs) / idle_rate if idle_rate else None
     moved = len(os.listdir(fs.p("users/trash/folder")))
     in_bucket = int(raw("count", fs.prefix + "users/trash/folder/")["count"])
@@ -463,11 +464,13 @@ ROWS = [
     ("users_save_p99", "  ... p99", "ms", False),
     ("users_save_worst", "  ... worst", "ms", False),
     ("users_save_idle_p99", "  ... p99 on the idle mount", "ms", False),
+    ("users_save_rate", "  ... saves done per second meanwhile", "/s", True),
     ("users_save_share", "  ... saves done, of the idle rate", "of idle", True),
     ("users_ls_p50", "many users: ls + stat of 200 files, p50", "ms", False),
     ("users_ls_p99", "  ... p99", "ms", False),
     ("users_ls_worst", "  ... worst", "ms", False),
     ("users_ls_idle_p99", "  ... p99 on the idle mount", "ms", False),
+    ("users_ls_rate", "  ... listings done per second meanwhile", "/s", True),
     ("users_ls_share", "  ... listings done, of the idle rate", "of idle", True),
     ("users_busy_seconds", "  ... the 2,000-file move and {size} upload took", "s", False),
     ("users_busy_cpu", "  ... daemon CPU meanwhile", "s", False),

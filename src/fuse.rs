@@ -78,6 +78,10 @@ pub fn mount_options(fs: &Fs) -> fuser::Config {
     }
     let mut config = fuser::Config::default();
     config.mount_options = options;
+    config.n_threads = Some(cfg.fuse_threads);
+    // Each thread reads its own clone of the descriptor, so the kernel hands requests to
+    // whichever is waiting.
+    config.clone_fd = true;
     config.acl = if cfg.allow_other {
         SessionACL::All
     } else {

@@ -114,6 +114,7 @@ impl Directories {
         let _ = self.me.set(Arc::downgrade(self));
     }
 
+    /// Whether what was confirmed at `at` (ns since the epoch) is still within the TTL.
     pub(super) fn fresh(&self, at: i64) -> bool {
         self.cfg.metadata_ttl.is_fresh(at, now_ns())
     }
@@ -146,10 +147,12 @@ impl Directories {
         Ok(())
     }
 
+    /// The open state of `ino`, if it is open.
     pub(super) fn open_file_of(&self, ino: u64) -> Option<Arc<OpenFile>> {
         self.open.file(ino)
     }
 
+    /// The current attributes of directory `ino` (ENOTDIR if it is not one).
     pub(super) fn dir(&self, ino: u64) -> FsResult<Inode> {
         let dir = self.inode(ino)?;
         if dir.kind != Kind::Dir {
@@ -219,6 +222,7 @@ impl Directories {
         }
     }
 
+    /// Whether the kernel or an open handle still refers to `ino`.
     pub(super) fn is_referenced(&self, ino: u64) -> bool {
         self.view.holds(ino) || self.open_file_of(ino).is_some()
     }
