@@ -922,12 +922,7 @@ mod tests {
     use crate::store::WriteHeaders;
     use crate::store::mem::MemStore;
 
-    const DEFAULTS: EntryDefaults = EntryDefaults {
-        uid: 7,
-        gid: 8,
-        file_perm: 0o644,
-        dir_perm: 0o755,
-    };
+    const DEFAULTS: EntryDefaults = EntryDefaults::FOR_TESTS;
 
     fn tree(mem: &Arc<MemStore>, ttl: Duration) -> (Arc<Directories>, RecordedKernel) {
         let root = Inode {

@@ -30,6 +30,17 @@ pub struct EntryDefaults {
     pub dir_perm: u32,
 }
 
+impl EntryDefaults {
+    /// The defaults of unit tests: owner 7:8, files 0644, directories 0755.
+    #[cfg(test)]
+    pub const FOR_TESTS: EntryDefaults = EntryDefaults {
+        uid: 7,
+        gid: 8,
+        file_perm: 0o644,
+        dir_perm: 0o755,
+    };
+}
+
 /// A file seen in a listing, with what reading its headers gave.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ListedFile {
@@ -1260,12 +1271,7 @@ mod tests {
     use crate::meta::{ObjectMeta, now_ns};
     use crate::store::UserMetadata;
 
-    const DEFAULTS: EntryDefaults = EntryDefaults {
-        uid: 7,
-        gid: 8,
-        file_perm: 0o644,
-        dir_perm: 0o755,
-    };
+    const DEFAULTS: EntryDefaults = EntryDefaults::FOR_TESTS;
 
     fn root() -> Inode {
         let mut r = listed_dir(0, "", &DEFAULTS, now_ns());
