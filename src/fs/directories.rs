@@ -79,6 +79,10 @@ pub(super) struct Directories {
     pub(super) view: KernelView,
     /// This part, for listings it runs behind an answer (set by [`Self::start_background`]).
     me: OnceLock<Weak<Directories>>,
+    /// The cache directory's lock: a listing behind an answer may still write the inode
+    /// table after the rest of the filesystem is dropped, and no other mount may open the
+    /// directory meanwhile.
+    _cache_lock: Option<Arc<std::fs::File>>,
 }
 
 impl Directories {
@@ -104,7 +108,16 @@ impl Directories {
             local: changes::LocalChanges::default(),
             view,
             me: OnceLock::new(),
+            _cache_lock: None,
         })
+    }
+
+    /// Holds `lock`, the cache directory's, for as long as this part lives.
+    pub(super) fn holding(self, lock: Arc<std::fs::File>) -> Self {
+        Directories {
+            _cache_lock: Some(lock),
+            ..self
+        }
     }
 
     /// Lets this part run work behind an answer: a listing a path walk does not wait for,
@@ -768,9 +781,9 @@ impl Directories {
             };
             let shown =
                 row.headers_known || row.dirty || row.parent.is_none() || self.cfg.trust_listings;
-            // A directory's link count is a read of the inode table, which never waits for
-            // its writer (meta/connections.rs) and counts from an index of subdirectories.
-            if !shown {
+            // A directory's link count is a read of the inode table, which may open a
+            // connection or wait for the disk: not on the FUSE thread.
+            if !shown || row.kind == Kind::Dir {
                 return None;
             }
             match self.attr(&row) {

@@ -317,7 +317,9 @@ pub struct Fs {
     requests: Arc<tracked::RequestCounts>,
     /// When this filesystem was opened.
     started: std::time::Instant,
-    _cache_lock: File,
+    /// The cache directory's lock (`flock`), released when the last part that writes into
+    /// the directory is gone (see [`Directories`]).
+    _cache_lock: Arc<File>,
 }
 
 impl std::fmt::Debug for Fs {
@@ -413,7 +415,9 @@ impl Fs {
             metadata_ttl: cfg.metadata_ttl,
             trust_listings: cfg.trust_listings,
         };
-        let dirs = Directories::new(tree, meta.clone(), store.clone(), defaults, open.clone())?;
+        let lock = Arc::new(lock);
+        let dirs = Directories::new(tree, meta.clone(), store.clone(), defaults, open.clone())?
+            .holding(lock.clone());
         Ok(Fs {
             cfg,
             store,
@@ -494,7 +498,6 @@ impl Fs {
         }
     }
 
-    /// The POSIX headers describing `inode`.
     /// Looks up `name` in `parent`.
     pub async fn lookup(&self, parent: u64, name: &OsStr) -> FsResult<Attr> {
         self.dirs.lookup(parent, name).await
@@ -552,6 +555,7 @@ impl Fs {
         self.dirs.releasedir(fh)
     }
 
+    /// The POSIX headers describing `inode`.
     fn headers_of(&self, inode: &Inode) -> WriteHeaders {
         let h = PosixHeaders {
             mode: Some(inode.mode()),
