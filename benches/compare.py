@@ -236,6 +236,9 @@ def source_tarball():
 
 WORKLOADS = ("data", "small", "ls", "users")
 
+# Random 4 KiB reads per fio run.
+RANDOM_IOS = 2000
+
 USERS_FOLDER = 2000
 USERS_LISTED = 200
 USERS_IDLE_SECONDS = 15
@@ -360,23 +363,32 @@ def run_filesystem(fs, raw, local, size_mib, tree, tarball, workloads):
     fs.mount(clear_cache=True)
     if "data" in workloads:
         log(f"{fs.name}: write {size_mib} MiB")
+        gib = size_mib / 1024
+        cpu = fs.cpu_seconds()
         r["write"] = timed(["cp", str(local), fs.p("big")])
         start = time.monotonic()
         wait_for(lambda: raw.size(fs.prefix + "big") == size_mib * MIB, "upload", timeout=600)
         r["write_in_bucket"] = r["write"] + (time.monotonic() - start)
+        r["write_cpu"] = (fs.cpu_seconds() - cpu) / gib
         # rclone keeps uploading after close: let it finish before measuring reads.
         log(f"{fs.name}: reads")
         fs.remount_cold()
         dd = ["dd", f"if={fs.p('big')}", "of=/dev/null", "bs=1M"]
+        cpu = fs.cpu_seconds()
         r["cold_read"] = timed(dd, stderr=subprocess.DEVNULL)
+        r["cold_read_cpu"] = (fs.cpu_seconds() - cpu) / gib
         drop_caches()
+        cpu = fs.cpu_seconds()
         r["warm_read"] = timed(dd, stderr=subprocess.DEVNULL)
+        r["warm_read_cpu"] = (fs.cpu_seconds() - cpu) / gib
         r["hot_read"] = timed(dd, stderr=subprocess.DEVNULL)
         log(f"{fs.name}: random 4K reads")
         fs.remount_cold()
-        r["rand_cold_iops"] = fio_iops(fs.p("big"), 2000, size_mib * MIB)
+        r["rand_cold_iops"] = fio_iops(fs.p("big"), RANDOM_IOS, size_mib * MIB)
         drop_caches()
-        r["rand_warm_iops"] = fio_iops(fs.p("big"), 2000, size_mib * MIB)
+        cpu = fs.cpu_seconds()
+        r["rand_warm_iops"] = fio_iops(fs.p("big"), RANDOM_IOS, size_mib * MIB)
+        r["rand_warm_cpu"] = (fs.cpu_seconds() - cpu) / (RANDOM_IOS * 4096 / (1024 * MIB))
     if "small" in workloads:
         log(f"{fs.name}: small files and untar")
         r["small_files"] = timed(["cp", "-r", str(tree), fs.p("small")])
@@ -415,7 +427,7 @@ def references(raw, local, size_mib, workloads):
         # The least a rename can cost on S3: the copy, then the delete of the old key.
         r["move"] = float(raw("move", "raw/big-copy", "raw/big-moved")["seconds"])
         # What the local disk gives the same fio job: the bound for a warm cache on that disk.
-        r["rand_warm_iops"] = fio_iops(local, 2000, size_mib * MIB)
+        r["rand_warm_iops"] = fio_iops(local, RANDOM_IOS, size_mib * MIB)
         drop_caches()
         dd = ["dd", f"if={local}", "of=/dev/null", "bs=1M"]
         r["warm_read"] = timed(dd, stderr=subprocess.DEVNULL)
@@ -448,11 +460,15 @@ ROWS = [
     # key, label, unit, higher_is_better
     ("write", "write {size} (close included)", "s", False),
     ("write_in_bucket", "  ... until in the bucket", "s", False),
+    ("write_cpu", "  ... daemon CPU per GiB (user + system)", "s/GiB", False),
     ("cold_read", "cold sequential read", "s", False),
+    ("cold_read_cpu", "  ... daemon CPU per GiB", "s/GiB", False),
     ("warm_read", "warm read (page cache dropped)", "s", False),
+    ("warm_read_cpu", "  ... daemon CPU per GiB", "s/GiB", False),
     ("hot_read", "hot read (page cache)", "s", False),
     ("rand_cold_iops", "random 4K reads, cold", "IOPS", True),
     ("rand_warm_iops", "random 4K reads, warm", "IOPS", True),
+    ("rand_warm_cpu", "  ... daemon CPU per GiB read", "s/GiB", False),
     ("small_files", "cp -r 1,000 small files", "s", False),
     ("untar", "untar tokio source tree", "s", False),
     ("ls_cold", "ls -l 10,000 objects (s3fs headers), cold", "s", False),
@@ -546,7 +562,8 @@ def table(results, refs, title):
 def svg(all_runs, path):
     """Horizontal bars: each filesystem's speed relative to s3bridge (log scale), per workload."""
     colors = {"s3bridge": "#1f77b4", "s3fs": "#ff7f0e", "rclone": "#2ca02c"}
-    rows = [r for r in ROWS if r[0] not in ("write_in_bucket", "peak_rss_mib", "ls_cold_cpu")
+    rows = [r for r in ROWS if r[0] not in ("write_in_bucket", "peak_rss_mib")
+            and not r[0].endswith("_cpu")
             and (not r[0].startswith("users_") or r[0] in ("users_save_p99", "users_ls_p99"))]
     import math
     bar, gap, left, width = 9, 10, 250, 420
