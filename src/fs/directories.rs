@@ -79,10 +79,10 @@ pub(super) struct Directories {
     pub(super) view: KernelView,
     /// This part, for listings it runs behind an answer (set by [`Self::start_background`]).
     me: OnceLock<Weak<Directories>>,
-    /// The cache directory's lock: a listing behind an answer may still write the inode
-    /// table after the rest of the filesystem is dropped, and no other mount may open the
-    /// directory meanwhile.
-    _cache_lock: Option<Arc<std::fs::File>>,
+    /// The cache directory's lock (`flock`), held by this part rather than by `Fs`: a
+    /// listing behind an answer may still write the inode table after the rest of the
+    /// filesystem is dropped, and no other mount may open the directory meanwhile.
+    _cache_lock: Option<std::fs::File>,
 }
 
 impl Directories {
@@ -113,7 +113,7 @@ impl Directories {
     }
 
     /// Holds `lock`, the cache directory's, for as long as this part lives.
-    pub(super) fn holding(self, lock: Arc<std::fs::File>) -> Self {
+    pub(super) fn holding(self, lock: std::fs::File) -> Self {
         Directories {
             _cache_lock: Some(lock),
             ..self

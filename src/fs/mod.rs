@@ -54,7 +54,6 @@ pub mod write;
 mod xattr;
 
 use std::ffi::OsStr;
-use std::fs::File;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -317,9 +316,6 @@ pub struct Fs {
     requests: Arc<tracked::RequestCounts>,
     /// When this filesystem was opened.
     started: std::time::Instant,
-    /// The cache directory's lock (`flock`), released when the last part that writes into
-    /// the directory is gone (see [`Directories`]).
-    _cache_lock: Arc<File>,
 }
 
 impl std::fmt::Debug for Fs {
@@ -415,9 +411,8 @@ impl Fs {
             metadata_ttl: cfg.metadata_ttl,
             trust_listings: cfg.trust_listings,
         };
-        let lock = Arc::new(lock);
         let dirs = Directories::new(tree, meta.clone(), store.clone(), defaults, open.clone())?
-            .holding(lock.clone());
+            .holding(lock);
         Ok(Fs {
             cfg,
             store,
@@ -431,7 +426,6 @@ impl Fs {
             uploader,
             requests,
             started: std::time::Instant::now(),
-            _cache_lock: lock,
         })
     }
 
