@@ -303,6 +303,13 @@ class UserLoop:
         return time.monotonic() - start
 
 
+def with_cpu(fs, work):
+    """Runs `work()`; returns what it returned and the daemon CPU seconds it took."""
+    cpu = fs.cpu_seconds()
+    result = work()
+    return result, fs.cpu_seconds() - cpu
+
+
 def percentile_ms(values, p):
     ordered = sorted(values)
     if not ordered:
@@ -364,31 +371,31 @@ def run_filesystem(fs, raw, local, size_mib, tree, tarball, workloads):
     if "data" in workloads:
         log(f"{fs.name}: write {size_mib} MiB")
         gib = size_mib / 1024
-        cpu = fs.cpu_seconds()
-        r["write"] = timed(["cp", str(local), fs.p("big")])
-        start = time.monotonic()
-        wait_for(lambda: raw.size(fs.prefix + "big") == size_mib * MIB, "upload", timeout=600)
-        r["write_in_bucket"] = r["write"] + (time.monotonic() - start)
-        r["write_cpu"] = (fs.cpu_seconds() - cpu) / gib
+
+        def write():
+            r["write"] = timed(["cp", str(local), fs.p("big")])
+            start = time.monotonic()
+            wait_for(lambda: raw.size(fs.prefix + "big") == size_mib * MIB, "upload", timeout=600)
+            r["write_in_bucket"] = r["write"] + (time.monotonic() - start)
+        _, cpu = with_cpu(fs, write)
+        r["write_cpu"] = cpu / gib
         # rclone keeps uploading after close: let it finish before measuring reads.
         log(f"{fs.name}: reads")
         fs.remount_cold()
         dd = ["dd", f"if={fs.p('big')}", "of=/dev/null", "bs=1M"]
-        cpu = fs.cpu_seconds()
-        r["cold_read"] = timed(dd, stderr=subprocess.DEVNULL)
-        r["cold_read_cpu"] = (fs.cpu_seconds() - cpu) / gib
+        r["cold_read"], cpu = with_cpu(fs, lambda: timed(dd, stderr=subprocess.DEVNULL))
+        r["cold_read_cpu"] = cpu / gib
         drop_caches()
-        cpu = fs.cpu_seconds()
-        r["warm_read"] = timed(dd, stderr=subprocess.DEVNULL)
-        r["warm_read_cpu"] = (fs.cpu_seconds() - cpu) / gib
+        r["warm_read"], cpu = with_cpu(fs, lambda: timed(dd, stderr=subprocess.DEVNULL))
+        r["warm_read_cpu"] = cpu / gib
         r["hot_read"] = timed(dd, stderr=subprocess.DEVNULL)
         log(f"{fs.name}: random 4K reads")
         fs.remount_cold()
         r["rand_cold_iops"] = fio_iops(fs.p("big"), RANDOM_IOS, size_mib * MIB)
         drop_caches()
-        cpu = fs.cpu_seconds()
-        r["rand_warm_iops"] = fio_iops(fs.p("big"), RANDOM_IOS, size_mib * MIB)
-        r["rand_warm_cpu"] = (fs.cpu_seconds() - cpu) / (RANDOM_IOS * 4096 / (1024 * MIB))
+        r["rand_warm_iops"], cpu = with_cpu(
+            fs, lambda: fio_iops(fs.p("big"), RANDOM_IOS, size_mib * MIB))
+        r["rand_warm_cpu"] = cpu / (RANDOM_IOS * 4096 / (1024 * MIB))
     if "small" in workloads:
         log(f"{fs.name}: small files and untar")
         r["small_files"] = timed(["cp", "-r", str(tree), fs.p("small")])
@@ -399,9 +406,7 @@ def run_filesystem(fs, raw, local, size_mib, tree, tarball, workloads):
         raw("put-many-s3fs", fs.prefix + "list/", "10000")
         fs.remount_cold()
         ls = ["ls", "-l", fs.p("list")]
-        cpu = fs.cpu_seconds()
-        r["ls_cold"] = timed(ls)
-        r["ls_cold_cpu"] = fs.cpu_seconds() - cpu
+        r["ls_cold"], r["ls_cold_cpu"] = with_cpu(fs, lambda: timed(ls))
         # The better of two: the cold listing now takes seconds, so the first warm one may
         # cross a filesystem's listing TTL (5 s for s3bridge) and list again.
         r["ls_warm"] = min(timed(ls), timed(ls))
