@@ -161,9 +161,10 @@ pub(crate) struct MountArgs {
     #[arg(long, default_value = "8")]
     pub(crate) upload_concurrency: usize,
     /// Threads that read requests from the kernel, each with its own /dev/fuse descriptor.
-    /// Requests are handed to async workers at once, so one keeps up on a small host: on 2
-    /// cores, 2 made no difference to another user's saves during a 1 GiB upload.
-    #[arg(long, default_value = "1")]
+    /// Requests are handed to async workers at once, except small reads of cached blocks,
+    /// which a thread answers itself (one local disk read at most): with two, one waiting for
+    /// the cache disk never holds up the rest of the mount.
+    #[arg(long, default_value = "2")]
     pub(crate) fuse_threads: usize,
     /// close() returns once the data is safe on local disk (synced staging file, committed
     /// journal row) and uploads run in the background; fsync() still waits for the bucket.

@@ -84,7 +84,7 @@ pub struct Config {
     pub part_size: u64,
     /// Parts uploaded (or copied) at once by one upload (8).
     pub upload_concurrency: usize,
-    /// Threads reading requests from the kernel (1; see `--fuse-threads`).
+    /// Threads reading requests from the kernel (2; see `--fuse-threads`).
     pub fuse_threads: usize,
     /// `close()` returns once the data is durable on local disk; uploads run in the
     /// background (false: `close()` waits for the bucket).
@@ -142,7 +142,7 @@ impl Default for Config {
             multipart_threshold: 16 * 1024 * 1024,
             part_size: 8 * 1024 * 1024,
             upload_concurrency: 8,
-            fuse_threads: 1,
+            fuse_threads: 2,
             write_back: false,
             background_uploads: 8,
             conditional_writes: false,

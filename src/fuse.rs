@@ -4,7 +4,11 @@
 //! straight back to `/dev/fuse`, so a slow S3 call holds up only the caller that needs it.
 //! The few answered on the loop itself take only memory and short in-memory locks: statfs
 //! (constant), forget's lookup counts (the row it may delete goes to a blocking thread),
-//! releasedir, and a readdirplus batch of a listing already made (if its lock is free).
+//! releasedir, and a readdirplus batch of a listing already made (if its lock is free). One
+//! also reads the local disk: a random read of at most 64 KiB of cached blocks
+//! ([`Fs::read_cached`]), one disk read of a few pages, where handing it to a worker and back
+//! cost more CPU than the read; there are two request threads by default (`--fuse-threads`),
+//! so one waiting for the cache disk does not hold up the mount.
 //! Semantics live in [`crate::fs`]; this file only translates types and errnos.
 
 use std::ffi::OsStr;
@@ -474,6 +478,9 @@ impl fuser::Filesystem for FuseAdapter {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
+        if let Some(data) = self.fs.read_cached(fh.0, offset, size) {
+            return reply.data(&data);
+        }
         self.spawn(move |fs| async move {
             match fs.read(fh.0, offset, size).await {
                 Ok(data) => reply.data(&data),

@@ -2083,3 +2083,64 @@ async fn an_open_overlapping_a_move_of_its_directory_reads_the_moved_object() {
     s.fs.release(fh).await;
     assert_eq!(s.mem.keys(), ["pre/e/f"]);
 }
+
+#[tokio::test]
+async fn a_read_answered_at_once_is_what_the_full_path_answers() {
+    let mem = Arc::new(MemStore::new());
+    let mut data: Vec<u8> = (0..4 * 1024 * 1024).map(|i| (i % 241) as u8).collect();
+    mem.insert("pre/f", &data, WriteHeaders::default());
+    let ttl = MetadataTtl::For(Duration::from_millis(100));
+    let s = setup_with(mem.clone(), ttl, tempfile::tempdir().unwrap());
+    let ino = s.fs.lookup(ROOT, n("f")).await.unwrap().ino;
+    let fh =
+        s.fs.open(ino, libc::O_RDONLY, ROOT_CALLER)
+            .await
+            .unwrap()
+            .fh;
+    // Random reads through the full path put block 2 in the cache, then 0 and 1 (the
+    // aligned chunk of two around the second miss).
+    for at in [2 * 1024 * 1024 + 5, 17] {
+        let got = s.fs.read(fh, at, 4096).await.unwrap();
+        assert_eq!(&got[..], &data[at as usize..at as usize + 4096]);
+    }
+    let gets = mem.count(Op::Get);
+    let at = 2 * 1024 * 1024 + 70_000;
+    let got = s.fs.read_cached(fh, at, 4096).expect("block 2 is cached");
+    assert_eq!(&got[..], &data[at as usize..at as usize + 4096]);
+    assert_eq!(mem.count(Op::Get), gets);
+    // Block 3 is not cached: the full path's.
+    assert!(s.fs.read_cached(fh, 3 * 1024 * 1024 + 9, 4096).is_none());
+    // Written through another handle, the file's contents are its staging file's: the full
+    // path reads the new bytes there.
+    let w = s.fs.open(ino, libc::O_RDWR, ROOT_CALLER).await.unwrap().fh;
+    s.fs.write(w, 100, b"changed").await.unwrap();
+    data[100..107].copy_from_slice(b"changed");
+    assert!(s.fs.read_cached(fh, 90, 4096).is_none());
+    assert_eq!(
+        &s.fs.read(fh, 90, 4096).await.unwrap()[..],
+        &data[90..90 + 4096]
+    );
+    s.fs.flush(w).await.unwrap();
+    s.fs.release(w).await;
+    s.fs.release(fh).await;
+    // Replaced by another client while open: the old handle is stale on the full path, and
+    // the path that answers at once does not answer for it either.
+    let fh =
+        s.fs.open(ino, libc::O_RDONLY, ROOT_CALLER)
+            .await
+            .unwrap()
+            .fh;
+    s.fs.read(fh, 2 * 1024 * 1024, 10).await.unwrap();
+    s.fs.read(fh, 10, 10).await.unwrap();
+    assert!(s.fs.read_cached(fh, 2 * 1024 * 1024 + 50_000, 10).is_some());
+    mem.insert("pre/f", b"new contents", WriteHeaders::default());
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    assert_eq!(s.names(ROOT).await, ["f"], "the listing finds it replaced");
+    assert!(s.fs.read_cached(fh, 2 * 1024 * 1024 + 50_000, 10).is_none());
+    let err =
+        s.fs.read(fh, 2 * 1024 * 1024 + 50_000, 10)
+            .await
+            .unwrap_err();
+    assert_eq!(err.errno(), libc::ESTALE);
+    s.fs.release(fh).await;
+}
