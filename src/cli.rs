@@ -193,7 +193,7 @@ pub(crate) struct MountArgs {
     #[arg(long, value_parser = parse_size, default_value = "1G")]
     pub(crate) cache_min_free: u64,
     /// Memory for data in flight (read-ahead windows and upload parts), shared by all files.
-    #[arg(long, value_parser = parse_size, default_value = "128M")]
+    #[arg(long, value_parser = parse_size, default_value = "32M")]
     pub(crate) max_buffer_memory: u64,
     /// Attempts per S3 request before an error is returned.
     #[arg(long, default_value = "5")]

@@ -111,7 +111,7 @@ pub struct Config {
     pub cache_size: u64,
     /// Free space the block cache leaves on its filesystem (1 GiB).
     pub cache_min_free: u64,
-    /// Memory for data buffers in flight: read-ahead windows and upload parts (128 MiB).
+    /// Memory for data buffers in flight: read-ahead windows and upload parts (32 MiB).
     pub max_buffer_memory: u64,
     /// Attempts per S3 request, the first included (5).
     pub max_attempts: u32,
@@ -152,7 +152,7 @@ impl Default for Config {
             xattrs: false,
             cache_size: 10 << 30,
             cache_min_free: 1 << 30,
-            max_buffer_memory: 128 << 20,
+            max_buffer_memory: 32 << 20,
             max_attempts: 5,
             connect_timeout: Duration::from_secs(5),
             request_timeout: Duration::from_secs(60),

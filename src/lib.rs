@@ -7,6 +7,7 @@
 #![warn(missing_docs)]
 
 pub mod blocking;
+pub mod buffers;
 pub mod cache;
 pub mod config;
 pub mod control;

@@ -519,19 +519,19 @@ impl OpenBlock {
                 return Err(corrupt("sector checksum mismatch"));
             }
         }
-        let buf = Bytes::from(buf);
+        let buf = crate::buffers::freeze(buf);
         Ok(Some(
             buf.slice(range.start - span.start..range.end - span.start),
         ))
     }
 }
 
-/// Reads `len` bytes of `file` at `offset` into a new buffer, failing on a short read. The
-/// buffer is not zeroed first: `vec![0; len]` before the read cost a memset and a page
-/// fault per fresh page on every block read, about a tenth of the daemon's CPU over a warm
-/// sequential read (perf, 1 GiB from the block cache).
+/// Reads `len` bytes of `file` at `offset` into a (recycled, for a large read) buffer,
+/// failing on a short read. The buffer is not zeroed first: `vec![0; len]` before the read
+/// cost a memset and a page fault per fresh page on every block read, about a tenth of the
+/// daemon's CPU over a warm sequential read (perf, 1 GiB from the block cache).
 fn read_exact_uninit(file: &File, len: usize, offset: u64) -> io::Result<Vec<u8>> {
-    let mut buf = Vec::with_capacity(len);
+    let mut buf = crate::buffers::buffer(len);
     while buf.len() < len {
         let at = offset + buf.len() as u64;
         let n = rustix::io::pread(file, rustix::buffer::spare_capacity(&mut buf), at)?;

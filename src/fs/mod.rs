@@ -396,6 +396,7 @@ impl Fs {
             requests.clone(),
         ));
         let buffers = MemoryBudget::new(cfg.max_buffer_memory);
+        crate::buffers::keep_at_most(cfg.max_buffer_memory);
         let blocks = Arc::new(read::BlockSource::new(
             store.clone(),
             open_block_cache(&cfg)?,

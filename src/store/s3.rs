@@ -24,7 +24,7 @@ use aws_sdk_s3::types::{CompletedMultipartUpload, Delete, MetadataDirective, Obj
 use aws_smithy_runtime_api::http::Response as HttpResponse;
 use aws_smithy_types::retry::RetryConfig;
 use aws_smithy_types::timeout::TimeoutConfig;
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use tracing::debug;
 
 use aws_credential_types::provider::SharedCredentialsProvider;
@@ -146,7 +146,7 @@ impl S3Store {
         let mut body = resp.body;
         let read = async {
             let mut pieces = Vec::with_capacity(total.div_ceil(piece));
-            let mut current = BytesMut::with_capacity(piece.min(total));
+            let mut current = crate::buffers::buffer(piece.min(total));
             let mut left = total;
             while let Some(chunk) = body.next().await {
                 let mut chunk =
@@ -156,13 +156,13 @@ impl S3Store {
                     current.extend_from_slice(&chunk.split_to(take));
                     left = left.saturating_sub(take);
                     if current.len() == piece {
-                        pieces.push(current.freeze());
-                        current = BytesMut::with_capacity(piece.min(left.max(1)));
+                        pieces.push(crate::buffers::freeze(current));
+                        current = crate::buffers::buffer(piece.min(left.max(1)));
                     }
                 }
             }
             if !current.is_empty() {
-                pieces.push(current.freeze());
+                pieces.push(crate::buffers::freeze(current));
             }
             Ok(pieces)
         };
