@@ -17,6 +17,11 @@ Every filesystem runs the same workloads on its own prefix of the same bucket:
               empty cache) and warm (the better of two runs), with the daemon's CPU seconds
               for the cold one; plain `ls` (names and types only) cold
   rename      mv of the 1 GiB file
+  webdav      Apache with mod_dav on a folder of the mount, as www-data, driven over HTTP
+              from 127.0.0.1 on one keep-alive connection: PUT of the 1 GiB file, PUT of the
+              1,000 small files, PROPFIND (depth 1) of a 10,000-entry folder on a fresh mount
+              and again, GET of the 1 GiB file on a fresh mount; mod_dav_fs writes each PUT
+              to a temporary file and renames it, as Nextcloud does with its .part files
   many users  one user moves a 2,000-file folder into a trash folder (Nextcloud's delete)
               while another copies in the 1 GiB file, and a third saves 4 KiB documents and
               lists and stats a 200-file folder in a loop: the third user's latencies (p50,
@@ -30,15 +35,23 @@ no netem).
 References in the same run: raw multipart PUT and parallel ranged GET of 1 GiB, a raw
 server-side copy, and a raw exact listing (LIST pages and a HEAD of each of the 10,000
 objects, 64 at a time) (benches/raw_s3.rs), and reading the same bytes from the local disk. Peak
-RSS is each daemon's VmHWM, the largest over its mounts.
+RSS is each daemon's VmHWM, the largest over its mounts. The WebDAV workload's reference is
+the same Apache on a local directory.
+
+`s3bridge-wb` in --only adds a column: s3bridge with --write-back.
 
 Writes results/latest.{md,json,svg} next to this script and prints the table.
 """
 
 import argparse
 import glob
+import http.client
 import json
 import os
+import pwd
+import re
+import signal
+import socket
 import random
 import shutil
 import subprocess
@@ -179,7 +192,15 @@ class S3bridge(Mount):
     def command(self):
         return [S3BRIDGE, "mount", f"{BUCKET}:{self.prefix}",
                 str(self.path), "--endpoint-url", ENDPOINT, "--cache-dir", str(self.cache),
-                "-f", "--log-level", "warn"]
+                "-f", "--log-level", "warn", "--allow-other"]
+
+
+class S3bridgeWriteBack(S3bridge):
+    """s3bridge with --write-back: close returns once the data is safe on local disk."""
+    name = "s3bridge-wb"
+
+    def command(self):
+        return super().command() + ["--write-back"]
 
 
 class S3fs(Mount):
@@ -191,7 +212,7 @@ class S3fs(Mount):
         passwd.chmod(0o600)
         return ["s3fs", f"{BUCKET}:/{self.prefix.rstrip('/')}", str(self.path), "-f",
                 "-o", f"passwd_file={passwd},url={ENDPOINT},use_path_request_style",
-                "-o", f"endpoint=us-east-1,use_cache={self.cache}"]
+                "-o", f"endpoint=us-east-1,use_cache={self.cache},allow_other"]
 
 
 class Rclone(Mount):
@@ -209,7 +230,7 @@ class Rclone(Mount):
 
     def command(self):
         return ["rclone", "mount", f"bench:{BUCKET}/{self.prefix.rstrip('/')}", str(self.path),
-                "--vfs-cache-mode", "writes", "--cache-dir", str(self.cache)]
+                "--vfs-cache-mode", "writes", "--cache-dir", str(self.cache), "--allow-other"]
 
 
 def fio_iops(path, ios, size):
@@ -234,7 +255,7 @@ def source_tarball():
     return found[-1]
 
 
-WORKLOADS = ("data", "small", "ls", "users")
+WORKLOADS = ("data", "small", "ls", "users", "webdav")
 
 # Random 4 KiB reads per fio run.
 RANDOM_IOS = 2000
@@ -243,6 +264,8 @@ USERS_FOLDER = 2000
 USERS_LISTED = 200
 USERS_IDLE_SECONDS = 15
 USERS_MAX_SECONDS = 900
+# Entries of the folder the WebDAV workload lists.
+DAV_LISTED = 10000
 
 
 class UserLoop:
@@ -301,6 +324,132 @@ class UserLoop:
         if self.errors:
             raise RuntimeError(f"{self.fs.name}: " + "; ".join(self.errors[:3]))
         return time.monotonic() - start
+
+
+class Dav:
+    """Apache with mod_dav serving `root` on 127.0.0.1 as www-data, and one keep-alive HTTP
+    connection to it; stopped on leaving the `with` block."""
+
+    def __init__(self, work, root):
+        self.dir = Path(work)
+        run_dir = self.dir / "run"
+        run_dir.mkdir(parents=True, exist_ok=True)
+        www = pwd.getpwnam("www-data")
+        os.chown(run_dir, www.pw_uid, www.pw_gid)  # mod_dav's lock database
+        # www-data must pass through the directories above the served one.
+        for d in Path(root).parents:
+            os.chmod(d, os.stat(d).st_mode | 0o001)
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        modules = "/usr/lib/apache2/modules"
+        conf = self.dir / "httpd.conf"
+        conf.write_text(
+            f"ServerRoot /etc/apache2\nServerName localhost\nListen 127.0.0.1:{self.port}\n"
+            f"PidFile {run_dir}/httpd.pid\nDefaultRuntimeDir {run_dir}\n"
+            f"Mutex file:{run_dir} default\nErrorLog {self.dir}/error.log\n"
+            f"LoadModule mpm_event_module {modules}/mod_mpm_event.so\n"
+            f"LoadModule authz_core_module {modules}/mod_authz_core.so\n"
+            f"LoadModule dav_module {modules}/mod_dav.so\n"
+            f"LoadModule dav_fs_module {modules}/mod_dav_fs.so\n"
+            f"User www-data\nGroup www-data\nTimeout 900\nLimitRequestBody 0\n"
+            f"DavLockDB {run_dir}/davlock\nDocumentRoot {root}\n"
+            f"<Directory {root}>\n  Dav On\n  AllowOverride None\n  Require all granted\n"
+            f"</Directory>\n")
+        self.proc = subprocess.Popen(["apache2", "-DFOREGROUND", "-f", str(conf)],
+                                     start_new_session=True)
+
+        def listening():
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return True
+            except OSError:
+                return self.proc.poll() is not None
+        wait_for(listening, "apache")
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"apache exited; see {self.dir / 'error.log'}")
+        self.conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=900,
+                                               blocksize=MIB)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.conn.close()
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        self.proc.wait(timeout=60)
+
+    def request(self, method, path, expect, body=None, headers=None, sink=None):
+        """Sends one request; the answer's body (read in 1 MiB pieces into `sink` if given,
+        else returned). Fails unless the status is one of `expect`."""
+        self.conn.request(method, path, body=body, headers=headers or {})
+        resp = self.conn.getresponse()
+        if sink is None:
+            data = resp.read()
+        else:
+            while piece := resp.read(MIB):
+                sink(piece)
+            data = b""
+        if resp.status not in expect:
+            raise RuntimeError(f"WebDAV {method} {path}: HTTP {resp.status} {data[:300]!r}; "
+                               f"see {self.dir / 'error.log'}")
+        return data
+
+
+PROPFIND = (b'<?xml version="1.0"?><d:propfind xmlns:d="DAV:"><d:prop><d:getlastmodified/>'
+            b'<d:getcontentlength/><d:resourcetype/><d:getetag/></d:prop></d:propfind>')
+
+
+def webdav(name, root, work, local, tree, size_mib, remount, fill_list, uploaded):
+    """The WebDAV workload (see the module doc) on directory `root` of a mount (or of the
+    local disk); `remount()` makes the next step cold, `fill_list()` puts 10,000 entries in
+    root/list, `uploaded(rel, size)` waits until the file is whole in the bucket."""
+    r = {}
+    log(f"{name}: WebDAV through Apache mod_dav")
+    www = pwd.getpwnam("www-data")
+    os.makedirs(root, exist_ok=True)
+    try:
+        os.chown(root, www.pw_uid, www.pw_gid)
+    except OSError:
+        pass  # rclone has no owners and lets anyone write
+    fill_list()
+    remount()
+    with Dav(work, root) as dav:
+        with open(local, "rb") as body:
+            r["dav_put_big"] = timed_call(lambda: dav.request(
+                "PUT", "/big.bin", (201, 204), body=body,
+                headers={"Content-Length": str(size_mib * MIB)}))
+        dav.request("MKCOL", "/small/", (201,))
+        files = sorted(tree.iterdir())
+        start = time.monotonic()
+        for f in files:
+            dav.request("PUT", f"/small/{f.name}", (201, 204), body=f.read_bytes())
+        r["dav_put_small"] = time.monotonic() - start
+    uploaded("big.bin", size_mib * MIB)
+    remount()
+    with Dav(work, root) as dav:
+        for key in ("dav_propfind_cold", "dav_propfind_warm"):
+            start = time.monotonic()
+            out = dav.request("PROPFIND", "/list/", (207,), body=PROPFIND,
+                              headers={"Depth": "1", "Content-Type": "application/xml"})
+            r[key] = time.monotonic() - start
+            entries = len(re.findall(rb"<[A-Za-z0-9]*:?href>", out))
+            if entries != DAV_LISTED + 1:
+                raise RuntimeError(f"{name}: PROPFIND answered {entries} entries, not {DAV_LISTED + 1}")
+    remount()
+    with Dav(work, root) as dav:
+        got = [0]
+        r["dav_get_cold"] = timed_call(lambda: dav.request(
+            "GET", "/big.bin", (200,), sink=lambda piece: got.__setitem__(0, got[0] + len(piece))))
+        if got[0] != size_mib * MIB:
+            raise RuntimeError(f"{name}: GET gave {got[0]} bytes, not {size_mib * MIB}")
+    return r
+
+
+def timed_call(f):
+    start = time.monotonic()
+    f()
+    return time.monotonic() - start
 
 
 def with_cpu(fs, work):
@@ -414,6 +563,13 @@ def run_filesystem(fs, raw, local, size_mib, tree, tarball, workloads):
         r["ls_plain_cold"] = timed(["ls", fs.p("list")])
     if "users" in workloads:
         r.update(many_users(fs, raw, local))
+    if "webdav" in workloads:
+        def uploaded(rel, size):
+            wait_for(lambda: raw.size(fs.prefix + "dav/" + rel) == size, "upload", timeout=600)
+        r.update(webdav(fs.name, Path(fs.p("dav")), fs.work / "apache", local, tree, size_mib,
+                        fs.remount_cold,
+                        lambda: raw("put-many-s3fs", fs.prefix + "dav/list/", str(DAV_LISTED)),
+                        uploaded))
     if "data" in workloads:
         log(f"{fs.name}: rename")
         r["rename"] = timed(["mv", fs.p("big"), fs.p("big-renamed")])
@@ -422,7 +578,7 @@ def run_filesystem(fs, raw, local, size_mib, tree, tarball, workloads):
     return r
 
 
-def references(raw, local, size_mib, workloads):
+def references(raw, local, size_mib, workloads, work, tree):
     r = {}
     log("raw S3 and local disk references")
     if "data" in workloads:
@@ -440,6 +596,17 @@ def references(raw, local, size_mib, workloads):
     if "ls" in workloads:
         raw("put-many-s3fs", "raw/list/", "10000")
         r["ls_cold"] = float(raw("head-all", "raw/list/", "64")["seconds"])
+    if "webdav" in workloads:
+        root = Path(work) / "local-dav"
+        shutil.rmtree(root, ignore_errors=True)
+
+        def fill_list():
+            (root / "list").mkdir(parents=True)
+            for i in range(DAV_LISTED):
+                (root / "list" / f"f{i:05}").write_bytes(b"x" * 100)
+        r.update(webdav("local disk", root, Path(work) / "local-apache", local, tree, size_mib,
+                        drop_caches, fill_list, lambda rel, size: None))
+        shutil.rmtree(root, ignore_errors=True)
     return r
 
 
@@ -496,6 +663,11 @@ ROWS = [
     ("users_busy_seconds", "  ... the 2,000-file move and {size} upload took", "s", False),
     ("users_busy_cpu", "  ... daemon CPU meanwhile", "s", False),
     ("users_moved_whole", "  ... moved folder whole in the bucket", "", True),
+    ("dav_put_big", "WebDAV (Apache mod_dav): PUT {size}", "s", False),
+    ("dav_put_small", "  ... PUT of 1,000 small files", "s", False),
+    ("dav_propfind_cold", "  ... PROPFIND depth 1, 10,000 entries, cold", "s", False),
+    ("dav_propfind_warm", "  ... the same again", "s", False),
+    ("dav_get_cold", "  ... GET {size}, cold", "s", False),
     ("peak_rss_mib", "peak RSS of the daemon", "MiB", False),
 ]
 
@@ -533,10 +705,16 @@ def label_of(label):
     return label.replace("{size}", SIZE_LABEL)
 
 
+def columns(results):
+    """The filesystems shown: s3bridge, with --write-back if it ran, and the peers."""
+    return ["s3bridge"] + (["s3bridge-wb"] if "s3bridge-wb" in results else []) + PEERS
+
+
 def table(results, refs, title):
+    names = columns(results)
     lines = [f"### {title}", "",
-             "| workload | unit | s3bridge | s3fs | rclone | raw/local | vs best peer | vs raw |",
-             "|---|---|---:|---:|---:|---:|---:|---:|"]
+             "| workload | unit | " + " | ".join(names) + " | raw/local | vs best peer | vs raw |",
+             "|---|---|" + "---:|" * (len(names) + 3)]
     for key, label, unit, hib in ROWS:
         if all(r.get(key) is None for r in results.values()):
             continue  # a workload group that did not run
@@ -548,7 +726,7 @@ def table(results, refs, title):
         vs_peer = advantage(ours, best, hib)
         # Against the raw client the ratio is throughput: raw time / our time.
         vs_raw = advantage(ours, ref, hib)
-        cells = [fmt(results[n].get(key), unit) if results.get(n) else "-" for n in ["s3bridge"] + PEERS]
+        cells = [fmt(results[n].get(key), unit) if results.get(n) else "-" for n in names]
         lines.append(f"| {label_of(label)} | {unit} | " + " | ".join(cells) +
                      f" | {fmt(ref, unit)} | {'-' if vs_peer is None else f'{vs_peer:.2f}x'}"
                      f" | {'-' if vs_raw is None else f'{vs_raw:.2f}x'} |")
@@ -566,7 +744,8 @@ def table(results, refs, title):
 
 def svg(all_runs, path):
     """Horizontal bars: each filesystem's speed relative to s3bridge (log scale), per workload."""
-    colors = {"s3bridge": "#1f77b4", "s3fs": "#ff7f0e", "rclone": "#2ca02c"}
+    colors = {"s3bridge": "#1f77b4", "s3bridge-wb": "#9467bd", "s3fs": "#ff7f0e",
+              "rclone": "#2ca02c"}
     rows = [r for r in ROWS if r[0] not in ("write_in_bucket", "peak_rss_mib")
             and not r[0].endswith("_cpu")
             and (not r[0].startswith("users_") or r[0] in ("users_save_p99", "users_ls_p99"))]
@@ -582,7 +761,7 @@ def svg(all_runs, path):
                 continue
             ours = results["s3bridge"].get(key)
             blocks.append(f'<text x="{left - 8}" y="{y + 14}" text-anchor="end">{label_of(label).strip()}</text>')
-            for i, name in enumerate(["s3bridge"] + PEERS):
+            for i, name in enumerate(columns(results)):
                 v = results.get(name, {}).get(key)
                 rel = advantage(v, ours, hib) if v is not None else None  # >1: faster than s3bridge
                 if rel is None:
@@ -592,7 +771,7 @@ def svg(all_runs, path):
                 by = y + i * bar
                 blocks.append(f'<rect x="{left}" y="{by}" width="{x:.1f}" height="{bar - 1}" fill="{colors[name]}"/>')
                 blocks.append(f'<text x="{left + x + 3:.1f}" y="{by + 8}" font-size="9">{rel:.2f}</text>')
-            y += 3 * bar + gap
+            y += len(columns(results)) * bar + gap
         y += 20
     axis = [f'<line x1="{left + width * 2 / 3:.1f}" y1="30" x2="{left + width * 2 / 3:.1f}" y2="{y - 20}" stroke="#888" stroke-dasharray="3,3"/>']
     legend = "".join(f'<rect x="{left + 120 * i}" y="8" width="10" height="10" fill="{c}"/>'
@@ -630,7 +809,7 @@ def main():
     if unknown:
         ap.error(f"unknown workloads: {', '.join(sorted(unknown))}")
     local = work / "big.bin"
-    if "data" in workloads or "users" in workloads:
+    if "data" in workloads or "users" in workloads or "webdav" in workloads:
         log(f"making {args.size_mib} MiB of test data")
         run(["dd", "if=/dev/urandom", f"of={local}", "bs=1M", f"count={args.size_mib}"],
             stderr=subprocess.DEVNULL)
@@ -638,7 +817,8 @@ def main():
     small_tree(tree)
     tarball = source_tarball()
     names = args.only.split(",")
-    classes = {"s3bridge": S3bridge, "s3fs": S3fs, "rclone": Rclone}
+    classes = {"s3bridge": S3bridge, "s3bridge-wb": S3bridgeWriteBack, "s3fs": S3fs,
+               "rclone": Rclone}
 
     passes = [("no added latency", 0.0)]
     if args.latency_ms > 0:
@@ -664,7 +844,7 @@ def main():
                 ENDPOINT = f"http://{listening}"
                 title += " (tc netem unavailable on this machine: a delaying TCP proxy, benches/latency_proxy.rs)"
         try:
-            refs = references(raw, local, args.size_mib, workloads)
+            refs = references(raw, local, args.size_mib, workloads, work / f"pass{int(delay * 1000)}", tree)
             results = {}
             for n in names:
                 fs = classes[n](work / f"pass{int(delay * 1000)}", f"bench-{stamp}-{int(delay * 1000)}-{n}/")
