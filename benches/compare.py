@@ -336,9 +336,12 @@ class Dav:
         run_dir.mkdir(parents=True, exist_ok=True)
         www = pwd.getpwnam("www-data")
         os.chown(run_dir, www.pw_uid, www.pw_gid)  # mod_dav's lock database
-        # www-data must pass through the directories above the served one.
+        # www-data must pass through the directories above the served one (a mount's root
+        # may refuse a chmod: s3fs answers EIO).
         for d in Path(root).parents:
-            os.chmod(d, os.stat(d).st_mode | 0o001)
+            mode = os.stat(d).st_mode
+            if not mode & 0o001:
+                os.chmod(d, mode | 0o001)
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
@@ -407,11 +410,14 @@ def webdav(name, root, work, local, tree, size_mib, remount, fill_list, uploaded
     r = {}
     log(f"{name}: WebDAV through Apache mod_dav")
     www = pwd.getpwnam("www-data")
-    os.makedirs(root, exist_ok=True)
-    try:
-        os.chown(root, www.pw_uid, www.pw_gid)
-    except OSError:
-        pass  # rclone has no owners and lets anyone write
+    # The listed folder is made here, not left implicit in the keys: s3fs shows a folder it
+    # has no object for as root's, mode 0750, which www-data may not read.
+    for d in (root, root / "list"):
+        os.makedirs(d, exist_ok=True)
+        try:
+            os.chown(d, www.pw_uid, www.pw_gid)
+        except OSError:
+            pass  # rclone has no owners and lets anyone write
     fill_list()
     remount()
     with Dav(work, root) as dav:
@@ -566,10 +572,16 @@ def run_filesystem(fs, raw, local, size_mib, tree, tarball, workloads):
     if "webdav" in workloads:
         def uploaded(rel, size):
             wait_for(lambda: raw.size(fs.prefix + "dav/" + rel) == size, "upload", timeout=600)
-        r.update(webdav(fs.name, Path(fs.p("dav")), fs.work / "apache", local, tree, size_mib,
-                        fs.remount_cold,
-                        lambda: raw("put-many-s3fs", fs.prefix + "dav/list/", str(DAV_LISTED)),
-                        uploaded))
+        try:
+            r.update(webdav(fs.name, Path(fs.p("dav")), fs.work / "apache", local, tree,
+                            size_mib, fs.remount_cold,
+                            lambda: raw("put-many-s3fs", fs.prefix + "dav/list/", str(DAV_LISTED)),
+                            uploaded))
+        except (RuntimeError, OSError, http.client.HTTPException) as e:
+            # One filesystem failing it leaves its rows empty, not the whole run lost.
+            log(f"{fs.name}: WebDAV workload FAILED: {e}")
+            if not is_mounted(fs.path):
+                fs.remount_cold()
     if "data" in workloads:
         log(f"{fs.name}: rename")
         r["rename"] = timed(["mv", fs.p("big"), fs.p("big-renamed")])
@@ -601,7 +613,6 @@ def references(raw, local, size_mib, workloads, work, tree):
         shutil.rmtree(root, ignore_errors=True)
 
         def fill_list():
-            (root / "list").mkdir(parents=True)
             for i in range(DAV_LISTED):
                 (root / "list" / f"f{i:05}").write_bytes(b"x" * 100)
         r.update(webdav("local disk", root, Path(work) / "local-apache", local, tree, size_mib,
