@@ -161,9 +161,9 @@ pub(crate) struct MountArgs {
     #[arg(long, default_value = "8")]
     pub(crate) upload_concurrency: usize,
     /// Threads that read requests from the kernel, each with its own /dev/fuse descriptor.
-    /// Requests are handed to async workers at once, except small reads of cached blocks,
-    /// which a thread answers itself (one local disk read at most): with two, one waiting for
-    /// the cache disk never holds up the rest of the mount.
+    /// Reads and writes run on the thread until they first have to wait (a local disk read
+    /// of cached blocks or a staging-file write may be done there), then on async workers:
+    /// with two, one waiting for the local disk never holds up the rest of the mount.
     #[arg(long, default_value = "2")]
     pub(crate) fuse_threads: usize,
     /// close() returns once the data is safe on local disk (synced staging file, committed

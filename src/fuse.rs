@@ -4,11 +4,13 @@
 //! straight back to `/dev/fuse`, so a slow S3 call holds up only the caller that needs it.
 //! The few answered on the loop itself take only memory and short in-memory locks: statfs
 //! (constant), forget's lookup counts (the row it may delete goes to a blocking thread),
-//! releasedir, and a readdirplus batch of a listing already made (if its lock is free). One
-//! also reads the local disk: a random read of at most 64 KiB of cached blocks
-//! ([`Fs::read_cached`]), one disk read of a few pages, where handing it to a worker and back
-//! cost more CPU than the read; there are two request threads by default (`--fuse-threads`),
-//! so one waiting for the cache disk does not hold up the mount.
+//! releasedir, and a readdirplus batch of a listing already made (if its lock is free). Reads
+//! and writes start here and move to the runtime only when they first have to wait
+//! ([`FuseAdapter::run_here_first`]): what they do before that is a local disk read of at most
+//! 64 KiB of cached blocks, a slice of a block in memory, or a write into a staging file,
+//! which cost less than handing the request to a worker and back. There are two request
+//! threads by default (`--fuse-threads`), so one waiting for the local disk does not hold up
+//! the mount.
 //! Semantics live in [`crate::fs`]; this file only translates types and errnos.
 
 use std::ffi::OsStr;
@@ -66,9 +68,9 @@ impl FuseAdapter {
     /// Like [`Self::spawn`], but the task first runs here, on the request thread, until it
     /// first has to wait (for a lock, the bucket, a blocking thread); only then does it go
     /// to the runtime, which polls it again at once and from then on. For requests that
-    /// usually need no waiting: a small write's work (one local write) costs less than the
-    /// hand-off to a worker and back, whose two wake-ups and context switches were most of
-    /// the daemon's CPU under a writer of 2 KiB pieces.
+    /// usually need no waiting, where the hand-off to a worker and back (two wake-ups and
+    /// their context switches) was most of the daemon's CPU: a write of a 2 KiB piece (what
+    /// Apache's mod_dav_fs sends), a random 4 KiB read of a cached block.
     fn run_here_first<F>(&self, f: impl FnOnce(Arc<Fs>) -> F)
     where
         F: Future<Output = ()> + Send + 'static,
@@ -498,10 +500,7 @@ impl fuser::Filesystem for FuseAdapter {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        if let Some(data) = self.fs.read_cached(fh.0, offset, size) {
-            return reply.data(&data);
-        }
-        self.spawn(move |fs| async move {
+        self.run_here_first(move |fs| async move {
             match fs.read(fh.0, offset, size).await {
                 Ok(data) => reply.data(&data),
                 Err(e) => reply.error(errno("read", &e)),

@@ -467,41 +467,6 @@ impl Fs {
         }
     }
 
-    /// A read answered at once, without the bucket and without waiting for anyone: a random
-    /// read of at most [`INLINE_CACHE_READ`](super::read::INLINE_CACHE_READ) bytes whose
-    /// blocks are in the block cache, while no other request holds the file. `None`: the
-    /// read takes the full path ([`Self::read`]), which gives the same bytes.
-    ///
-    /// For the FUSE thread: answering there spares a hand-off to a worker and back (two
-    /// wake-ups and their context switches), which was most of the daemon's CPU per random
-    /// 4 KiB read (perf: 14-17 against 17-19 s per GiB read, 9,200-10,900 against 8,400-9,100
-    /// reads per second). What it may wait for is one local disk read of a few pages.
-    pub fn read_cached(&self, fh: u64, offset: u64, size: u32) -> Option<Bytes> {
-        let h = self.open.file_handle(fh)?;
-        if h.file
-            .new_version
-            .load(std::sync::atomic::Ordering::Acquire)
-        {
-            return None; // taking it reads the inode table
-        }
-        let version = {
-            let st = h.file.state.try_lock().ok()?;
-            let remote = st.remote.as_ref()?;
-            if st.replaced != h.opened_on || st.staging.is_some() {
-                return None;
-            }
-            ObjectVersion {
-                key: remote.key.clone(),
-                etag: remote.etag.clone(),
-                size: h.file.attrs().size,
-            }
-        };
-        h.reader
-            .try_lock()
-            .ok()?
-            .read_cached(&self.blocks, &version, offset, size as usize)
-    }
-
     async fn read_once(&self, h: &FileHandle, offset: u64, size: u32) -> FsResult<Bytes> {
         let version = {
             let mut st = h.file.state.lock().await;

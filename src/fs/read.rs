@@ -38,9 +38,9 @@ use crate::store::{ObjectStore, StoreError, StoreResult};
 /// one block. 8 MiB is where a GET's transfer time passes its latency on a 1 Gbit/s link.
 const MAX_RANDOM_SPAN: u64 = 8;
 
-/// Largest cache read done on the async worker itself (see `BlockSource::cached`), or on the
-/// FUSE thread (`Fs::read_cached`): 16 sectors, one disk read.
-pub(super) const INLINE_CACHE_READ: usize = 64 * 1024;
+/// Largest cache read done by the task itself, without a blocking thread (see
+/// `BlockSource::cached`): 16 sectors, one disk read.
+const INLINE_CACHE_READ: usize = 64 * 1024;
 
 /// First read-ahead window of a sequential reader: one block, so a reader that stops early
 /// (`file`, a thumbnailer reading headers) wastes little.
@@ -138,28 +138,6 @@ impl BlockSource {
             .await
             .ok()
             .flatten()
-    }
-
-    /// Bytes `range` of `v` if every block they lie in is cached, read here and now;
-    /// `None` otherwise, and for more than [`INLINE_CACHE_READ`] bytes.
-    fn cached_now(&self, v: &ObjectVersion, range: Range<u64>) -> Option<Bytes> {
-        let cache = self.cache.as_ref()?;
-        if range.end - range.start > INLINE_CACHE_READ as u64 {
-            return None;
-        }
-        let mut pieces = Vec::with_capacity(2);
-        let mut pos = range.start;
-        while pos < range.end {
-            let block_start = pos / BLOCK_SIZE * BLOCK_SIZE;
-            let end = range.end.min(block_start + BLOCK_SIZE);
-            let within = (pos - block_start) as usize..(end - block_start) as usize;
-            pieces.push(cache.get(&v.block_id(pos / BLOCK_SIZE), within)?);
-            pos = end;
-        }
-        Some(match pieces.len() {
-            1 => pieces.pop().expect("one piece"),
-            _ => pieces.concat().into(),
-        })
     }
 
     /// Fetches blocks `blocks` from the bucket as concurrent GETs of the part size, stores
@@ -382,29 +360,6 @@ impl Reader {
             1 => pieces.pop().expect("one piece"),
             _ => pieces.concat().into(),
         })
-    }
-
-    /// [`Self::read`] of a random read (one that does not continue this reader's stream)
-    /// whose bytes are all in the block cache, done without waiting on the bucket; `None`
-    /// for any other read, and nothing changed.
-    pub fn read_cached(
-        &mut self,
-        src: &BlockSource,
-        version: &ObjectVersion,
-        offset: u64,
-        len: usize,
-    ) -> Option<Bytes> {
-        let end = (offset + len as u64).min(version.size);
-        if self.version.as_ref() != Some(version) || offset >= end || self.is_sequential(offset) {
-            return None;
-        }
-        let data = src.cached_now(version, offset..end)?;
-        // What the random path of `read` leaves after a read that fetched nothing.
-        self.drop_ahead();
-        self.window = 0;
-        self.held = None;
-        self.next_offset = end;
-        Some(data)
     }
 
     /// Whether a read at `offset` continues this reader's stream. The kernel sends a

@@ -271,33 +271,3 @@ async fn a_failed_read_ahead_is_retried_on_demand() {
     }
     assert_eq!(got, s.data);
 }
-
-#[tokio::test]
-async fn random_reads_of_cached_blocks_are_answered_at_once() {
-    let s = setup(4 * MIB as usize).await;
-    let mut r = Reader::default();
-    // A fresh reader has no version yet: the full path sets it (and fetches block 2).
-    assert!(r.read_cached(&s.src, &s.version, 2 * MIB, 4096).is_none());
-    r.read(&s.src, &s.version, 2 * MIB, 4096).await.unwrap();
-    // The next miss fetches the aligned chunk of two around it: block 3 (2 is cached).
-    r.read(&s.src, &s.version, 3 * MIB + 5, 10).await.unwrap();
-    // Block 0 is not cached: nothing is answered, nothing fetched.
-    let gets = s.mem.count(Op::Get);
-    assert!(r.read_cached(&s.src, &s.version, 100, 4096).is_none());
-    assert_eq!(s.mem.count(Op::Get), gets);
-    // A read across the boundary of blocks 2 and 3 is answered from the cache, byte for
-    // byte.
-    let at = 3 * MIB - 1000;
-    let b = r.read_cached(&s.src, &s.version, at, 8192).unwrap();
-    assert_eq!(&b[..], &s.data[at as usize..at as usize + 8192]);
-    assert_eq!(s.mem.count(Op::Get), gets);
-    // The reader's stream moved on as after a random read of the full path: a read right
-    // after it continues the stream, which is the full path's to serve.
-    assert!(r.read_cached(&s.src, &s.version, at + 8192, 4096).is_none());
-    // Past the end, and more than one disk read's worth: the full path.
-    assert!(r.read_cached(&s.src, &s.version, 5 * MIB, 10).is_none());
-    assert!(
-        r.read_cached(&s.src, &s.version, 1000, INLINE_CACHE_READ + 1)
-            .is_none()
-    );
-}
