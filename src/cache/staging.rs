@@ -57,11 +57,8 @@ const READ_OFF_WORKER: u64 = 256 * 1024;
 impl StagingReader {
     /// Bytes `range`, which must lie within the file.
     pub fn read(&self, range: Range<u64>) -> io::Result<Vec<u8>> {
-        let read = || {
-            let mut buf = vec![0u8; (range.end - range.start) as usize];
-            self.0.read_exact_at(&mut buf, range.start)?;
-            Ok(buf)
-        };
+        let read =
+            || crate::buffers::read_at(&self.0, (range.end - range.start) as usize, range.start);
         if range.end - range.start >= READ_OFF_WORKER {
             crate::blocking::off_worker(read)
         } else {
@@ -279,9 +276,7 @@ impl Staging {
         if offset >= end {
             return Ok(Vec::new());
         }
-        let mut buf = vec![0u8; (end - offset) as usize];
-        self.file.read_exact_at(&mut buf, offset)?;
-        Ok(buf)
+        crate::buffers::read_at(&self.file, (end - offset) as usize, offset)
     }
 
     /// A handle other tasks can read ranges with while this one goes on writing elsewhere.

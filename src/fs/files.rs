@@ -482,7 +482,7 @@ impl Fs {
                     .lock_with_blocks(&h.file, |s| s.missing_for_read(range.clone()))
                     .await?;
                 let staging = self.staging_of(&h.file, &mut st)?;
-                return Ok(Bytes::from(staging.read(offset, size as usize)?));
+                return Ok(crate::buffers::freeze(staging.read(offset, size as usize)?));
             }
             match &st.remote {
                 Some(o) => ObjectVersion {

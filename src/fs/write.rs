@@ -144,7 +144,7 @@ pub(super) async fn send_local_part(
     let _memory = budget.reserve(range.end - range.start).await;
     let body = reader.read(range).map_err(StoreError::Local)?;
     let etag = store
-        .upload_part(key, upload_id, number, Bytes::from(body))
+        .upload_part(key, upload_id, number, crate::buffers::freeze(body))
         .await?;
     Ok(CompletedPart { number, etag })
 }
@@ -330,7 +330,12 @@ pub async fn upload(
         Body::Single => {
             let body = plan.reader.read(0..plan.size).map_err(StoreError::Local)?;
             return store
-                .put(dest.key, Bytes::from(body), dest.headers, dest.expect)
+                .put(
+                    dest.key,
+                    crate::buffers::freeze(body),
+                    dest.headers,
+                    dest.expect,
+                )
                 .await;
         }
         Body::Parts(parts) => parts,
