@@ -172,6 +172,11 @@ pub(crate) struct MountArgs {
     /// directory; `s3bridge flush` and unmount wait for them.
     #[arg(long)]
     pub(crate) write_back: bool,
+    /// Seconds a file closed with --write-back waits before its upload starts: renamed,
+    /// unlinked or touched meanwhile, it costs no request of its own (a temporary file renamed
+    /// into place is one PUT, not a PUT, a copy and a delete).
+    #[arg(long, value_parser = s3bridge::config::parse_seconds, default_value = "1")]
+    pub(crate) write_back_delay: Duration,
     /// Files uploaded at once in the background (write-back, retries).
     #[arg(long, default_value = "8")]
     pub(crate) background_uploads: usize,
@@ -243,6 +248,7 @@ pub(crate) fn build_config(args: &MountArgs) -> Result<Config, String> {
         upload_concurrency: args.upload_concurrency.max(1),
         fuse_threads: args.fuse_threads.max(1),
         write_back: args.write_back,
+        write_back_delay: args.write_back_delay,
         background_uploads: args.background_uploads.max(1),
         read_ahead_max: args.read_ahead,
         read_part_size: args.read_part_size.max(1),

@@ -37,15 +37,23 @@ impl std::str::FromStr for MetadataTtl {
         if s == "forever" {
             return Ok(MetadataTtl::Forever);
         }
-        let secs: f64 = s
-            .trim_end_matches('s')
-            .parse()
-            .map_err(|_| format!("'{s}' is not a number of seconds or 'forever'"))?;
-        if !(0.0..=1e9).contains(&secs) {
-            return Err(format!("'{s}' is out of range"));
-        }
-        Ok(MetadataTtl::For(Duration::from_secs_f64(secs)))
+        parse_seconds(s)
+            .map(MetadataTtl::For)
+            .map_err(|e| format!("{e}, or 'forever'"))
     }
+}
+
+/// Parses a number of seconds, fractions allowed, with or without a trailing `s`
+/// (`5`, `0.5s`).
+pub fn parse_seconds(s: &str) -> Result<Duration, String> {
+    let secs: f64 = s
+        .trim_end_matches('s')
+        .parse()
+        .map_err(|_| format!("'{s}' is not a number of seconds"))?;
+    if !(0.0..=1e9).contains(&secs) {
+        return Err(format!("'{s}' is out of range (0 to 1e9 seconds)"));
+    }
+    Ok(Duration::from_secs_f64(secs))
 }
 
 /// Everything a mount needs to know. Defaults are documented on each field.
@@ -89,6 +97,11 @@ pub struct Config {
     /// `close()` returns once the data is durable on local disk; uploads run in the
     /// background (false: `close()` waits for the bucket).
     pub write_back: bool,
+    /// How long a file closed in write-back mode waits before its upload starts (1 s). A
+    /// rename, unlink or change of attributes meanwhile is local only: the temporary file
+    /// renamed into place of Nextcloud (`.part`), Samba, rsync and editors then costs one PUT
+    /// instead of a PUT, a CopyObject and a DeleteObject, and one deleted at once none.
+    pub write_back_delay: Duration,
     /// Files uploaded at once by the background uploader (8).
     pub background_uploads: usize,
     /// The server checks `If-Match`/`If-None-Match` on writes, so another client's change
@@ -144,6 +157,7 @@ impl Default for Config {
             upload_concurrency: 8,
             fuse_threads: 2,
             write_back: false,
+            write_back_delay: Duration::from_secs(1),
             background_uploads: 8,
             conditional_writes: false,
             read_ahead_max: 64 * 1024 * 1024,

@@ -808,7 +808,9 @@ impl Fs {
             Ok(self.meta.save_pending(&attrs, &staging.record())?)
         })?;
         st.phase = Phase::Journaled;
-        st.retry_at = Some(Instant::now());
+        // Not at once: a rename or unlink that follows a close within the delay (a temporary
+        // file put into place) is then local only, and the upload writes the final name.
+        st.retry_at = Some(Instant::now() + self.cfg.write_back_delay);
         st.retry_delay = Duration::from_secs(1);
         self.uploader.wake();
         Ok(())

@@ -111,8 +111,8 @@ impl Fs {
 
     /// Runs the background uploader until the filesystem is dropped: first aborts the
     /// multipart uploads a previous run left behind, then uploads files as they come due
-    /// (queued by a write-back close, or waiting for a retry), woken by the queue or every
-    /// second.
+    /// (queued by a write-back close, or waiting for a retry), woken by the queue, when the
+    /// next file comes due, or at the latest every second.
     pub async fn run_background(fs: Weak<Fs>) {
         let Some(due) = fs.upgrade().map(|me| {
             me.dirs.start_background();
@@ -124,14 +124,15 @@ impl Fs {
             fs.abort_leftover_uploads().await;
         }
         loop {
-            if let Some(fs) = fs.upgrade() {
-                fs.start_due_uploads().await;
-            } else {
-                return;
-            }
+            let next = match fs.upgrade() {
+                Some(fs) => fs.start_due_uploads().await,
+                None => return,
+            };
+            let now = Instant::now();
+            let wait = next.map_or(RETRY_TICK, |t| t.saturating_duration_since(now));
             tokio::select! {
                 _ = due.notified() => {}
-                _ = tokio::time::sleep(RETRY_TICK) => {}
+                _ = tokio::time::sleep(wait.min(RETRY_TICK)) => {}
             }
         }
     }
@@ -146,7 +147,9 @@ impl Fs {
     /// Starts an upload task for every file that is due and not being uploaded, each taking
     /// one of the `--background-uploads` slots. A file someone is changing (a write, its
     /// upload at close) is looked at again on the next round rather than waited for.
-    async fn start_due_uploads(self: &Arc<Self>) {
+    /// Returns when the next file not yet due will be.
+    async fn start_due_uploads(self: &Arc<Self>) -> Option<Instant> {
+        let mut next: Option<Instant> = None;
         for file in self.pending_files() {
             if file.changes.try_lock().is_err() {
                 continue;
@@ -155,10 +158,14 @@ impl Fs {
                 let Ok(st) = file.state.try_lock() else {
                     continue;
                 };
-                let due = st.phase.has_changes()
-                    && st.opens == 0
-                    && st.retry_at.is_some_and(|t| t <= Instant::now());
-                if !due {
+                let Some(at) = st
+                    .retry_at
+                    .filter(|_| st.phase.has_changes() && st.opens == 0)
+                else {
+                    continue;
+                };
+                if at > Instant::now() {
+                    next = Some(next.map_or(at, |n| n.min(at)));
                     continue;
                 }
             }
@@ -166,7 +173,7 @@ impl Fs {
                 continue;
             };
             let Ok(slot) = self.uploader.slots.clone().acquire_owned().await else {
-                return;
+                return next;
             };
             let fs = self.clone();
             tokio::spawn(async move {
@@ -174,6 +181,7 @@ impl Fs {
                 drop((claim, slot));
             });
         }
+        next
     }
 
     /// Files with data not in the bucket, or possibly so (the open-file table).

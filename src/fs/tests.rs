@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 use std::ffi::OsStr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use super::*;
 use crate::config::MetadataTtl;
@@ -19,7 +19,7 @@ const ME: Caller = Caller {
 };
 
 struct Setup {
-    fs: Fs,
+    fs: Arc<Fs>,
     mem: Arc<MemStore>,
     dir: tempfile::TempDir,
 }
@@ -53,7 +53,7 @@ fn setup_configured(
         ..Config::default()
     };
     configure(&mut cfg);
-    let fs = Fs::new(cfg, mem.clone()).unwrap();
+    let fs = Arc::new(Fs::new(cfg, mem.clone()).unwrap());
     Setup { fs, mem, dir }
 }
 
@@ -1396,6 +1396,40 @@ async fn a_write_back_close_returns_before_the_upload_and_the_data_goes_up_later
     assert_eq!(s.fs.flush_all().await, 0);
     assert_eq!(s.body("pre/f").unwrap(), b"queued");
     assert_eq!(s.fs.pending_uploads(), (0, 0));
+}
+
+#[tokio::test]
+async fn a_temporary_file_renamed_into_place_within_the_write_back_delay_is_one_put() {
+    let s = setup_configured(
+        Arc::new(MemStore::new()),
+        MetadataTtl::For(Duration::from_secs(60)),
+        tempfile::tempdir().unwrap(),
+        |cfg| {
+            cfg.write_back = true;
+            cfg.write_back_delay = Duration::from_secs(2);
+        },
+    );
+    tokio::spawn(Fs::run_background(Arc::downgrade(&s.fs)));
+    s.write_file(ROOT, ".f.part", b"final contents").await;
+    // The uploader has the time to look meanwhile.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    s.fs.rename(ROOT, n(".f.part"), ROOT, n("f"), 0)
+        .await
+        .unwrap();
+    s.write_file(ROOT, "scratch", b"deleted at once").await;
+    s.fs.unlink(ROOT, n("scratch")).await.unwrap();
+    s.write_file(ROOT, "later", b"closed last").await;
+    // Nobody flushes: the uploader sends each once its delay is over.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while s.body("pre/f").is_none() || s.body("pre/later").is_none() {
+        assert!(Instant::now() < deadline, "the uploads never started");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(s.body("pre/f").unwrap(), b"final contents");
+    assert_eq!(s.mem.keys(), ["pre/f", "pre/later"]);
+    assert_eq!(s.mem.count(Op::Put), 2, "one PUT per surviving file");
+    assert_eq!(s.mem.count(Op::Copy), 0, "the rename was local");
+    assert_eq!(s.mem.count(Op::Delete), 0, "nothing went up to be deleted");
 }
 
 #[tokio::test]
