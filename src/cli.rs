@@ -73,16 +73,19 @@ pub(crate) fn parse_size(s: &str) -> Result<u64, String> {
                 "k" | "kib" | "kb" => 1 << 10,
                 "m" | "mib" | "mb" => 1 << 20,
                 "g" | "gib" | "gb" => 1 << 30,
-                other => return Err(format!("unknown size unit '{other}' (use K, M or G)")),
+                "t" | "tib" | "tb" => 1 << 40,
+                other => return Err(format!("unknown size unit '{other}' (use K, M, G or T)")),
             };
             (&s[..i], mult)
         }
-        None => (s, 1),
+        None => (s, 1u64),
     };
-    num.trim()
+    let n = num
+        .trim()
         .parse::<u64>()
-        .map(|n| n * mult)
-        .map_err(|_| format!("'{s}' is not a size like 8M"))
+        .map_err(|_| format!("'{s}' is not a size like 8M"))?;
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("'{s}' is too large: sizes go up to 16777215T"))
 }
 
 #[derive(Args, Debug)]
@@ -287,7 +290,12 @@ mod tests {
         assert_eq!(parse_size("8M"), Ok(8 << 20));
         assert_eq!(parse_size("512"), Ok(512));
         assert_eq!(parse_size("1GiB"), Ok(1 << 30));
+        assert_eq!(parse_size("2T"), Ok(2 << 40));
+        assert_eq!(parse_size("16777215T"), Ok(16777215 << 40));
         assert!(parse_size("1X").is_err());
+        // Too large for 64 bits: an error, not a wrapped-around small number.
+        assert!(parse_size("16777216T").unwrap_err().contains("too large"));
+        assert!(parse_size("18446744073709551616").is_err());
         assert_eq!(parse_octal("0770"), Ok(0o770));
         assert_eq!(parse_octal("755"), Ok(0o755));
         assert!(parse_octal("9").is_err());

@@ -91,7 +91,10 @@ pub fn mount_options(fs: &Fs) -> fuser::Config {
     let cfg = fs.config();
     let mut options = vec![
         MountOption::FSName(format!("s3bridge:{}", cfg.bucket)),
-        MountOption::Subtype("s3bridge".to_string()),
+        // As a kernel option, so that the mount table says `fuse.s3bridge` (`findmnt -t
+        // fuse.s3bridge`): fuser hands `Subtype` to fusermount only, and a mount by root
+        // calls mount(2) itself with type `fuse`. fusermount takes it from here as well.
+        MountOption::CUSTOM("subtype=s3bridge".to_string()),
         // The kernel enforces modes and ownership (as it must with allow_other).
         MountOption::DefaultPermissions,
         // Device nodes and set-user-ID bits from a bucket must not take effect on this host.

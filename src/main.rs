@@ -40,7 +40,19 @@ fn main() -> ExitCode {
         .collect();
     let cli = if mount_helper::is_mount_helper(&args, &subcommands) {
         match mount_helper::translate(&args) {
-            Ok(mount_helper::Translated { args, env }) => {
+            Ok(mount_helper::Invocation::Remount {
+                mountpoint,
+                read_only,
+            }) => {
+                return match mountpoint::remount(&mountpoint, read_only) {
+                    Ok(()) => ExitCode::SUCCESS,
+                    Err(msg) => {
+                        eprintln!("s3bridge: {msg}");
+                        ExitCode::FAILURE
+                    }
+                };
+            }
+            Ok(mount_helper::Invocation::Mount(mount_helper::Translated { args, env })) => {
                 for (k, v) in env {
                     // SAFETY: still single-threaded; nothing reads the environment yet.
                     unsafe { std::env::set_var(k, v) };
@@ -86,8 +98,13 @@ fn main() -> ExitCode {
 }
 
 fn init_logging(level: &str, file: Option<&Path>) -> Result<(), String> {
-    let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new(format!("warn,s3bridge={level},fuser=error")));
+    // aws_config warns of every source of its chains it could not use (the instance metadata
+    // service on any machine that is no EC2 instance); what matters is said by our errors.
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        EnvFilter::new(format!(
+            "warn,s3bridge={level},fuser=error,aws_config=error"
+        ))
+    });
     let builder = tracing_subscriber::fmt().with_env_filter(filter);
     match file {
         Some(path) => {
@@ -107,6 +124,18 @@ fn init_logging(level: &str, file: Option<&Path>) -> Result<(), String> {
 fn explain_preflight(cfg: &Config, err: StoreError) -> String {
     let endpoint = cfg.endpoint_url.as_deref().unwrap_or("AWS S3");
     match err {
+        StoreError::NoCredentials(why) => {
+            let profile = std::env::var("AWS_PROFILE").unwrap_or_else(|_| "default".into());
+            let file = std::env::var("AWS_SHARED_CREDENTIALS_FILE")
+                .unwrap_or_else(|_| "~/.aws/credentials".into());
+            format!(
+                "no AWS credentials found ({why}): looked in the environment \
+                 (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY), profile '{profile}' of {file} and \
+                 ~/.aws/config, a web identity token, the container endpoint and the EC2 \
+                 instance metadata; export the two variables, write {file}, or give \
+                 credentials=FILE in an fstab line (mount runs with an empty environment)"
+            )
+        }
         StoreError::NoSuchBucket(_) => format!(
             "bucket '{}' does not exist at {endpoint}; create it or check the name",
             cfg.bucket
@@ -208,11 +237,16 @@ fn serve(
         attempt_timeout: Duration::from_secs(10),
         ..s3_options(&cfg)
     };
-    rt.block_on(async {
+    let credentials = rt.block_on(async {
         let probe = S3Store::connect(&preflight_opts).await;
+        let source = probe
+            .load_credentials()
+            .await
+            .map_err(|e| explain_preflight(&cfg, e))?;
         s3bridge::store::ObjectStore::list(&probe, &cfg.prefix, Some("/"), None, Some(1))
             .await
-            .map_err(|e| explain_preflight(&cfg, e))
+            .map_err(|e| explain_preflight(&cfg, e))?;
+        Ok::<_, String>(source)
     })?;
     let store = rt.block_on(S3Store::connect(&s3_options(&cfg)));
     let fs = Arc::new(Fs::new(cfg.clone(), Arc::new(store)).map_err(|e| e.to_string())?);
@@ -256,7 +290,7 @@ fn serve(
         bucket = cfg.bucket,
         prefix = cfg.prefix,
         mountpoint = %mountpoint.display(),
-        "mounted"
+        "mounted, with credentials from {credentials}"
     );
     raise_kernel_read_ahead(mountpoint);
     let pid_file = PidFile::create(mountpoint);

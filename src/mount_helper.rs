@@ -43,8 +43,22 @@ pub struct Translated {
     pub env: Vec<(String, String)>,
 }
 
+/// What mount(8) asks for.
+pub enum Invocation {
+    /// A new mount: the `s3bridge mount ...` equivalent.
+    Mount(Translated),
+    /// `-o remount,...` of a mount that is there: only read-only or read-write can change
+    /// (the kernel accepts nothing else for FUSE).
+    Remount {
+        /// Where it is mounted.
+        mountpoint: std::path::PathBuf,
+        /// `ro` (the last of `ro` and `rw` given), else `rw`.
+        read_only: bool,
+    },
+}
+
 /// The `s3bridge mount ...` equivalent of a mount helper invocation.
-pub fn translate(args: &[OsString]) -> Result<Translated, String> {
+pub fn translate(args: &[OsString]) -> Result<Invocation, String> {
     let mut positional = Vec::new();
     let mut options = Vec::new();
     let mut rest = args.iter().skip(1);
@@ -69,6 +83,13 @@ pub fn translate(args: &[OsString]) -> Result<Translated, String> {
             p.len()
         )
     })?;
+    if options.iter().any(|o| o == "remount") {
+        let read_only = options.iter().rev().find(|o| *o == "ro" || *o == "rw");
+        return Ok(Invocation::Remount {
+            mountpoint: mountpoint.into(),
+            read_only: read_only.is_some_and(|o| o == "ro"),
+        });
+    }
     let mut out: Vec<OsString> = vec!["s3bridge".into(), "mount".into(), source, mountpoint];
     let mut env = Vec::new();
     for opt in options {
@@ -88,7 +109,7 @@ pub fn translate(args: &[OsString]) -> Result<Translated, String> {
             (n, None) => out.push(format!("--{}", n.replace('_', "-")).into()),
         }
     }
-    Ok(Translated { args: out, env })
+    Ok(Invocation::Mount(Translated { args: out, env }))
 }
 
 /// Splits a mount option list at commas.
@@ -117,17 +138,23 @@ mod tests {
         assert!(!helper(&["s3bridge", "status", "/mnt"]));
     }
 
+    fn mount(args: &[&str]) -> Translated {
+        match translate(&os(args)).unwrap() {
+            Invocation::Mount(t) => t,
+            Invocation::Remount { .. } => panic!("{args:?} is no remount"),
+        }
+    }
+
     #[test]
     fn fstab_options_become_command_line_options() {
-        let Translated { args, env } = translate(&os(&[
+        let Translated { args, env } = mount(&[
             "/sbin/mount.s3bridge",
             "bucket:dir/",
             "/mnt/x",
             "-o",
             "rw,allow_other,uid=33,gid=33,file_mode=0640,_netdev,x-systemd.automount,endpoint=http://h:3900,cache_dir=/var/cache/x,write_back,credentials=/etc/s3bridge/creds",
             "-n",
-        ]))
-        .unwrap();
+        ]);
         let args: Vec<String> = args.iter().map(|a| a.to_string_lossy().into()).collect();
         assert_eq!(
             args,
@@ -157,8 +184,26 @@ mod tests {
                 "/etc/s3bridge/creds".to_string()
             )]
         );
-        let ro = translate(&os(&["mount.s3bridge", "b", "/m", "-oro"])).unwrap();
+        let ro = mount(&["mount.s3bridge", "b", "/m", "-oro"]);
         assert!(ro.args.contains(&OsString::from("--read-only")));
         assert!(translate(&os(&["mount.s3bridge", "b"])).is_err());
+    }
+
+    #[test]
+    fn a_remount_changes_only_read_only_and_the_last_word_counts() {
+        let remount = |opts: &str| match translate(&os(&["s3bridge", "b:p/", "/m", "-o", opts])) {
+            Ok(Invocation::Remount {
+                mountpoint,
+                read_only,
+            }) => {
+                assert_eq!(mountpoint, std::path::Path::new("/m"));
+                read_only
+            }
+            _ => panic!("{opts} is a remount"),
+        };
+        assert!(remount("remount,ro"));
+        assert!(!remount("ro,nosuid,remount,rw"));
+        assert!(remount("rw,allow_other,remount,ro"));
+        assert!(!remount("remount"));
     }
 }

@@ -1,6 +1,6 @@
 //! The mount point: checking it before a mount, reading `/proc/self/mountinfo`, tuning the
-//! kernel's read-ahead for it, and `s3bridge unmount` (which waits for the daemon to finish
-//! its uploads).
+//! kernel's read-ahead for it, `mount -o remount,ro|rw`, and `s3bridge unmount` (which waits
+//! for the daemon to finish its uploads).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -159,6 +159,65 @@ pub(crate) fn unmount(mountpoint: &Path) -> Result<(), String> {
             std::thread::sleep(Duration::from_millis(20));
         }
     }
+    Ok(())
+}
+
+/// `mount -o remount,ro` (or `rw`) of a mount of ours: mount(8) hands remounts to the helper
+/// of the type, which for a FUSE filesystem would otherwise start a second daemon. The kernel
+/// switches the superblock itself and refuses every change with EROFS while it is read-only,
+/// before a request reaches the daemon; the mount's other flags (nosuid, nodev, noatime...)
+/// are read back and kept, since a remount replaces them all.
+pub fn remount(mountpoint: &Path, read_only: bool) -> Result<(), String> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(mountpoint.as_os_str().as_bytes())
+        .map_err(|_| format!("{}: a path with a NUL byte", mountpoint.display()))?;
+    // SAFETY: statvfs only writes into the zeroed struct it is given.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(path.as_ptr(), &mut st) } != 0 {
+        return Err(format!(
+            "cannot remount {}: {}",
+            mountpoint.display(),
+            std::io::Error::last_os_error()
+        ));
+    }
+    let kept = [
+        (libc::ST_NOSUID, libc::MS_NOSUID),
+        (libc::ST_NODEV, libc::MS_NODEV),
+        (libc::ST_NOEXEC, libc::MS_NOEXEC),
+        (libc::ST_SYNCHRONOUS, libc::MS_SYNCHRONOUS),
+        (libc::ST_NOATIME, libc::MS_NOATIME),
+        (libc::ST_NODIRATIME, libc::MS_NODIRATIME),
+        (libc::ST_RELATIME, libc::MS_RELATIME),
+    ];
+    let mut flags = libc::MS_REMOUNT;
+    for (has, keep) in kept {
+        if st.f_flag & has != 0 {
+            flags |= keep;
+        }
+    }
+    if read_only {
+        flags |= libc::MS_RDONLY;
+    }
+    // SAFETY: valid NUL-terminated path; null source, type and data are allowed for a
+    // remount (FUSE ignores data on remount).
+    let rc = unsafe {
+        libc::mount(
+            std::ptr::null(),
+            path.as_ptr(),
+            std::ptr::null(),
+            flags,
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 {
+        return Err(format!(
+            "cannot remount {} {}: {}",
+            mountpoint.display(),
+            if read_only { "read-only" } else { "read-write" },
+            std::io::Error::last_os_error()
+        ));
+    }
+    debug!(mountpoint = %mountpoint.display(), read_only, "remounted");
     Ok(())
 }
 

@@ -12,16 +12,21 @@ use common::{Mount, Server, binary, is_mounted, scratch, unique};
 /// Runs `s3bridge` with `args` against the test server, with the given credentials; fails
 /// the test if it takes longer than 60 s.
 fn run(args: &[&str], key: &str, secret: &str) -> Output {
+    run_with(args, |cmd| {
+        cmd.env("AWS_ACCESS_KEY_ID", key)
+            .env("AWS_SECRET_ACCESS_KEY", secret)
+            .env("AWS_REGION", "us-east-1");
+    })
+}
+
+/// Runs `s3bridge` with `args` in the environment `env` makes; fails the test if it takes
+/// longer than 60 s.
+fn run_with(args: &[&str], env: impl FnOnce(&mut Command)) -> Output {
     let start = Instant::now();
-    let out = Command::new("timeout")
-        .arg("60")
-        .arg(binary())
-        .args(args)
-        .env("AWS_ACCESS_KEY_ID", key)
-        .env("AWS_SECRET_ACCESS_KEY", secret)
-        .env("AWS_REGION", "us-east-1")
-        .output()
-        .unwrap();
+    let mut cmd = Command::new("timeout");
+    cmd.arg("60").arg(binary()).args(args);
+    env(&mut cmd);
+    let out = cmd.output().unwrap();
     assert_ne!(out.status.code(), Some(124), "s3bridge {args:?} hung");
     assert!(start.elapsed() < Duration::from_secs(60));
     out
@@ -164,6 +169,39 @@ fn bad_credentials_are_one_clear_line() {
     );
     assert_one_line_error(&out, "check the credentials");
     assert!(!is_mounted(&mnt));
+}
+
+#[test]
+fn no_credentials_anywhere_is_its_own_clear_line() {
+    let s = Server::from_env();
+    let (mnt, cache) = fresh_dirs();
+    let _guard = Unmount(mnt.clone());
+    // A new user: nothing in the environment, no ~/.aws, no instance role on this machine.
+    let home = cache.with_file_name("home");
+    std::fs::create_dir_all(&home).unwrap();
+    for fg in [true, false] {
+        let mut args = mount_args(&s.bucket, &mnt, &cache, &s.endpoint);
+        if fg {
+            args.push("-f");
+        }
+        let out = run_with(&args, |cmd| {
+            cmd.env_clear()
+                .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+                .env("HOME", &home);
+        });
+        assert_one_line_error(&out, "no AWS credentials found");
+        let err = String::from_utf8_lossy(&out.stderr);
+        // Where it looked and how to give them; not a server to check.
+        for needle in [
+            "AWS_ACCESS_KEY_ID",
+            "~/.aws/credentials",
+            "credentials=FILE",
+        ] {
+            assert!(err.contains(needle), "'{needle}' not in: {err}");
+        }
+        assert!(!err.contains("cannot reach"), "{err}");
+        assert!(!is_mounted(&mnt));
+    }
 }
 
 #[test]

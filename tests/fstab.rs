@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{Bucket, Server, binary, is_mounted, scratch, unique};
+use common::{Bucket, Server, binary, is_mounted, mount_entry, scratch, unique};
 
 /// A link to the binary under test for the test's duration, where mount(8) or mount.fuse3
 /// look for it (left alone if something else is installed there).
@@ -118,7 +118,10 @@ impl Setup {
 
     /// What the mount shows of an object written without POSIX headers, and of its root.
     fn check(&self) {
-        assert!(is_mounted(&self.mnt), "mounted");
+        let entry = mount_entry(&self.mnt).expect("mounted");
+        // What `findmnt -t fuse.s3bridge` and `df -t fuse.s3bridge` look for.
+        assert_eq!(entry.fstype, "fuse.s3bridge", "{entry:?}");
+        assert!(entry.source.starts_with("s3bridge:"), "{entry:?}");
         Bucket::new(&self.server, &self.prefix).put("plain", b"from the api", &[]);
         let root = fs::metadata(&self.mnt).unwrap();
         assert_eq!(
@@ -134,6 +137,39 @@ impl Setup {
                 .unwrap(),
             b"through fstab"
         );
+    }
+
+    /// `mount -o remount,ro` and back to `rw`, as pjdfstest's EROFS cases do it.
+    fn remount_read_only_and_back(&self) {
+        let option = |want: &str| {
+            let entry = mount_entry(&self.mnt).expect("still mounted");
+            entry.options.split(',').any(|o| o == want)
+        };
+        self.run(
+            Command::new("mount")
+                .args(["-o", "remount,ro"])
+                .arg(&self.mnt),
+        );
+        assert!(option("ro"), "{:?}", mount_entry(&self.mnt));
+        let refused = fs::write(self.mnt.join("refused"), b"x").unwrap_err();
+        assert_eq!(refused.raw_os_error(), Some(libc::EROFS), "{refused}");
+        let refused = fs::remove_file(self.mnt.join("written")).unwrap_err();
+        assert_eq!(refused.raw_os_error(), Some(libc::EROFS), "{refused}");
+        assert_eq!(
+            fs::read(self.mnt.join("written")).unwrap(),
+            b"through fstab"
+        );
+        self.run(
+            Command::new("mount")
+                .args(["-o", "remount,rw"])
+                .arg(&self.mnt),
+        );
+        assert!(option("rw"), "{:?}", mount_entry(&self.mnt));
+        fs::write(self.mnt.join("after"), b"writable again").unwrap();
+        let bucket = Bucket::new(&self.server, &self.prefix);
+        assert_eq!(bucket.get("after").unwrap(), b"writable again");
+        assert!(bucket.get("refused").is_none());
+        assert_eq!(bucket.get("written").unwrap(), b"through fstab");
     }
 
     fn umount(&self) {
@@ -169,6 +205,7 @@ fn an_fstab_line_mounts_with_mount_dir() {
     .unwrap();
     s.run(Command::new("mount").arg("--fstab").arg(&fstab).arg(&s.mnt));
     s.check();
+    s.remount_read_only_and_back();
     s.umount();
     // mount -t s3bridge, the same options on the command line.
     s.run(
@@ -203,5 +240,6 @@ fn fuse_dot_s3bridge_mounts_through_mount_fuse3() {
             .args(["-o", &s.options()]),
     );
     s.check();
+    s.remount_read_only_and_back();
     s.umount();
 }

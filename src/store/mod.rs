@@ -117,6 +117,9 @@ pub enum StoreError {
     /// The bucket does not exist.
     #[error("bucket does not exist: {0}")]
     NoSuchBucket(String),
+    /// The credential chain found no credentials, or could not load those it found.
+    #[error("no AWS credentials: {0}")]
+    NoCredentials(String),
     /// The server refused our credentials or our permissions (403 and friends).
     #[error("access denied by the S3 server: {0}")]
     AccessDenied(String),
@@ -142,7 +145,7 @@ impl StoreError {
         match self {
             StoreError::NotFound(_) => libc::ENOENT,
             StoreError::PreconditionFailed(_) => libc::ESTALE,
-            StoreError::AccessDenied(_) => libc::EACCES,
+            StoreError::AccessDenied(_) | StoreError::NoCredentials(_) => libc::EACCES,
             StoreError::InvalidRange(_) => libc::EINVAL,
             StoreError::NoSuchBucket(_) | StoreError::Unavailable(_) | StoreError::Other(_) => {
                 libc::EIO

@@ -54,6 +54,37 @@ pub struct S3Options {
     pub attempt_timeout: Duration,
 }
 
+/// Where the credentials of a mount come from, as the AWS credential chain found them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CredentialSource {
+    /// `AWS_ACCESS_KEY_ID` and `AWS_SECRET_ACCESS_KEY`.
+    Environment,
+    /// A profile of `~/.aws/credentials` or `~/.aws/config` (`AWS_PROFILE`,
+    /// `AWS_SHARED_CREDENTIALS_FILE`, fstab's `credentials=`), keys, SSO or a process.
+    Profile,
+    /// A web identity token (`AWS_WEB_IDENTITY_TOKEN_FILE`: EKS, CI systems).
+    WebIdentity,
+    /// The container credentials endpoint (ECS, Fargate).
+    Container,
+    /// The EC2 instance role, through the instance metadata service.
+    InstanceRole,
+    /// A source the chain did not name.
+    Other,
+}
+
+impl std::fmt::Display for CredentialSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            CredentialSource::Environment => "the environment (AWS_ACCESS_KEY_ID)",
+            CredentialSource::Profile => "a profile of the shared files (~/.aws/credentials)",
+            CredentialSource::WebIdentity => "a web identity token (AWS_WEB_IDENTITY_TOKEN_FILE)",
+            CredentialSource::Container => "the container credentials endpoint",
+            CredentialSource::InstanceRole => "the EC2 instance role (instance metadata)",
+            CredentialSource::Other => "the AWS credential chain",
+        })
+    }
+}
+
 /// The aws-sdk-s3 object store.
 #[derive(Debug, Clone)]
 pub struct S3Store {
@@ -65,6 +96,8 @@ pub struct S3Store {
     opts: S3Options,
     /// HEADs without the SDK's pipeline, where the endpoint allows it (`store/direct.rs`).
     direct: Option<Arc<DirectClient>>,
+    /// The credential chain requests are signed from (`None`: none is configured at all).
+    credentials: Option<SharedCredentialsProvider>,
 }
 
 impl S3Store {
@@ -112,7 +145,51 @@ impl S3Store {
             max_attempts: opts.max_attempts.max(1),
             opts: opts.clone(),
             direct,
+            credentials: shared.credentials_provider(),
         }
+    }
+
+    /// Loads the credentials requests will be signed with and says where they came from.
+    /// Without this, a chain that finds nothing surfaces only inside the first request's
+    /// error, as a failure to reach the instance metadata service: a missing key would read
+    /// as an unreachable server.
+    pub async fn load_credentials(&self) -> Result<CredentialSource, StoreError> {
+        use aws_credential_types::credential_feature::AwsCredentialFeature as F;
+        use aws_credential_types::provider::ProvideCredentials;
+        use aws_credential_types::provider::error::CredentialsError;
+        let provider = self.credentials.as_ref().ok_or(StoreError::NoCredentials(
+            "no credential provider is configured".into(),
+        ))?;
+        let creds = provider.provide_credentials().await.map_err(|e| match e {
+            CredentialsError::CredentialsNotLoaded(_) => {
+                StoreError::NoCredentials("no source had any".into())
+            }
+            // The chain stops at a source that fails (here often the instance metadata
+            // service, last in the chain, refusing a machine that is no EC2 instance).
+            other => StoreError::NoCredentials(format!(
+                "the last source tried answered: {}",
+                error_chain(&other)
+            )),
+        })?;
+        let features = creds.get_property::<Vec<F>>().cloned().unwrap_or_default();
+        // The first source named, in the order the chain tries them.
+        let source = features.iter().find_map(|f| match f {
+            F::CredentialsEnvVars => Some(CredentialSource::Environment),
+            F::CredentialsProfile
+            | F::CredentialsProfileSourceProfile
+            | F::CredentialsProfileNamedProvider
+            | F::CredentialsProfileProcess
+            | F::CredentialsProfileSso
+            | F::CredentialsProfileStsWebIdToken
+            | F::CredentialsProfileLogin => Some(CredentialSource::Profile),
+            F::CredentialsEnvVarsStsWebIdToken | F::CredentialsStsAssumeRoleWebId => {
+                Some(CredentialSource::WebIdentity)
+            }
+            F::CredentialsHttp => Some(CredentialSource::Container),
+            F::CredentialsImds => Some(CredentialSource::InstanceRole),
+            _ => None,
+        });
+        Ok(source.unwrap_or(CredentialSource::Other))
     }
 
     /// One GET of `range`, its body read into buffers of `piece` bytes as it arrives.

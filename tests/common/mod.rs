@@ -510,15 +510,37 @@ impl Drop for Mount {
 
 /// Whether `path` is a mount point.
 pub fn is_mounted(path: &Path) -> bool {
+    mount_entry(path).is_some()
+}
+
+/// What the mount table says of the (topmost) mount at `path`.
+#[derive(Debug)]
+pub struct MountEntry {
+    /// What was mounted (`s3bridge:BUCKET`).
+    pub source: String,
+    /// The filesystem type (`fuse.s3bridge`).
+    pub fstype: String,
+    /// The options, comma-separated (`ro`/`rw` first).
+    pub options: String,
+}
+
+/// Reads `/proc/self/mounts` for the mount at `path`.
+pub fn mount_entry(path: &Path) -> Option<MountEntry> {
     let want = match path.canonicalize() {
         Ok(p) => p,
         Err(_) => path.to_path_buf(),
     };
-    std::fs::read_to_string("/proc/self/mountinfo")
+    let unescape = |f: &str| f.replace("\\040", " ");
+    std::fs::read_to_string("/proc/self/mounts")
         .unwrap_or_default()
         .lines()
-        .filter_map(|l| l.split(' ').nth(4))
-        .any(|m| Path::new(&m.replace("\\040", " ")) == want)
+        .map(|l| l.split(' ').collect::<Vec<_>>())
+        .rfind(|f| f.len() >= 4 && Path::new(&unescape(f[1])) == want)
+        .map(|f| MountEntry {
+            source: unescape(f[0]),
+            fstype: f[2].to_string(),
+            options: f[3].to_string(),
+        })
 }
 
 /// Runs `script` with bash in `dir`; panics with its output unless it succeeds.

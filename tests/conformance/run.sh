@@ -13,6 +13,14 @@ root=$(cd "$here/../.." && pwd)
 bin=${S3BRIDGE_BIN:-${CARGO_TARGET_DIR:-$root/target}/debug/s3bridge}
 fsx_ops=${FSX_OPS:-20000}
 export PATH="$HOME/.cargo/bin:$PATH"
+# pjdfstest's EROFS cases remount read-only and back: mount(8) hands that to mount.fuse3,
+# which runs `s3bridge` from a cleared environment's PATH. A link for the run where it looks
+# first, unless an s3bridge is installed there.
+helper_link=
+if [ ! -e /usr/local/sbin/s3bridge ]; then
+    ln -s "$bin" /usr/local/sbin/s3bridge
+    helper_link=/usr/local/sbin/s3bridge
+fi
 
 work=$(mktemp -d "${TMPDIR:-/tmp}/s3bridge-conformance.XXXXXX")
 chmod 0755 "$work"
@@ -24,6 +32,7 @@ cleanup() {
         "$bin" unmount "$mnt" 2>/dev/null || umount -l "$mnt" 2>/dev/null || true
     fi
     rm -rf "$work"
+    [ -z "$helper_link" ] || rm -f "$helper_link"
 }
 trap cleanup EXIT
 
