@@ -31,7 +31,9 @@ deb=$(packaging/build-deb.sh | tail -1)
 dpkg -i "$deb" >/dev/null
 [ "$(/usr/bin/s3bridge --version)" = "s3bridge $(grep -m1 '^version' Cargo.toml | cut -d'"' -f2)" ] \
     || fail "installed binary's version"
-[ "$(readlink /sbin/mount.s3bridge)" = /usr/bin/s3bridge ] || fail "mount helper link"
+for link in /sbin/mount.s3bridge /sbin/mount.fuse.s3bridge; do
+    [ "$(readlink "$link")" = /usr/bin/s3bridge ] || fail "mount helper link $link"
+done
 for f in /usr/share/man/man1/s3bridge.1.gz /usr/share/man/man1/s3bridge-mount.1.gz \
     /usr/share/bash-completion/completions/s3bridge /usr/share/zsh/vendor-completions/_s3bridge \
     /usr/share/fish/vendor_completions.d/s3bridge.fish /lib/systemd/system/s3bridge@.service; do
@@ -58,6 +60,12 @@ umount "$mnt"
 while grep -q " $mnt " /proc/mounts; do sleep 0.1; done
 env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin mount --fstab "$work/fstab" "$mnt"
 [ "$(cat "$mnt/hello.txt")" = "installed from the package" ] || fail "read back after remount"
+# Read-only and back without a restart, through the installed mount.fuse.s3bridge.
+env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin mount -o remount,ro "$mnt"
+grep " $mnt fuse.s3bridge ro," /proc/mounts >/dev/null || fail "remount,ro: $(grep " $mnt " /proc/mounts)"
+if (echo refused > "$mnt/refused.txt") 2>/dev/null; then fail "a write to a read-only remount"; fi
+env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin mount -o remount,rw "$mnt"
+grep " $mnt fuse.s3bridge rw," /proc/mounts >/dev/null || fail "remount,rw: $(grep " $mnt " /proc/mounts)"
 code=$(curl -s -o "$work/body" -w '%{http_code}' --aws-sigv4 "aws:amz:us-east-1:s3" \
     --user "$AWS_ACCESS_KEY_ID:$AWS_SECRET_ACCESS_KEY" -H "x-amz-content-sha256: UNSIGNED-PAYLOAD" \
     "$S3BRIDGE_TEST_ENDPOINT/$S3BRIDGE_TEST_BUCKET/${prefix}hello.txt")
@@ -65,5 +73,6 @@ code=$(curl -s -o "$work/body" -w '%{http_code}' --aws-sigv4 "aws:amz:us-east-1:
 umount "$mnt"
 while grep -q " $mnt " /proc/mounts; do sleep 0.1; done
 dpkg -r s3bridge >/dev/null
-[ ! -e /sbin/mount.s3bridge ] && [ ! -e /usr/bin/s3bridge ] || fail "dpkg -r left files"
+[ ! -e /sbin/mount.s3bridge ] && [ ! -e /sbin/mount.fuse.s3bridge ] && [ ! -e /usr/bin/s3bridge ] \
+    || fail "dpkg -r left files"
 echo "deb test: $(basename "$deb") installs, mounts from fstab, and removes cleanly"
