@@ -44,13 +44,7 @@ fn main() -> ExitCode {
                 mountpoint,
                 read_only,
             }) => {
-                return match mountpoint::remount(&mountpoint, read_only) {
-                    Ok(()) => ExitCode::SUCCESS,
-                    Err(msg) => {
-                        eprintln!("s3bridge: {msg}");
-                        ExitCode::FAILURE
-                    }
-                };
+                return exit_code(mountpoint::remount(&mountpoint, read_only));
             }
             Ok(mount_helper::Invocation::Mount(mount_helper::Translated { args, env })) => {
                 for (k, v) in env {
@@ -59,10 +53,7 @@ fn main() -> ExitCode {
                 }
                 Cli::parse_from(args)
             }
-            Err(msg) => {
-                eprintln!("s3bridge: {msg}");
-                return ExitCode::FAILURE;
-            }
+            Err(msg) => return exit_code(Err(msg)),
         }
     } else {
         Cli::parse()
@@ -88,6 +79,11 @@ fn main() -> ExitCode {
             s3bridge::control::flush(&mountpoint, &mut std::io::stderr(), terminal)
         }
     };
+    exit_code(result)
+}
+
+/// Success, or the error as one line on stderr and a failed exit.
+fn exit_code(result: Result<(), String>) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(msg) => {

@@ -168,55 +168,20 @@ pub(crate) fn unmount(mountpoint: &Path) -> Result<(), String> {
 /// before a request reaches the daemon; the mount's other flags (nosuid, nodev, noatime...)
 /// are read back and kept, since a remount replaces them all.
 pub fn remount(mountpoint: &Path, read_only: bool) -> Result<(), String> {
-    use std::os::unix::ffi::OsStrExt;
-    let path = std::ffi::CString::new(mountpoint.as_os_str().as_bytes())
-        .map_err(|_| format!("{}: a path with a NUL byte", mountpoint.display()))?;
-    // SAFETY: statvfs only writes into the zeroed struct it is given.
-    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-    if unsafe { libc::statvfs(path.as_ptr(), &mut st) } != 0 {
-        return Err(format!(
-            "cannot remount {}: {}",
-            mountpoint.display(),
-            std::io::Error::last_os_error()
-        ));
-    }
-    let kept = [
-        (libc::ST_NOSUID, libc::MS_NOSUID),
-        (libc::ST_NODEV, libc::MS_NODEV),
-        (libc::ST_NOEXEC, libc::MS_NOEXEC),
-        (libc::ST_SYNCHRONOUS, libc::MS_SYNCHRONOUS),
-        (libc::ST_NOATIME, libc::MS_NOATIME),
-        (libc::ST_NODIRATIME, libc::MS_NODIRATIME),
-        (libc::ST_RELATIME, libc::MS_RELATIME),
-    ];
-    let mut flags = libc::MS_REMOUNT;
-    for (has, keep) in kept {
-        if st.f_flag & has != 0 {
-            flags |= keep;
-        }
-    }
+    use rustix::mount::MountFlags;
+    let what = if read_only { "read-only" } else { "read-write" };
+    let fail =
+        |e: rustix::io::Errno| format!("cannot remount {} {what}: {e}", mountpoint.display());
+    // statvfs reports the mount's flags with the values mount(2) takes them in.
+    let current = rustix::fs::statvfs(mountpoint).map_err(fail)?.f_flag;
+    let mut flags = MountFlags::from_bits_truncate(current.bits() as u32)
+        - MountFlags::RDONLY
+        - MountFlags::PERMIT_MANDATORY_FILE_LOCKING;
     if read_only {
-        flags |= libc::MS_RDONLY;
+        flags |= MountFlags::RDONLY;
     }
-    // SAFETY: valid NUL-terminated path; null source, type and data are allowed for a
-    // remount (FUSE ignores data on remount).
-    let rc = unsafe {
-        libc::mount(
-            std::ptr::null(),
-            path.as_ptr(),
-            std::ptr::null(),
-            flags,
-            std::ptr::null(),
-        )
-    };
-    if rc != 0 {
-        return Err(format!(
-            "cannot remount {} {}: {}",
-            mountpoint.display(),
-            if read_only { "read-only" } else { "read-write" },
-            std::io::Error::last_os_error()
-        ));
-    }
+    // FUSE ignores the data of a remount.
+    rustix::mount::mount_remount(mountpoint, flags, "").map_err(fail)?;
     debug!(mountpoint = %mountpoint.display(), read_only, "remounted");
     Ok(())
 }
