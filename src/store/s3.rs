@@ -135,7 +135,8 @@ impl S3Store {
             builder = builder.endpoint_url(endpoint);
         }
         let client = Client::from_conf(builder.build());
-        let direct = direct_client(&client, shared.credentials_provider(), opts)
+        let credentials = shared.credentials_provider();
+        let direct = direct_client(&client, credentials.clone(), opts)
             .await
             .map(Arc::new);
         S3Store {
@@ -145,7 +146,7 @@ impl S3Store {
             max_attempts: opts.max_attempts.max(1),
             opts: opts.clone(),
             direct,
-            credentials: shared.credentials_provider(),
+            credentials,
         }
     }
 
